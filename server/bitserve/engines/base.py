@@ -1,0 +1,193 @@
+"""The engine interface: one small interface per task, and a registry keyed by task/backend.
+
+An engine owns one loaded model and its batching. The servicer resolves the engine for a request
+through `registry.ModelRegistry` and calls the one task method below; it never sees torch.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from ..batching import BatchHooks
+from ..errors import InvalidArgument
+from ..loading import LoadedModel, load_checkpoint
+from ..metrics import Metrics
+from ..settings import ModelSettings
+from ..types import (
+    Generation,
+    LabelScore,
+    ModelInfo,
+    SamplingParams,
+    SentimentResult,
+    StreamChunk,
+    Task,
+    Translation,
+)
+
+
+class Engine(abc.ABC):
+    task: ClassVar[Task]
+    backend: ClassVar[str] = "head"
+
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
+        self.settings = settings
+        self.loaded = loaded
+        self.metrics = metrics
+        self.name = settings.name
+        self.ready = False
+        self.max_input_tokens = min(
+            settings.max_input_tokens or loaded.max_context, loaded.max_context
+        )
+
+    @classmethod
+    @abc.abstractmethod
+    def auto_class(cls) -> Any:
+        """The transformers AutoModel class that loads this engine's checkpoints."""
+
+    @classmethod
+    def load(cls, settings: ModelSettings) -> LoadedModel:
+        return load_checkpoint(
+            settings.path,
+            cls.auto_class(),
+            quantize=settings.quantize,
+            dtype=settings.dtype,
+            device=settings.device,
+            gguf_file=settings.gguf_file,
+        )
+
+    async def start(self) -> None:
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+
+    @property
+    def labels(self) -> list[str]:
+        return []
+
+    def info(self) -> ModelInfo:
+        lm = self.loaded
+        return ModelInfo(
+            name=self.name,
+            task=self.task,
+            quantization=lm.quantization,
+            dtype=str(lm.dtype).removeprefix("torch."),
+            device=str(lm.device),
+            parameter_count=lm.parameter_count,
+            memory_bytes=lm.memory_bytes,
+            labels=self.labels,
+            architecture=lm.architecture,
+            max_context=self.max_input_tokens,
+            ready=self.ready,
+            path=lm.path,
+            quality_report_json=lm.quality_report_json,
+        )
+
+    def hooks(self) -> BatchHooks:
+        return _MetricHooks(self.metrics, self.name, self.task.value)
+
+    def tokenize_checked(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids per text; INVALID_ARGUMENT naming the text when one is over the limit."""
+        ids = self.loaded.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+        for i, t in enumerate(ids):
+            if len(t) > self.max_input_tokens:
+                raise InvalidArgument(
+                    f"texts[{i}] is {len(t)} tokens; model {self.name!r} accepts at most "
+                    f"{self.max_input_tokens} input tokens"
+                )
+        return ids
+
+
+class ClassifyEngine(Engine):
+    task = Task.CLASSIFY
+    multi_label: bool = False
+
+    @abc.abstractmethod
+    async def classify(
+        self,
+        texts: list[str],
+        *,
+        top_k: int | None,
+        candidate_labels: list[str],
+        deadline: float | None,
+    ) -> list[list[LabelScore]]: ...
+
+
+class SentimentEngine(Engine):
+    task = Task.SENTIMENT
+
+    @abc.abstractmethod
+    async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]: ...
+
+
+class TranslateEngine(Engine):
+    task = Task.TRANSLATE
+
+    @abc.abstractmethod
+    async def translate(
+        self,
+        texts: list[str],
+        *,
+        source_lang: str | None,
+        target_lang: str | None,
+        max_new_tokens: int | None,
+        deadline: float | None,
+    ) -> list[Translation]: ...
+
+
+class GenerateEngine(Engine):
+    task = Task.GENERATE
+
+    @abc.abstractmethod
+    async def generate(
+        self, texts: list[str], params: SamplingParams, *, deadline: float | None
+    ) -> list[Generation]: ...
+
+    @abc.abstractmethod
+    def generate_stream(
+        self, text: str, params: SamplingParams, *, deadline: float | None
+    ) -> AsyncIterator[StreamChunk]: ...
+
+
+class _MetricHooks(BatchHooks):
+    def __init__(self, metrics: Metrics, model: str, task: str):
+        self._batch = metrics.batch_size.labels(model, task)
+        self._wait = metrics.queue_wait.labels(model, task)
+        self._depth = metrics.queue_depth.labels(model, task)
+
+    def on_batch(self, size: int) -> None:
+        self._batch.observe(size)
+
+    def on_queue_wait(self, seconds: float) -> None:
+        self._wait.observe(seconds)
+
+    def on_queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+
+# registry -------------------------------------------------------------------------------------
+EngineFactory = type[Engine]
+_ENGINES: dict[tuple[Task, str], EngineFactory] = {}
+
+
+def register(cls: EngineFactory) -> EngineFactory:
+    """Class decorator: make an engine available for (its task, its backend)."""
+    _ENGINES[(cls.task, cls.backend)] = cls
+    return cls
+
+
+def engine_class(task: Task, backend: str) -> EngineFactory:
+    try:
+        return _ENGINES[(task, backend)]
+    except KeyError:
+        known = sorted(f"{t.value}/{b}" for t, b in _ENGINES)
+        raise InvalidArgument(
+            f"no engine serves task {task.value!r} with backend {backend!r}; known: {known}"
+        ) from None
+
+
+def registered() -> dict[tuple[Task, str], EngineFactory]:
+    return dict(_ENGINES)
+

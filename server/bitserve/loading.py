@@ -1,0 +1,165 @@
+"""Checkpoint (directory, safetensors, GGUF) -> model + tokenizer on a device, at a precision."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import quantization
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# bitsandbytes warns on every int8 matmul on CPU that inputs are cast to fp16; it says nothing new.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str
+    memory_bytes: int
+    parameter_count: int
+    architecture: str
+    max_context: int
+    path: str
+    quality_report_json: str = ""
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} requested but CUDA is not available")
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec != "auto":
+        return _DTYPES[spec]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def max_context(config: Any, tokenizer: Any) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "max_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(tokenizer, "model_max_length", None)
+    if isinstance(v, int) and 0 < v < 10**9:
+        return v
+    return 512  # relative-position models (T5) have no hard limit; keep inputs sane
+
+
+def _checkpoint_source(path: str, gguf_file: str | None) -> tuple[str, dict[str, Any]]:
+    """(directory, extra from_pretrained kwargs) for a directory or a GGUF file."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    if gguf_file:
+        return str(p), {"gguf_file": gguf_file}
+    return str(p), {"use_safetensors": any(p.glob("*.safetensors")) or None}
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    source, extra = _checkpoint_source(path, gguf_file)
+    extra.pop("use_safetensors", None)
+    return AutoTokenizer.from_pretrained(source, **extra)
+
+
+def load_checkpoint(
+    path: str,
+    auto_class: Any,
+    *,
+    quantize: str = "none",
+    dtype: str = "auto",
+    device: str = "auto",
+    gguf_file: str | None = None,
+) -> LoadedModel:
+    """Load a checkpoint with `auto_class` (an AutoModelFor* class) at the requested precision.
+
+    Checkpoints saved already quantized load as they are; asking to quantize them again to a
+    different mode is a configuration error.
+    """
+    from transformers import AutoConfig
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source, extra = _checkpoint_source(path, gguf_file)
+    config = AutoConfig.from_pretrained(source, **{k: v for k, v in extra.items() if k == "gguf_file"})
+    saved_mode = quantization.mode_of(config)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, **{k: v for k, v in extra.items() if v is not None}}
+    if saved_mode != "none":
+        if quantize not in ("none", saved_mode):
+            raise ConfigError(
+                f"{path}: checkpoint is saved quantized as {saved_mode}; "
+                f"quantize must be 'none' or {saved_mode!r}, not {quantize!r}"
+            )
+        mode = saved_mode
+    else:
+        mode = quantize
+        qc = quantization.bnb_config(mode, compute_dtype=torch_dtype)
+        if qc is not None:
+            kwargs["quantization_config"] = qc
+    if mode != "none":
+        # bitsandbytes places quantized weights itself; everything on the one device.
+        kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
+    log.info("loading %s as %s (quantize=%s, dtype=%s, device=%s)", path, auto_class.__name__, mode, torch_dtype, dev)
+    model = auto_class.from_pretrained(source, **kwargs)
+    if mode == "none":
+        model.to(dev)
+    model.eval()
+    tokenizer = load_tokenizer(path, gguf_file)
+    report = _quality_report(Path(path))
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=dev,
+        dtype=torch_dtype,
+        quantization=mode,
+        memory_bytes=int(model.get_memory_footprint()),
+        parameter_count=_parameter_count(model),
+        architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[0],
+        max_context=max_context(model.config, tokenizer),
+        path=str(path),
+        quality_report_json=report,
+    )
+
+
+def _parameter_count(model: Any) -> int:
+    """Logical parameter count: 4-bit weights pack two values per stored byte."""
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n *= 2
+        total += n
+    return total
+
+
+def _quality_report(path: Path) -> str:
+    """`quantize export` writes quality.json beside the checkpoint; ListModels shows it."""
+    d = path if path.is_dir() else path.parent
+    f = d / "quality.json"
+    return f.read_text() if f.is_file() else ""

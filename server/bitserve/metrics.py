@@ -1,0 +1,59 @@
+"""Prometheus metric definitions. One `Metrics` per server, on its own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "bitserve_requests", "RPCs answered, by final status code.",
+            ["model", "task", "method", "code"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "bitserve_request_duration_seconds", "RPC wall time.",
+            ["model", "task", "method"], buckets=_LATENCY, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "bitserve_queue_wait_seconds", "Time a text waited before its batch ran.",
+            ["model", "task"], buckets=_LATENCY, registry=r,
+        )
+        self.batch_size = Histogram(
+            "bitserve_batch_size", "Texts per forward pass (encoders) or sequences per decode step.",
+            ["model", "task"], buckets=_BATCH, registry=r,
+        )
+        self.queue_depth = Gauge(
+            "bitserve_queue_depth", "Texts waiting for a batch slot.", ["model", "task"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "bitserve_generated_tokens", "Tokens generated.", ["model", "task"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "bitserve_prompt_tokens", "Prompt tokens processed.", ["model", "task"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "bitserve_time_to_first_token_seconds", "Arrival to first generated token.",
+            ["model", "task"], buckets=_LATENCY, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "bitserve_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.",
+            ["model", "task"], buckets=_LATENCY, registry=r,
+        )
+        self.running_sequences = Gauge(
+            "bitserve_running_sequences", "Sequences in the running generation batch.",
+            ["model", "task"], registry=r,
+        )
+        self.model_memory = Gauge(
+            "bitserve_model_weight_memory_bytes", "Weight memory of a loaded model.",
+            ["model", "task", "quantization"], registry=r,
+        )
+        self.model_loaded = Gauge(
+            "bitserve_model_loaded", "1 when the model is loaded and serving.", ["model", "task"],
+            registry=r,
+        )

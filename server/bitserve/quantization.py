@@ -1,0 +1,47 @@
+"""Quantization behind one narrow function: mode -> bitsandbytes load config.
+
+Shared by the server (loading) and the `quantize` tool (QLoRA, export, report). Nothing else
+in bitserve knows bitsandbytes internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MODES = ("none", "int8", "nf4", "fp4")
+
+
+def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, *, double_quant: bool = True):
+    """The `BitsAndBytesConfig` for a mode, or None for "none"."""
+    if mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        # LLM.int8 (vector-wise int8 with outlier decomposition).
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if mode in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=mode,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=double_quant,
+        )
+    raise ValueError(f"unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
+def mode_of(config: Any) -> str:
+    """The quantization mode a (possibly pre-quantized) checkpoint's config declares."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return "none"
+    get = q.get if isinstance(q, dict) else (lambda k, d=None: getattr(q, k, d))
+    if get("load_in_8bit", False):
+        return "int8"
+    if get("load_in_4bit", False):
+        return str(get("bnb_4bit_quant_type", "fp4"))
+    method = get("quant_method", "unknown")
+    return str(method)
+

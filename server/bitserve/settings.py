@@ -1,0 +1,210 @@
+"""One validated settings object, built once at the CLI and passed down whole.
+
+Precedence, lowest to highest: defaults < YAML file < environment (``BITSERVE_`` prefix, ``__``
+between nested keys, list items by index: ``BITSERVE_SERVER__PORT=6000``,
+``BITSERVE_MODELS__0__QUANTIZE=int8``) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .types import Task
+
+ENV_PREFIX = "BITSERVE_"
+QuantizeMode = Literal["none", "int8", "nf4", "fp4"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(_Strict):
+    host: str = Field("0.0.0.0", description="Address the gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
+    metrics_port: int = Field(
+        8000, ge=-1, le=65535, description="Prometheus HTTP port; 0 picks a free one, -1 disables."
+    )
+    max_texts_per_request: int = Field(256, ge=1, description="Most texts one request may carry.")
+    max_text_chars: int = Field(100_000, ge=1, description="Longest text accepted, in characters.")
+    grace_period_s: float = Field(
+        10.0, ge=0, description="On shutdown, time given to accepted requests to finish."
+    )
+    workers: int = Field(
+        32, ge=1, description="Threads for gRPC handlers' blocking work (tokenization)."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+class ModelSettings(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._\-]+$", description="Name clients use.")
+    task: Task = Field(description="generate | classify | sentiment | translate.")
+    path: str = Field(
+        min_length=1,
+        description="Local checkpoint directory, or a .gguf file (or a directory plus gguf_file).",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path`.")
+    backend: Literal["auto", "head", "instruct"] = Field(
+        "auto",
+        description=(
+            "How the task is served: 'head' uses the checkpoint's own task head "
+            "(classifier, seq2seq); 'instruct' prompts an instruction-tuned causal LM; "
+            "'auto' picks from the checkpoint's architecture."
+        ),
+    )
+    quantize: QuantizeMode = Field("none", description="none | int8 | nf4 | fp4 (bitsandbytes).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights/compute dtype; auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    max_batch_size: int = Field(32, ge=1, description="Largest batch one forward pass takes.")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, description="How long a batch waits to fill before it runs."
+    )
+    max_queue_size: int = Field(
+        1024, ge=1, description="Texts waiting for this model beyond which requests are refused."
+    )
+    max_input_tokens: int | None = Field(
+        None, ge=1, description="Longest input in tokens; default: the model's context."
+    )
+    # Generation (continuous batching) knobs.
+    max_concurrent_sequences: int = Field(
+        64, ge=1, description="Sequences decoding together in the running batch."
+    )
+    prefill_token_budget: int = Field(
+        4096, ge=1, description="Prompt tokens admitted into the running batch per step."
+    )
+    max_waiting_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Longest a new request waits so that more can join its prefill (0: none).",
+    )
+    default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when unset.")
+    max_new_tokens_limit: int = Field(
+        1024, ge=1, description="Largest max_new_tokens a request may ask for."
+    )
+    # Instruction-model adapters.
+    labels: list[str] = Field(
+        default_factory=list, description="Default labels for an instruct classify model."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSettings:
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+
+class Settings(_Strict):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    models: list[ModelSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"duplicate model name {m.name!r}")
+            seen.add(m.name)
+        return self
+
+    def check_paths(self, base: Path | None = None) -> None:
+        """Fail early, before any model loads, when a checkpoint path does not exist."""
+        for i, m in enumerate(self.models):
+            p = Path(m.path)
+            if not p.is_absolute() and base is not None:
+                p = base / p
+                m.path = str(p)
+            if not p.exists():
+                raise ConfigError(f"models.{i}.path: {m.path!r} does not exist")
+            if m.gguf_file and not (p / m.gguf_file).is_file():
+                raise ConfigError(f"models.{i}.gguf_file: {m.gguf_file!r} not found in {m.path}")
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _deep_merge(out.get(k), v) if k in out else v
+        return out
+    if isinstance(base, list) and isinstance(over, dict) and all(str(k).isdigit() for k in over):
+        out_list = list(base)
+        for k, v in over.items():
+            idx = int(k)
+            if idx >= len(out_list):
+                raise ConfigError(f"models.{idx}: no such model entry to override")
+            out_list[idx] = _deep_merge(out_list[idx], v)
+        return out_list
+    return over
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        if parts[0] not in Settings.model_fields:
+            continue  # other BITSERVE_* variables (e.g. BITSERVE_CACHE_DIR) are not settings
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        # YAML parsing gives env values the same types as the file ("8001" -> 8001).
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{loc}: {msg}{more}"
+
+
+def build_settings(
+    config_path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_data: Mapping[str, Any] | None = None,
+    check_paths: bool = True,
+) -> Settings:
+    """File (or `config_data`) + env + flag overrides -> validated Settings, or ConfigError."""
+    environ = os.environ if environ is None else environ
+    base_dir: Path | None = None
+    data: Any = dict(config_data or {})
+    if config_path is not None:
+        path = Path(config_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".replace("\n", " "))
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
+        base_dir = path.parent.resolve()
+    data = _deep_merge(data, _env_overrides(environ))
+    if overrides:
+        data = _deep_merge(data, dict(overrides))
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+    if check_paths:
+        settings.check_paths(base_dir)
+    return settings

@@ -1,0 +1,95 @@
+"""Plain request/result types. Nothing below the servicer sees a protobuf."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Task(str, enum.Enum):
+    GENERATE = "generate"
+    CLASSIFY = "classify"
+    SENTIMENT = "sentiment"
+    TRANSLATE = "translate"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass
+class Generation:
+    text: str
+    generated_tokens: int
+    finish_reason: FinishReason
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One step of a streamed generation: new text, or (last) the final result."""
+
+    text: str = ""
+    tokens: tuple[TokenLogprob, ...] = ()
+    final: Generation | None = None
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class SentimentResult:
+    label: str
+    score: float
+    raw_label: str
+
+
+@dataclass(frozen=True)
+class Translation:
+    text: str
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    task: Task
+    quantization: str
+    dtype: str
+    device: str
+    parameter_count: int
+    memory_bytes: int
+    labels: list[str]
+    architecture: str
+    max_context: int
+    ready: bool
+    path: str
+    quality_report_json: str = ""
