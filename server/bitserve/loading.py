@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,25 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# bitsandbytes warns on every int8 matmul on CPU that inputs are cast to fp16; it says nothing new.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+class _DropRepeats(logging.Filter):
+    """bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16: once is enough."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key.startswith("MatMul8bitLt"):
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+        return True
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropRepeats())
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

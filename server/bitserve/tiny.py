@@ -155,8 +155,9 @@ def build_seq2seq(path: str | Path, *, seed: int = 0) -> Path:
     model = T5ForConditionalGeneration(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
+        # An untrained decoder would emit only padding; keep it producing visible tokens.
+        model.lm_head.weight[tokenizer.pad_token_id].zero_()
     model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
-    model.generation_config.max_length = 64
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

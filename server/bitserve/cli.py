@@ -1,0 +1,101 @@
+"""`bitserve` console script: args -> settings -> app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from .errors import ConfigError
+from .settings import build_settings
+
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitserve", description="Serve quantized Hugging Face checkpoints over gRPC.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the gRPC server")
+    s.add_argument("--config", "-c", help="YAML config file (default: the embedded demo config)")
+    s.add_argument("--host", help="override server.host")
+    s.add_argument("--port", type=int, help="override server.port")
+    s.add_argument("--metrics-port", type=int, help="override server.metrics_port (-1 disables)")
+    s.add_argument("--log-level", help="override server.log_level")
+    c = sub.add_parser("check-config", help="validate a config file and exit")
+    c.add_argument("--config", "-c", required=True)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    server = {
+        k: v
+        for k, v in {
+            "host": getattr(args, "host", None),
+            "port": getattr(args, "port", None),
+            "metrics_port": getattr(args, "metrics_port", None),
+            "log_level": getattr(args, "log_level", None),
+        }.items()
+        if v is not None
+    }
+    return {"server": server} if server else {}
+
+
+def _default_config() -> Any:
+    """The embedded default config, after checking that its model packages are installed."""
+    from . import demo  # prepares the real-weight demo models (see README)
+
+    return demo.default_config()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import os
+
+    try:
+        if args.command == "serve" and not args.config and not os.environ.get("BITSERVE_CONFIG"):
+            settings = build_settings(config_data=_default_config(), overrides=_overrides(args))
+        else:
+            path = args.config or os.environ["BITSERVE_CONFIG"]
+            settings = build_settings(path, overrides=_overrides(args))
+    except ConfigError as e:
+        print(f"bitserve: config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"config OK: {len(settings.models)} models")
+        return 0
+    logging.basicConfig(
+        level=settings.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(_serve(settings))
+    except ConfigError as e:
+        print(f"bitserve: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _serve(settings) -> None:
+    from .app import Server
+
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start(wait_until_loaded=False)
+    try:
+        waiter = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({waiter, server._loading}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type]
+        if server._loading in done and server._loading.exception() is not None:  # type: ignore[union-attr]
+            raise server._loading.exception()  # type: ignore[misc,union-attr]
+        await waiter
+    finally:
+        logging.getLogger(__name__).info("shutting down (grace %.1fs)", settings.server.grace_period_s)
+        await server.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Classification and sentiment on a checkpoint's own sequence-classification head."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..batching import DynamicBatcher
+from ..errors import ConfigError, InvalidArgument
+from ..loading import LoadedModel
+from ..metrics import Metrics
+from ..settings import ModelSettings
+from ..types import LabelScore, SentimentResult
+from .base import ClassifyEngine, Engine, SentimentEngine, register
+
+
+class _HeadScorer(Engine):
+    """Shared part: batched forward through AutoModelForSequenceClassification -> label scores."""
+
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
+        super().__init__(settings, loaded, metrics)
+        cfg = loaded.config
+        self._labels = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
+        self.multi_label = getattr(cfg, "problem_type", None) == "multi_label_classification"
+        tok = loaded.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        self._batcher: DynamicBatcher[list[int], list[float]] = DynamicBatcher(
+            self._forward,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_ms=settings.max_batch_delay_ms,
+            max_queue_size=settings.max_queue_size,
+            name=settings.name,
+            hooks=self.hooks(),
+        )
+
+    @classmethod
+    def auto_class(cls) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._labels)
+
+    async def start(self) -> None:
+        self._batcher.start()
+        await super().start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self._batcher.stop()
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[list[int]]) -> list[list[float]]:
+        lm = self.loaded
+        enc = lm.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+        enc = {k: v.to(lm.device) for k, v in enc.items()}
+        logits = lm.model(**enc).logits.float()
+        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        return probs.cpu().tolist()
+
+    async def scores(self, texts: list[str], deadline: float | None) -> list[list[float]]:
+        ids = self.tokenize_checked(texts)
+        return await self._batcher.submit(ids, deadline=deadline)
+
+
+@register
+class HeadClassifyEngine(_HeadScorer, ClassifyEngine):
+    backend = "head"
+
+    async def classify(
+        self,
+        texts: list[str],
+        *,
+        top_k: int | None,
+        candidate_labels: list[str],
+        deadline: float | None,
+    ) -> list[list[LabelScore]]:
+        if candidate_labels:
+            raise InvalidArgument(
+                f"candidate_labels: model {self.name!r} has a fixed label set {self._labels}; "
+                "zero-shot labels need an instruction model (backend: instruct)"
+            )
+        k = len(self._labels) if not top_k else min(top_k, len(self._labels))
+        out = []
+        for probs in await self.scores(texts, deadline):
+            ranked = sorted(zip(self._labels, probs), key=lambda x: -x[1])[:k]
+            out.append([LabelScore(label, float(p)) for label, p in ranked])
+        return out
+
+
+_SENTIMENTS = ("positive", "negative", "neutral")
+
+
+def normalize_sentiment_label(raw: str) -> str | None:
+    """Map a checkpoint's label name onto positive / negative / neutral, or None."""
+    s = raw.strip().lower()
+    for norm, keys in (
+        ("positive", ("pos", "good", "happy", "joy")),
+        ("negative", ("neg", "bad", "sad", "anger")),
+        ("neutral", ("neu", "mixed")),
+    ):
+        if any(s.startswith(k) or s == k for k in keys):
+            return norm
+    m = re.fullmatch(r"([1-5])\s*stars?", s)  # review-star checkpoints (1-5 stars)
+    if m:
+        n = int(m.group(1))
+        return "negative" if n <= 2 else "neutral" if n == 3 else "positive"
+    return None
+
+
+@register
+class HeadSentimentEngine(_HeadScorer, SentimentEngine):
+    backend = "head"
+
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
+        super().__init__(settings, loaded, metrics)
+        mapped = {raw: normalize_sentiment_label(raw) for raw in self._labels}
+        bad = [raw for raw, norm in mapped.items() if norm is None]
+        if bad or "positive" not in mapped.values() or "negative" not in mapped.values():
+            raise ConfigError(
+                f"model {self.name!r}: cannot map labels {self._labels} to positive/negative/"
+                f"neutral (unmapped: {bad or 'need both a positive and a negative label'}); "
+                "set id2label in the checkpoint's config.json to names like POSITIVE/NEGATIVE"
+            )
+        self._norm = [mapped[raw] for raw in self._labels]
+
+    async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]:
+        out = []
+        for probs in await self.scores(texts, deadline):
+            totals: dict[str, float] = {}
+            for norm, p in zip(self._norm, probs):
+                totals[norm or ""] = totals.get(norm or "", 0.0) + p
+            best = max(totals, key=lambda k: totals[k])
+            raw_i = max(
+                (i for i, n in enumerate(self._norm) if n == best), key=lambda i: probs[i]
+            )
+            out.append(SentimentResult(best, float(totals[best]), self._labels[raw_i]))
+        return out

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny real checkpoints (built once per session) and in-process servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """name -> checkpoint dir: lm (Llama-style causal LM), topics (4-label BERT classifier),
+    tags (multi-label classifier), sentiment (NEGATIVE/POSITIVE classifier), t5 (seq2seq)."""
+    from bitserve.tiny import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny"))
+
+
+class RunningServer:
+    """A real bitserve gRPC server on a free port, run on its own event loop thread."""
+
+    def __init__(self, settings):
+        from bitserve.app import Server
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = Server(settings)
+        self.run(self.server.start())
+        self.port = self.server.port
+        self.metrics_port = self.server.metrics_port
+        self.target = f"127.0.0.1:{self.port}"
+
+    def run(self, coro, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.run(self.server.stop(grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def start_server(models: list[dict], **server) -> RunningServer:
+    from bitserve.settings import build_settings
+
+    cfg = {"server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **server}, "models": models}
+    return RunningServer(build_settings(config_data=cfg, environ={}))
+
+
+@pytest.fixture(scope="session")
+def server_factory() -> Iterator:
+    started: list[RunningServer] = []
+
+    def make(models: list[dict], **server) -> RunningServer:
+        s = start_server(models, **server)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
