@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -25,7 +26,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", help="override server.log_level")
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("--config", "-c", required=True)
+    h = sub.add_parser("health", help="query grpc.health.v1 (exit 0 when SERVING); for container probes")
+    h.add_argument("--target", default="127.0.0.1:50051")
+    h.add_argument("--service", default="", help="model name, or empty for the whole server")
+    h.add_argument("--timeout", type=float, default=5.0)
     return p
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+    print(status)
+    return 0 if r.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,7 +73,8 @@ def _default_config() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import os
+    if args.command == "health":
+        return _health(args)
 
     try:
         if args.command == "serve" and not args.config and not os.environ.get("BITSERVE_CONFIG"):
