@@ -12,6 +12,10 @@ import torch
 
 MODES = ("none", "int8", "nf4", "fp4")
 
+# Task heads stay in full precision: they are a sliver of the weights, carry most of the
+# quantization error for classifiers, and tiny heads (N labels) don't fit 4-bit CPU kernels.
+HEAD_MODULES = ["lm_head", "classifier", "score", "qa_outputs"]
+
 
 def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, *, double_quant: bool = True):
     """The `BitsAndBytesConfig` for a mode, or None for "none"."""
@@ -21,13 +25,14 @@ def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, *, double_
 
     if mode == "int8":
         # LLM.int8 (vector-wise int8 with outlier decomposition).
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
     if mode in ("nf4", "fp4"):
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=mode,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=double_quant,
+            llm_int8_skip_modules=HEAD_MODULES,
         )
     raise ValueError(f"unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}")
 
