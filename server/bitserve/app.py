@@ -12,12 +12,13 @@ import asyncio
 import logging
 
 import grpc
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
-from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
+
+from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
+from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 
 from .engines.base import Engine
 from .metrics import Metrics

@@ -14,7 +14,6 @@ from .errors import ConfigError
 from .settings import build_settings
 
 
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitserve", description="Serve quantized Hugging Face checkpoints over gRPC.")
     sub = p.add_subparsers(dest="command", required=True)

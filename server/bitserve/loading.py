@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropRepeats())
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+_SHARED_MODELS: weakref.WeakValueDictionary[tuple[str, ...], Any] = weakref.WeakValueDictionary()
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -87,12 +89,16 @@ def max_context(config: Any, tokenizer: Any) -> int:
 
 
 def _checkpoint_source(path: str, gguf_file: str | None) -> tuple[str, dict[str, Any]]:
-    """(directory, extra from_pretrained kwargs) for a directory or a GGUF file."""
+    """(directory, extra from_pretrained kwargs) for a directory or a GGUF file.
+
+    A GGUF file is dequantized once into a cached safetensors checkpoint (`demo.gguf_checkpoint`),
+    so it loads fast and quantizes like any other checkpoint.
+    """
     p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":
-        return str(p.parent), {"gguf_file": p.name}
-    if gguf_file:
-        return str(p), {"gguf_file": gguf_file}
+    if gguf_file or (p.is_file() and p.suffix == ".gguf"):
+        from .demo import gguf_checkpoint
+
+        p = gguf_checkpoint(p / gguf_file if gguf_file else p)
     return str(p), {"use_safetensors": any(p.glob("*.safetensors")) or None}
 
 
@@ -141,11 +147,19 @@ def load_checkpoint(
     if mode != "none":
         # bitsandbytes places quantized weights itself; everything on the one device.
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
-    log.info("loading %s as %s (quantize=%s, dtype=%s, device=%s)", path, auto_class.__name__, mode, torch_dtype, dev)
-    model = auto_class.from_pretrained(source, **kwargs)
-    if mode == "none":
-        model.to(dev)
-    model.eval()
+    # Engines serving one checkpoint at one precision (an instruction model answering several
+    # tasks) share one copy of the weights; it is freed when the last engine lets go.
+    key = (str(Path(source).resolve()), auto_class.__name__, mode, str(torch_dtype), str(dev))
+    model = _SHARED_MODELS.get(key)
+    if model is None:
+        log.info("loading %s as %s (quantize=%s, dtype=%s, device=%s)", path, auto_class.__name__, mode, torch_dtype, dev)
+        model = auto_class.from_pretrained(source, **kwargs)
+        if mode == "none":
+            model.to(dev)
+        model.eval()
+        _SHARED_MODELS[key] = model
+    else:
+        log.info("%s: sharing the weights already loaded for another model", path)
     tokenizer = load_tokenizer(path, gguf_file)
     report = _quality_report(Path(path))
     return LoadedModel(

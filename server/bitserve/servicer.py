@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+
 from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
 from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 

@@ -194,7 +194,7 @@ def build_settings(
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} not found") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".replace("\n", " "))
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
         base_dir = path.parent.resolve()
