@@ -1,0 +1,299 @@
+"""Continuous batching and sampling, at the engine level (no gRPC): the tiny Llama on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from bitserve.engines.generate import CausalLMGenerateEngine
+from bitserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from bitserve.metrics import Metrics
+from bitserve.settings import ModelSettings
+from bitserve.types import FinishReason, SamplingParams
+
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox jumps over",
+    "I love",
+    "Stock markets fell as the bank raised interest rates today and",
+    "la maison",
+]
+
+
+def _settings(path, **kw) -> ModelSettings:
+    return ModelSettings(name="lm", task="generate", path=str(path), **kw)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models):
+    return CausalLMGenerateEngine.load(_settings(tiny_models["lm"]))
+
+
+@pytest.fixture
+async def make_engine(loaded, tiny_models):
+    engines: list[CausalLMGenerateEngine] = []
+
+    async def make(**kw) -> CausalLMGenerateEngine:
+        e = CausalLMGenerateEngine(_settings(tiny_models["lm"], **kw), loaded, Metrics())
+        await e.start()
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        await e.stop()
+
+
+@pytest.fixture
+async def engine(make_engine):
+    return await make_engine()
+
+
+def solo_greedy(loaded, prompt: str, n: int, eos: int | None = None) -> list[int]:
+    tok, model = loaded.tokenizer, loaded.model
+    enc = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id
+        )
+    return out[0, enc["input_ids"].shape[1] :].tolist()
+
+
+def slow_steps(engine, seconds: float = 0.004) -> None:
+    """Make each decode step take a while, so the test can act while a batch is running."""
+    decode = engine.scheduler.lm.decode
+
+    def slow(batch):
+        time.sleep(seconds)
+        return decode(batch)
+
+    engine.scheduler.lm.decode = slow
+
+
+def ids(gen) -> list[int]:
+    return [t.id for t in gen.logprobs]
+
+
+GREEDY = SamplingParams(max_new_tokens=24, logprobs=True)
+
+
+async def test_greedy_equals_solo_generate_under_continuous_batching(engine, loaded):
+    """Prompts of different lengths arrive while others decode; each matches its solo run."""
+    lengths = [24, 9, 17, 30, 5]
+
+    async def one(i: int):
+        await asyncio.sleep(0.004 * i)  # staggered: later ones join a running batch
+        p = SamplingParams(max_new_tokens=lengths[i], logprobs=True)
+        return (await engine.generate([PROMPTS[i]], p, deadline=None))[0]
+
+    gens = await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+    for i, g in enumerate(gens):
+        want = solo_greedy(loaded, PROMPTS[i], lengths[i])
+        assert ids(g) == want, PROMPTS[i]
+        assert g.text == loaded.tokenizer.decode(want, skip_special_tokens=True)
+        assert g.finish_reason is FinishReason.LENGTH
+        assert g.generated_tokens == lengths[i]
+        assert g.prompt_tokens == len(loaded.tokenizer(PROMPTS[i])["input_ids"])
+    assert engine.scheduler.stats.max_running > 1  # they really shared a batch
+
+
+async def test_one_request_many_texts_and_mixed_sampling_keep_greedy_rows_exact(engine, loaded):
+    sampled = SamplingParams(
+        max_new_tokens=20, temperature=0.9, top_k=30, top_p=0.9, seed=1, repetition_penalty=1.2
+    )
+    greedy_task = asyncio.create_task(engine.generate(PROMPTS, GREEDY, deadline=None))
+    sampled_task = asyncio.create_task(engine.generate(PROMPTS[:3], sampled, deadline=None))
+    gens, _ = await asyncio.gather(greedy_task, sampled_task)
+    for p, g in zip(PROMPTS, gens, strict=True):
+        assert ids(g) == solo_greedy(loaded, p, 24)
+
+
+async def test_request_arriving_mid_decode_starts_before_running_ones_finish(make_engine):
+    engine = await make_engine()
+    slow_steps(engine)
+    long = SamplingParams(max_new_tokens=90)
+    streams = [engine.generate_stream(p, long, deadline=None) for p in PROMPTS[:3]]
+    firsts = [await s.__anext__() for s in streams]  # all three are decoding now
+    assert all(c.final is None for c in firsts)
+    finished_long: list[float] = []
+
+    async def drain(s):
+        async for c in s:
+            if c.final is not None:
+                finished_long.append(time.monotonic())
+
+    drains = [asyncio.create_task(drain(s)) for s in streams]
+    short = (await engine.generate(["I love"], SamplingParams(max_new_tokens=3), deadline=None))[0]
+    short_done = time.monotonic()
+    assert short.generated_tokens == 3
+    await asyncio.gather(*drains)
+    assert len(finished_long) == 3
+    assert short_done < min(finished_long)  # it joined the running batch and left early
+    assert engine.scheduler.stats.max_running == 4
+
+
+async def test_seed_reproduces_and_differs_across_seeds(engine):
+    def params(seed):
+        return SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=seed)
+
+    a = await engine.generate([PROMPTS[1]], params(7), deadline=None)
+    # Same seed inside a busier batch (other rows, other parameters) gives the same text.
+    b, _ = await asyncio.gather(
+        engine.generate([PROMPTS[1]], params(7), deadline=None),
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=30, temperature=0.5), deadline=None),
+    )
+    c = await engine.generate([PROMPTS[1]], params(8), deadline=None)
+    assert a[0].text == b[0].text
+    assert a[0].text != c[0].text
+
+
+async def test_top_k_one_is_greedy_and_repetition_penalty_changes_output(engine, loaded):
+    k1 = SamplingParams(max_new_tokens=20, temperature=1.5, top_k=1, seed=3, logprobs=True)
+    g = (await engine.generate([PROMPTS[0]], k1, deadline=None))[0]
+    assert ids(g) == solo_greedy(loaded, PROMPTS[0], 20)
+    pen = SamplingParams(max_new_tokens=20, repetition_penalty=5.0, logprobs=True)
+    p = (await engine.generate([PROMPTS[0]], pen, deadline=None))[0]
+    with torch.inference_mode():
+        enc = loaded.tokenizer(PROMPTS[0], return_tensors="pt")
+        want = loaded.model.generate(
+            **enc, max_new_tokens=20, do_sample=False, repetition_penalty=5.0, eos_token_id=None
+        )[0, enc["input_ids"].shape[1] :].tolist()
+    assert ids(p) == want
+
+
+async def test_logprobs_are_model_log_probabilities(engine):
+    g = (await engine.generate([PROMPTS[2]], SamplingParams(max_new_tokens=5, logprobs=True), deadline=None))[
+        0
+    ]
+    assert len(g.logprobs) == 5
+    assert all(lp.logprob <= 0 for lp in g.logprobs)
+
+
+async def test_stop_sequence_cuts_text_and_stream(engine, loaded):
+    full = (await engine.generate([PROMPTS[3]], SamplingParams(max_new_tokens=30), deadline=None))[0].text
+    stop = full[10:13]
+    assert stop and full.find(stop) >= 0
+    cut = full[: full.find(stop)]
+    p = SamplingParams(max_new_tokens=30, stop=("never-appears", stop))
+    g = (await engine.generate([PROMPTS[3]], p, deadline=None))[0]
+    assert g.text == cut
+    assert g.finish_reason is FinishReason.STOP
+    assert g.generated_tokens < 30
+    chunks = [c async for c in engine.generate_stream(PROMPTS[3], p, deadline=None)]
+    assert "".join(c.text for c in chunks) == cut == chunks[-1].final.text
+    assert chunks[-1].final.finish_reason is FinishReason.STOP
+
+
+async def test_stream_pieces_concatenate_to_final_text(engine, loaded):
+    p = SamplingParams(max_new_tokens=40, logprobs=True)
+    chunks = [c async for c in engine.generate_stream(PROMPTS[1], p, deadline=None)]
+    final = chunks[-1].final
+    assert final is not None and all(c.final is None for c in chunks[:-1])
+    assert "".join(c.text for c in chunks) == final.text
+    assert [t.id for c in chunks for t in c.tokens] == solo_greedy(loaded, PROMPTS[1], 40)
+    assert final.text == loaded.tokenizer.decode(
+        solo_greedy(loaded, PROMPTS[1], 40), skip_special_tokens=True
+    )
+
+
+async def test_eos_ends_generation_and_is_not_in_text(engine, loaded):
+    want = solo_greedy(loaded, PROMPTS[1], 20)
+    eos = want[5]  # pretend the 6th greedy token is the model's eos
+    engine.scheduler.lm.eos = {eos}
+    g = (await engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=20), deadline=None))[0]
+    first = want.index(eos)
+    assert g.finish_reason is FinishReason.EOS
+    assert g.generated_tokens == first + 1
+    assert g.text == loaded.tokenizer.decode(want[:first], skip_special_tokens=True)
+
+
+async def test_cancelled_stream_stops_decoding_and_frees_its_slot(make_engine):
+    engine = await make_engine(max_concurrent_sequences=1)
+    sched = engine.scheduler
+    slow_steps(engine)
+    stream = engine.generate_stream(PROMPTS[0], SamplingParams(max_new_tokens=100), deadline=None)
+    await stream.__anext__()
+    await stream.__anext__()
+    (seq,) = sched.batch.seqs
+    await stream.aclose()  # the consumer goes away (gRPC cancel / deadline)
+    for _ in range(200):
+        if sched.running == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert sched.running == 0
+    steps = sched.stats.steps
+    await asyncio.sleep(0.05)
+    assert sched.stats.steps == steps  # nothing decodes any more
+    assert len(seq.token_ids) < 20
+    # The one slot is free again: a new request runs.
+    g = (await engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=4), deadline=None))[0]
+    assert g.generated_tokens == 4
+
+
+async def test_cancelled_unary_call_leaves_the_batch(engine):
+    slow_steps(engine)
+    task = asyncio.create_task(
+        engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=100), deadline=None)
+    )
+    while engine.scheduler.stats.steps < 3:
+        await asyncio.sleep(0.002)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if engine.scheduler.running == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert engine.scheduler.running == 0
+    assert engine.scheduler.stats.steps < 60
+
+
+async def test_deadline_passed_before_admission_does_not_run_model(engine):
+    prefills = engine.scheduler.stats.prefills
+    with pytest.raises(DeadlineExceeded):
+        await engine.generate([PROMPTS[0]], GREEDY, deadline=time.monotonic() - 1)
+    assert engine.scheduler.stats.prefills == prefills
+
+
+async def test_max_new_tokens_validated_against_context_and_limit(make_engine, loaded):
+    engine = await make_engine(max_new_tokens_limit=200)
+    with pytest.raises(InvalidArgument, match="max_new_tokens") as e:
+        await engine.generate([PROMPTS[3]], SamplingParams(max_new_tokens=128), deadline=None)
+    assert str(loaded.max_context) in e.value.message
+    with pytest.raises(InvalidArgument, match="max_new_tokens.*at most 200"):
+        await engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=201), deadline=None)
+    with pytest.raises(InvalidArgument, match="max_new_tokens"):
+        await engine.generate_stream(
+            PROMPTS[3], SamplingParams(max_new_tokens=128), deadline=None
+        ).__anext__()
+
+
+async def test_queue_full_is_resource_exhausted(make_engine):
+    engine = await make_engine(max_queue_size=2, max_concurrent_sequences=1)
+    with pytest.raises(ResourceExhausted):
+        await engine.generate(PROMPTS[:3], GREEDY, deadline=None)
+
+
+async def test_stop_finishes_accepted_requests_then_refuses(make_engine):
+    engine = await make_engine(max_concurrent_sequences=2)
+    task = asyncio.create_task(engine.generate(PROMPTS, SamplingParams(max_new_tokens=10), deadline=None))
+    await asyncio.sleep(0)  # submitted
+    await engine.stop()
+    gens = await task
+    assert [g.generated_tokens for g in gens] == [10] * len(PROMPTS)
+    with pytest.raises(Unavailable):
+        await engine.generate([PROMPTS[0]], GREEDY, deadline=None)
+
+
+async def test_generation_metrics(engine):
+    await engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6), deadline=None)
+    reg = engine.metrics.registry
+    labels = {"model": "lm", "task": "generate"}
+    assert reg.get_sample_value("bitserve_generated_tokens_total", labels) == 12
+    assert reg.get_sample_value("bitserve_time_to_first_token_seconds_count", labels) == 2
+    assert reg.get_sample_value("bitserve_inter_token_latency_seconds_count", labels) == 10
+    assert reg.get_sample_value("bitserve_batch_size_count", labels) >= 5
+    assert reg.get_sample_value("bitserve_prompt_tokens_total", labels) > 0
+    assert reg.get_sample_value("bitserve_running_sequences", labels) == 0
