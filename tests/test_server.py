@@ -350,3 +350,20 @@ def test_concurrent_classify_calls_share_batches_and_metrics_show_it(client, srv
     assert value("bitserve_generated_tokens", "bitserve_generated_tokens_total", model="lm") > 0
     assert value("bitserve_time_to_first_token_seconds", "bitserve_time_to_first_token_seconds_count", model="lm") > 0
     json.dumps(sizes)
+
+
+async def test_async_client(srv):
+    from bitserve_client import AsyncClient, NotFoundError
+
+    async with AsyncClient(srv.target, timeout=60) as c:
+        single = await c.classify("The team won", model="topics")
+        assert single[0].label in {"business", "sports", "politics", "tech"}
+        sent = await c.sentiment(["good", "bad"])
+        assert len(sent) == 2
+        g = await c.generate("Hello world", model="lm", max_new_tokens=6)
+        pieces = [ev async for ev in c.generate_stream("Hello world", model="lm", max_new_tokens=6)]
+        assert pieces[-1].final is not None and pieces[-1].final.text == g.text
+        assert (await c.translate("hello", source_lang="en", target_lang="fr")).text is not None
+        assert {m.name for m in await c.list_models()} >= {"lm", "topics"}
+        with pytest.raises(NotFoundError):
+            await c.generate("x", model="missing")
