@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+
 from bitserve.engines.generate import CausalLMGenerateEngine
 from bitserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from bitserve.metrics import Metrics
@@ -216,6 +217,8 @@ async def test_cancelled_stream_stops_decoding_and_frees_its_slot(make_engine):
     stream = engine.generate_stream(PROMPTS[0], SamplingParams(max_new_tokens=100), deadline=None)
     await stream.__anext__()
     await stream.__anext__()
+    while sched.batch is None:
+        await asyncio.sleep(0.001)
     (seq,) = sched.batch.seqs
     await stream.aclose()  # the consumer goes away (gRPC cancel / deadline)
     for _ in range(200):

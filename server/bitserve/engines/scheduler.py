@@ -655,8 +655,6 @@ class Scheduler:
                 events.append((s.emit, StreamChunk(text=piece, tokens=(lp,) if lp is not None else ())))
             keep.append(i)
         self.obs.tokens(len(ids), ttft, itl)
-        if events:
-            self._send(events)
         out = batch.filter(keep)
         if out is not None:
             if out is batch:
@@ -665,6 +663,11 @@ class Scheduler:
                 out.next_ids = torch.tensor([ids[i] for i in keep], device=batch.next_ids.device)
             if out.seen is not None:
                 out.seen[torch.arange(len(out), device=out.seen.device), out.next_ids] = True
+        if not first:
+            # Callers see the running count that includes their leaving.
+            self._set_running(len(out) if out is not None else 0)
+        if events:
+            self._send(events)
         return out
 
     def _text_step(self, s: Sequence_, token: int) -> str:
