@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Any], None]  # called on the event loop with a StreamChunk, Generation or error
 
+# Rough event-loop cost of one streamed message (conversion, gRPC write, task switches), and
+# the share of the loop's time that streaming may take; they set the token grouping.
+STREAM_MESSAGE_COST_S = 60e-6
+STREAM_LOOP_SHARE = 0.25
+# A nearly full batch admits newcomers once 1/JOIN_GROUP_DIVISOR of its slots are free, or
+# after MAX_DEFER_STEPS decode steps (TGI's waiting_served_ratio / max_waiting_tokens idea).
+JOIN_GROUP_DIVISOR = 4
+MAX_DEFER_STEPS = 16
+
 
 # incremental detokenization --------------------------------------------------------------------
 class _OffsetDecoder:
@@ -155,7 +164,10 @@ class Sequence_:
         self.incremental = stream or bool(params.stop)
         self.decoder: Any = None
         self.text = ""  # with `incremental`: text so far (after any stop cut)
-        self.sent = 0  # with `stream`: characters of `text` already emitted
+        self.sent = 0  # with `stream`: characters of `text` already handed out
+        self.unsent_text = ""  # with `stream`: handed out but not yet sent (grouping)
+        self.unsent_tokens: list[TokenLogprob] = []
+        self.last_sent = 0.0
         self.rng = random.Random(params.seed if params.seed is not None else random.getrandbits(64))
         self.penalty = params.repetition_penalty if params.repetition_penalty != 1.0 else None
         self.stop_max = max((len(s) for s in params.stop), default=0)
@@ -172,6 +184,7 @@ class _Plan:
     top_p: torch.Tensor | None  # 1: off
     penalties: torch.Tensor | None  # [B, 1]
     logprobs: bool
+    streams: int  # rows that stream
 
 
 class Batch:
@@ -311,10 +324,11 @@ def _make_plan(seqs: list[Sequence_], dev: torch.device) -> _Plan:
         top_p=top_p,
         penalties=penalties,
         logprobs=logprobs,
+        streams=sum(s.stream for s in seqs),
     )
 
 
-def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[list[int], list[float] | None]:
+def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, list[int], list[float] | None]:
     """Next token per row, each by its own sampling parameters (transformers' processor order:
     repetition penalty, temperature, top-k, top-p). Logprobs are of the model's distribution."""
     plan = batch.plan()
@@ -355,7 +369,7 @@ def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[list[int], list[f
             ids = ids.index_copy(0, rows, picked)
     if plan.logprobs:
         lps = lsm.gather(1, ids[:, None]).squeeze(1).tolist()
-    return ids.tolist(), lps
+    return ids, ids.tolist(), lps
 
 
 # the model side ------------------------------------------------------------------------------
@@ -472,6 +486,7 @@ class Scheduler:
         self._closing = False
         self._done: asyncio.Event | None = None
         self.running = 0
+        self._deferred = 0  # decode steps a waiting request was held back (see _should_join)
         self.batch: Batch | None = None  # the running batch, for introspection only
         self.stats = SchedulerStats(batch_sizes=collections.Counter())
 
@@ -572,7 +587,10 @@ class Scheduler:
                         if left <= 0:
                             break
                         self._cv.wait(left)
-                new = self._admit(len(batch) if batch is not None else 0)
+                if batch is None:
+                    new = self._admit(0)
+                else:
+                    new = self._admit(len(batch)) if self._should_join(len(batch)) else []
             if new:
                 try:
                     joined = self._prefill(new)
@@ -597,6 +615,21 @@ class Scheduler:
                 self._set_running(0)
             self.batch = batch
 
+    def _should_join(self, running: int) -> bool:
+        """Whether waiting requests join the running batch now. Each join costs a prefill
+        pass and a copy of the cache, paid by every running row: a nearly full batch waits
+        until a few slots are free (or a few steps have passed) and admits them together."""
+        if not self._waiting:
+            return False
+        free = self.max_concurrent - running
+        if free <= 0:
+            return False
+        if free >= max(1, self.max_concurrent // JOIN_GROUP_DIVISOR) or self._deferred >= MAX_DEFER_STEPS:
+            self._deferred = 0
+            return True
+        self._deferred += 1
+        return False
+
     def _set_running(self, n: int) -> None:
         if n != self.running:
             self.running = n
@@ -618,12 +651,17 @@ class Scheduler:
 
     def _advance(self, batch: Batch, logits: torch.Tensor, *, first: bool) -> Batch | None:
         """Append one token per row; answer and drop finished, cancelled and expired rows."""
-        ids, lps = select_tokens(logits, batch)
+        ids_t, ids, lps = select_tokens(logits, batch)
         now = time.monotonic()
         events: list[tuple[Emit, Any]] = []
         keep: list[int] = []
         eos = self.lm.eos
-        itl: list[float] = []
+        # Rows decoded together share one inter-token time: count them per distinct value.
+        itl: dict[float, int] = {}
+        # Every streamed message costs the event loop (and so the GIL the worker needs) tens
+        # of microseconds: with many streams, tokens go out in small groups instead, keeping
+        # the loop's share of a step bounded. One stream still gets every token at once.
+        group_s = STREAM_MESSAGE_COST_S * batch.plan().streams / STREAM_LOOP_SHARE
         ttft: list[float] = []
         for i, (s, t) in enumerate(zip(batch.seqs, ids, strict=True)):
             if s.cancelled:
@@ -631,7 +669,7 @@ class Scheduler:
             if first:
                 ttft.append(now - s.arrived)
             else:
-                itl.append(now - s.last_token_at)
+                itl[s.last_token_at] = itl.get(s.last_token_at, 0) + 1
             s.last_token_at = now
             s.token_ids.append(t)
             lp = None
@@ -652,15 +690,20 @@ class Scheduler:
                 events.append((s.emit, self._final(s, lp)))
                 continue
             if s.stream:
-                events.append((s.emit, StreamChunk(text=piece, tokens=(lp,) if lp is not None else ())))
+                s.unsent_text += piece
+                if lp is not None:
+                    s.unsent_tokens.append(lp)
+                if now - s.last_sent >= group_s and (s.unsent_text or s.unsent_tokens):
+                    events.append((s.emit, StreamChunk(s.unsent_text, tuple(s.unsent_tokens))))
+                    s.unsent_text, s.unsent_tokens, s.last_sent = "", [], now
             keep.append(i)
-        self.obs.tokens(len(ids), ttft, itl)
+        self.obs.tokens(len(ids), ttft, [(now - t, n) for t, n in itl.items()])
         out = batch.filter(keep)
         if out is not None:
             if out is batch:
-                out.next_ids = torch.tensor(ids, device=batch.next_ids.device)
+                out.next_ids = ids_t
             else:
-                out.next_ids = torch.tensor([ids[i] for i in keep], device=batch.next_ids.device)
+                out.next_ids = ids_t.index_select(0, torch.tensor(keep, device=ids_t.device))
             if out.seen is not None:
                 out.seen[torch.arange(len(out), device=out.seen.device), out.next_ids] = True
         if not first:
@@ -714,7 +757,8 @@ class Scheduler:
             logprobs=list(s.logprobs),
         )
         if s.stream:
-            return StreamChunk(text=text[s.sent :], tokens=(lp,) if lp is not None else (), final=gen)
+            tokens = (*s.unsent_tokens, lp) if lp is not None else tuple(s.unsent_tokens)
+            return StreamChunk(text=s.unsent_text + text[s.sent :], tokens=tokens, final=gen)
         return gen
 
     def _send(self, events: list[tuple[Emit, Any]]) -> None:
@@ -736,4 +780,4 @@ class _NoObserver:
     def running(self, n: int) -> None: ...
     def step(self, n: int) -> None: ...
     def prompt_tokens(self, n: int) -> None: ...
-    def tokens(self, n: int, ttft: list[float], itl: list[float]) -> None: ...
+    def tokens(self, n: int, ttft: list[float], itl: list[tuple[float, int]]) -> None: ...

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.generation` (continuous batching vs static batches)."""

@@ -1,0 +1,581 @@
+"""Continuous batching vs static batches: one checkpoint, the same prompts, measured in one run.
+
+    python -m bench.generation                      # tiny Llama on CPU, ~2-3 minutes
+    python -m bench.generation --device cuda --random-model llama-1b --quantize none,int8,nf4 \
+        --clients 1,8,64 --batch-sizes 1,8,64 --max-seconds 240
+
+Systems, per quantization mode and workload:
+  (a) naive      one in-process `model.generate()` at a time
+  (b) static B   in-process `model.generate()` over left-padded batches of B prompts; a batch
+                 runs until its longest member is done (the practical limit without a server)
+  (c) bitserve N the real gRPC server (in this process) and N concurrent closed-loop clients
+                 (the real AsyncClient, in a child process), streaming (TTFT is client-side)
+Workloads: `equal` (every request 32 new tokens) and `mixed` (max_new_tokens drawn from
+8..128 with a fixed seed). Prints a markdown table and the target checks; saves the table, the
+raw numbers (JSON) and a PNG plot to bench-results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+if not __package__:  # run as a script: python bench/generation.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench._clients import Record, run_clients  # noqa: E402
+
+MODEL_NAME = "bench-lm"
+
+# Llama shapes for --random-model (random weights: speed, not quality, is measured).
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {},  # bitserve.tiny.build_causal_lm
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+}
+
+
+# checkpoint & workloads --------------------------------------------------------------------------
+def build_random_model(kind: str, root: Path, device: str) -> Path:
+    from bitserve.tiny import build_causal_lm, build_tokenizer
+
+    path = root / kind
+    if kind == "tiny":
+        return build_causal_lm(path, max_positions=512)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "left"
+    config = LlamaConfig(
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **SHAPES[kind],
+    )
+    torch.manual_seed(0)
+    dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    with torch.device(dev):  # initialising 1B parameters is much faster on the GPU
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    del model
+    return path
+
+
+def make_prompts(n: int, seed: int) -> list[str]:
+    from bitserve.tiny import CORPUS
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = " ".join(rng.sample(CORPUS[:11], rng.randint(1, 3))).split()
+        out.append(" ".join(words[: rng.randint(4, len(words))]))
+    return out
+
+
+def make_workloads(n: int, seed: int) -> dict[str, list[tuple[str, int]]]:
+    prompts = make_prompts(n, seed)
+    rng = random.Random(seed + 1)
+    return {
+        "equal": [(p, 32) for p in prompts],
+        "mixed": [(p, rng.randint(8, 128)) for p in prompts],
+    }
+
+
+# measurements ------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    mode: str
+    workload: str
+    system: str  # naive | static | bitserve
+    size: int  # batch size (static) or clients (bitserve); 1 for naive
+    wall: float
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return {
+            "naive": "(a) naive",
+            "static": f"(b) static B={self.size}",
+            "bitserve": f"(c) bitserve N={self.size}",
+        }[self.system]
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.records)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.wall if self.wall > 0 else 0.0
+
+    def pct(self, what: str, q: float) -> float | None:
+        xs = sorted(getattr(r, what) for r in self.records if getattr(r, what) is not None)
+        if not xs:
+            return None
+        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # call 1 carries the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None: ...
+
+
+def _useful(row: list[int], n: int, eos: set[int]) -> int:
+    """Tokens a request really got: up to its own max_new_tokens, and up to its eos."""
+    row = row[:n]
+    for i, t in enumerate(row):
+        if t in eos:
+            return i + 1
+    return len(row)
+
+
+class InProcess:
+    """Baselines (a) and (b) on the model loaded exactly as the server loads it."""
+
+    def __init__(self, loaded: Any):
+        self.lm = loaded
+        self.tok = loaded.tokenizer
+        self.tok.padding_side = "left"
+        gc = loaded.model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else self.tok.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else min(self.eos)
+
+    def _generate(self, prompts: list[str], n: int) -> tuple[list[list[int]], float | None]:
+        enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.lm.device)
+        streamer = _FirstToken()
+        with torch.inference_mode():
+            out = self.lm.model.generate(
+                **enc, max_new_tokens=n, do_sample=False, pad_token_id=self.pad, streamer=streamer
+            )
+        _sync(self.lm.device)
+        return out[:, enc["input_ids"].shape[1] :].tolist(), streamer.first
+
+    def warm(self) -> None:
+        self._generate(["warm up"], 4)
+        self._generate(["warm up", "a longer warm up prompt"], 4)
+
+    def naive(self, mode: str, wl: str, jobs: list[tuple[str, int]], cap: float | None) -> Result:
+        self.warm()
+        res = Result(mode, wl, "naive", 1, 0.0)
+        t0 = time.perf_counter()
+        for prompt, n in jobs:
+            if cap is not None and time.perf_counter() - t0 > cap:
+                break
+            start = time.perf_counter()
+            (row,), first = self._generate([prompt], n)
+            end = time.perf_counter()
+            ttft = first - start if first is not None else None
+            res.records.append(Record(start - t0, end - start, ttft, _useful(row, n, self.eos), n))
+        res.wall = time.perf_counter() - t0
+        return res
+
+    def static(self, mode: str, wl: str, jobs: list[tuple[str, int]], size: int, cap: float | None) -> Result:
+        self.warm()
+        res = Result(mode, wl, "static", size, 0.0)
+        t0 = time.perf_counter()
+        for i in range(0, len(jobs), size):
+            if cap is not None and time.perf_counter() - t0 > cap:
+                break
+            chunk = jobs[i : i + size]
+            start = time.perf_counter()
+            rows, first = self._generate([p for p, _ in chunk], max(n for _, n in chunk))
+            end = time.perf_counter()
+            ttft = first - start if first is not None else None
+            for row, (_, n) in zip(rows, chunk, strict=True):
+                res.records.append(Record(start - t0, end - start, ttft, _useful(row, n, self.eos), n))
+        res.wall = time.perf_counter() - t0
+        return res
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class InProcessServer:
+    """The real bitserve server on its own event-loop thread, port 0."""
+
+    def __init__(self, model_cfg: dict[str, Any]):
+        from bitserve.app import Server
+        from bitserve.settings import build_settings
+
+        settings = build_settings(
+            config_data={
+                "server": {"host": "127.0.0.1", "port": 0, "metrics_port": -1, "log_level": "WARNING"},
+                "models": [model_cfg],
+            },
+            environ={},
+            check_paths=True,
+        )
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = Server(settings)
+        self._run(self.server.start())
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def engine(self) -> Any:
+        return self.server.registry.engines()[0]
+
+    def stop(self) -> None:
+        self._run(self.server.stop(grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+# report ------------------------------------------------------------------------------------------
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.1f}"
+
+
+def table(results: list[Result]) -> str:
+    head = (
+        "| mode | workload | system | requests | tokens | tok/s | p50 lat ms | p99 lat ms "
+        "| p50 TTFT ms | p99 TTFT ms | x (a) | x best (b) |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in results:
+        block = [x for x in results if x.mode == r.mode and x.workload == r.workload]
+        naive = next((x.tps for x in block if x.system == "naive"), None)
+        best_static = max((x.tps for x in block if x.system == "static"), default=None)
+        ra = f"{r.tps / naive:.2f}" if naive else "-"
+        rb = f"{r.tps / best_static:.2f}" if best_static else "-"
+        lines.append(
+            f"| {r.mode} | {r.workload} | {r.label} | {len(r.records)} | {r.tokens} | {r.tps:.0f} "
+            f"| {_ms(r.pct('latency', 0.5))} | {_ms(r.pct('latency', 0.99))} | {_ms(r.pct('ttft', 0.5))} "
+            f"| {_ms(r.pct('ttft', 0.99))} | {ra} | {rb} |"
+        )
+    return "\n".join(lines)
+
+
+def checks(results: list[Result], clients: list[int]) -> list[str]:
+    """The issue's targets, as measured in this run."""
+    out = []
+    hi = max(clients)
+    for mode in dict.fromkeys(r.mode for r in results):
+
+        def get(wl: str, system: str, size: int | None = None, mode: str = mode) -> Result | None:
+            return next(
+                (
+                    r
+                    for r in results
+                    if r.mode == mode
+                    and r.workload == wl
+                    and r.system == system
+                    and (size is None or r.size == size)
+                ),
+                None,
+            )
+
+        for wl, need in (("equal", 1.0), ("mixed", 1.5)):
+            c = get(wl, "bitserve", hi)
+            statics = [r for r in results if r.mode == mode and r.workload == wl and r.system == "static"]
+            if c and statics:
+                b = max(statics, key=lambda r: r.tps)
+                ratio = c.tps / b.tps
+                ok = "PASS" if ratio >= need else "SHORT"
+                out.append(f"{mode} {wl}: N={hi} / static B={b.size} = {ratio:.2f}x (target >= {need}x) {ok}")
+        for wl in ("equal", "mixed"):
+            a, c1 = get(wl, "naive"), get(wl, "bitserve", 1)
+            if a and c1 and a.records and c1.records:
+                ra, rc = a.pct("latency", 0.5), c1.pct("latency", 0.5)
+                assert ra is not None and rc is not None
+                ok = "PASS" if rc <= 1.10 * ra else "SHORT"
+                out.append(
+                    f"{mode} {wl}: N=1 p50 latency {rc * 1000:.1f} ms vs naive generate() "
+                    f"{ra * 1000:.1f} ms = {rc / ra:.2f}x (target <= 1.10x) {ok}"
+                )
+    return out
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r.mode for r in results))
+    wls = list(dict.fromkeys(r.workload for r in results))
+    fig, axes = plt.subplots(len(modes), len(wls), figsize=(6 * len(wls), 3.6 * len(modes)), squeeze=False)
+    colors = {"naive": "#999999", "static": "#4c72b0", "bitserve": "#dd8452"}
+    for i, mode in enumerate(modes):
+        for j, wl in enumerate(wls):
+            ax = axes[i][j]
+            rs = [r for r in results if r.mode == mode and r.workload == wl]
+            ax.bar(range(len(rs)), [r.tps for r in rs], color=[colors[r.system] for r in rs])
+            ax.set_xticks(
+                range(len(rs)), [r.label.split(" ", 1)[1] for r in rs], rotation=30, ha="right", fontsize=8
+            )
+            ax.set_ylabel("tokens/s")
+            ax.set_title(f"{mode} - {wl} lengths")
+            for k, r in enumerate(rs):
+                ax.annotate(
+                    f"p50 {r.pct('latency', 0.5) * 1000:.0f}ms" if r.records else "",
+                    (k, r.tps),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# main --------------------------------------------------------------------------------------------
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory (default: build the tiny Llama)")
+    src.add_argument(
+        "--random-model",
+        choices=sorted(SHAPES),
+        default=None,
+        help="build a random-weight Llama of this shape in a temp dir",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--quantize", default="none", help="comma list of none,int8,nf4 (one block each)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--clients", type=_ints, default=[1, 8, 64], help="concurrent clients for (c)")
+    p.add_argument(
+        "--batch-sizes",
+        type=_ints,
+        default=None,
+        help="static batch sizes for (b); default: the largest --clients",
+    )
+    p.add_argument("--workloads", default="equal,mixed")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per workload (default: 256, at least 2x the most clients)",
+    )
+    p.add_argument(
+        "--rpc",
+        choices=["stream", "unary"],
+        default="stream",
+        help="(c) clients use GenerateStream (TTFT measured) or unary Generate",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="time budget for all measurements, shared evenly; each stops sending new "
+        "requests when its share is spent (loading time not included)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="server max_concurrent_sequences (default: the largest --clients)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for the model, baselines and server alike (default on "
+        "CPU: 1 - small models gain nothing from intra-op threads, and on a busy "
+        "2-core machine a second thread makes every op wait for a free core)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--skip", default="", help="comma list of systems to skip: naive,static,bitserve")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from bitserve.engines.generate import CausalLMGenerateEngine
+    from bitserve.loading import load_checkpoint
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = args.threads or (1 if device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    modes = [m for m in args.quantize.split(",") if m]
+    wl_names = [w for w in args.workloads.split(",") if w]
+    skip = set(args.skip.split(","))
+    batch_sizes = args.batch_sizes or [max(args.clients)]
+    n_requests = args.requests or max(256, 2 * max(args.clients))
+    workloads = {k: v for k, v in make_workloads(n_requests, args.seed).items() if k in wl_names}
+    n_meas = (
+        len(modes)
+        * len(workloads)
+        * (
+            ("naive" not in skip)
+            + len(batch_sizes) * ("static" not in skip)
+            + len(args.clients) * ("bitserve" not in skip)
+        )
+    )
+    cap = args.max_seconds / max(n_meas, 1) if args.max_seconds else None
+
+    tmp = tempfile.TemporaryDirectory(prefix="bitserve-bench-")
+    if args.model:
+        path = Path(args.model)
+        model_desc = str(path)
+    else:
+        kind = args.random_model or "tiny"
+        t = time.perf_counter()
+        path = build_random_model(kind, Path(tmp.name), device)
+        model_desc = f"random {kind} ({time.perf_counter() - t:.0f}s to build)"
+    print(
+        f"# bitserve generation benchmark\nmodel: {model_desc}; device: {device}; "
+        f"requests per workload: {n_requests}; clients: {args.clients}; static batch sizes: "
+        f"{batch_sizes}; rpc: {args.rpc}; torch threads: {torch.get_num_threads()}"
+        + (f"; {cap:.0f}s cap per measurement" if cap else ""),
+        flush=True,
+    )
+
+    results: list[Result] = []
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+    pool.submit(time.sleep, 0).result()  # start the client process now, not during a run
+    try:
+        for mode in modes:
+            label = (
+                mode
+                if mode != "none"
+                else f"{args.dtype if args.dtype != 'auto' else ('bf16' if device == 'cuda' else 'fp32')}"
+            )
+            label = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(label, label)
+            if {"naive", "static"} - skip:
+                loaded = load_checkpoint(
+                    str(path),
+                    CausalLMGenerateEngine.auto_class(),
+                    quantize=mode,
+                    dtype=args.dtype,
+                    device=device,
+                )
+                base = InProcess(loaded)
+                for wl, jobs in workloads.items():
+                    if "naive" not in skip:
+                        results.append(base.naive(label, wl, jobs, cap))
+                        print(f"  {label} {wl} (a) naive: {results[-1].tps:.0f} tok/s", flush=True)
+                    if "static" not in skip:
+                        for b in batch_sizes:
+                            results.append(base.static(label, wl, jobs, b, cap))
+                            print(f"  {label} {wl} (b) static B={b}: {results[-1].tps:.0f} tok/s", flush=True)
+                del base, loaded
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            if "bitserve" not in skip:
+                srv = InProcessServer(
+                    {
+                        "name": MODEL_NAME,
+                        "task": "generate",
+                        "path": str(path),
+                        "quantize": mode,
+                        "dtype": args.dtype,
+                        "device": device,
+                        "max_concurrent_sequences": args.max_concurrent or max(args.clients),
+                        "max_new_tokens_limit": 4096,
+                    }
+                )
+                try:
+                    for wl, jobs in workloads.items():
+                        for n in args.clients:
+                            recs, wall = pool.submit(
+                                run_clients, srv.target, MODEL_NAME, jobs, n, args.rpc == "stream", cap
+                            ).result()
+                            results.append(Result(label, wl, "bitserve", n, wall, recs))
+                            print(
+                                f"  {label} {wl} (c) bitserve N={n}: {results[-1].tps:.0f} tok/s", flush=True
+                            )
+                finally:
+                    srv.stop()
+    finally:
+        pool.shutdown()
+        tmp.cleanup()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    md = table(results)
+    notes = checks(results, args.clients)
+    print()
+    print(md)
+    print()
+    for line in notes:
+        print("- " + line)
+    (out / f"generation-{stamp}.md").write_text(md + "\n\n" + "\n".join("- " + x for x in notes) + "\n")
+    (out / f"generation-{stamp}.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "device": device,
+                "model": model_desc,
+                "results": [
+                    {
+                        **{k: v for k, v in asdict(r).items() if k != "records"},
+                        "records": [asdict(x) for x in r.records],
+                    }
+                    for r in results
+                ],
+            },
+            indent=1,
+        )
+    )
+    png = out / f"generation-{stamp}.png"
+    plot(results, png)
+    print(f"\nsaved {png} (and .md, .json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
