@@ -1,0 +1,78 @@
+"""Fixtures for the `quantize` tool: tiny data written per test, options sized for 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from bitserve_quantize.train import FinetuneOptions
+
+TOPICS = {
+    "sports": ["match", "goal", "team", "won", "football", "coach"],
+    "business": ["stock", "bank", "market", "rates", "profit", "shares"],
+    "tech": ["phone", "chip", "screen", "software", "computer", "app"],
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def topic_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(TOPICS)[i % len(TOPICS)]
+        words = rng.choices(TOPICS[label], k=5) + rng.choices(["the", "a", "today", "new"], k=2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture
+def topics_data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "topics.jsonl", topic_rows(24))
+
+
+@pytest.fixture
+def lm_data(tmp_path) -> Path:
+    """Fixed-length prompt/completion pairs: equal token counts per example keep the per-rank
+    mean loss equal to the global mean, so 1- and 2-process runs are comparable exactly."""
+    rows = [
+        {"prompt": "Hello world, this is", "completion": " a tiny model."},
+        {"prompt": "The quick brown fox", "completion": " jumps over."},
+        {"prompt": "I love this movie,", "completion": " it was great."},
+        {"prompt": "The team won the", "completion": " football match."},
+    ] * 4
+    return write_jsonl(tmp_path / "lm.jsonl", rows)
+
+
+@pytest.fixture
+def translate_data(tmp_path) -> Path:
+    rows = [
+        {"source": "translate English to French: the house is blue.", "target": "la maison est bleue."},
+        {"source": "translate English to French: the cat is black.", "target": "le chat est noir."},
+        {"source": "translate English to French: hello world.", "target": "bonjour le monde."},
+    ] * 4
+    return write_jsonl(tmp_path / "mt.jsonl", rows)
+
+
+def options(model: Path, task: str, data: Path, output: Path, **kw) -> FinetuneOptions:
+    """Small, fast defaults: a few optimizer steps, no progress bar, CPU."""
+    base = dict(
+        epochs=1,
+        max_steps=6,
+        batch_size=8,
+        lr=1e-3,
+        schedule="constant",
+        max_length=32,
+        eval_split=0.0,
+        device="cpu",
+        progress=False,
+    )
+    base.update(kw)
+    return FinetuneOptions(model=str(model), task=task, data=str(data), output=str(output), **base)

@@ -1,0 +1,76 @@
+"""Two processes under torchrun (gloo on CPU) match one process at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(argv: list[str], cwd) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(400)
+def test_two_process_torchrun_matches_one_process(tiny_models, tmp_path, lm_data):
+    common = [
+        "finetune",
+        "--model",
+        str(tiny_models["lm"]),
+        "--task",
+        "generate",
+        "--data",
+        str(lm_data),
+        "--max-steps",
+        "4",
+        "--lr",
+        "1e-3",
+        "--eval-split",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--precision",
+        "fp32",
+    ]
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "bitserve_quantize.cli",
+            *common,
+            "--batch-size",
+            "4",
+            "--output",
+            str(tmp_path / "one"),
+        ],
+        tmp_path,
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "bitserve_quantize.cli",
+            *common,
+            "--batch-size",
+            "2",
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        tmp_path,
+    )
+    one = json.loads((tmp_path / "one" / "finetune.json").read_text())
+    two = json.loads((tmp_path / "two" / "finetune.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    # fp32 and equal token counts per rank: the averaged DDP gradient is the 1-process gradient.
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)
