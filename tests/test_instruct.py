@@ -1,0 +1,190 @@
+"""Instruction-model adapters (backend: instruct) on the tiny causal LM: scoring, batching, errors.
+
+The tiny LM is random-weight, so these tests check the mechanics (exact likelihoods, calibrated
+probabilities, batching, validation); tests/test_demo.py checks the answers of a real model.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from bitserve.engines.instruct import (
+    InstructClassifyEngine,
+    InstructSentimentEngine,
+    InstructTranslateEngine,
+    clean_translation,
+)
+from bitserve.metrics import Metrics
+from bitserve.settings import ModelSettings
+from bitserve_client import Client, InvalidArgumentError
+
+LABELS = ["business", "sports", "politics", "tech"]
+TEXTS = ["The team won the football match last night.", "Stock markets fell.", "Hello"]
+
+
+@pytest.fixture(scope="module")
+def srv(server_factory, tiny_models):
+    lm = str(tiny_models["lm"])
+    return server_factory(
+        [
+            # backend left to 'auto': a causal LM serving a non-generate task is an instruct model.
+            {"name": "cls", "task": "classify", "path": lm, "labels": LABELS, "max_batch_delay_ms": 50},
+            {"name": "cls-nolabels", "task": "classify", "path": lm, "backend": "instruct"},
+            {"name": "sent", "task": "sentiment", "path": lm},
+            {
+                "name": "tr",
+                "task": "translate",
+                "path": lm,
+                "default_max_new_tokens": 8,
+                "max_new_tokens_limit": 32,
+            },
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    with Client(srv.target, timeout=120) as c:
+        yield c
+
+
+def engine(srv, name):
+    return srv.server.registry._engines[name]
+
+
+def test_auto_backend_picks_the_instruct_engines(srv):
+    assert type(engine(srv, "cls")) is InstructClassifyEngine
+    assert type(engine(srv, "sent")) is InstructSentimentEngine
+    assert type(engine(srv, "tr")) is InstructTranslateEngine
+
+
+def test_engines_on_one_checkpoint_share_the_weights(srv):
+    models = {id(engine(srv, n).loaded.model) for n in ("cls", "cls-nolabels", "sent", "tr")}
+    assert len(models) == 1
+    # ...but not the tokenizer, which an engine may configure for itself.
+    assert engine(srv, "cls").loaded.tokenizer is not engine(srv, "sent").loaded.tokenizer
+
+
+def test_label_likelihoods_equal_a_plain_forward_pass(srv):
+    """The shared-prefix KV-cache scoring gives each label's exact log-likelihood."""
+    e = engine(srv, "cls")
+    model = e.loaded.model
+    prompts = [e.chat_ids("sys", t) for t in TEXTS]  # different lengths: left padding
+    labels = e.label_ids(["a", "sports news", "politics and more"])  # different lengths
+    with torch.inference_mode():
+        fast = e._loglik([(tuple(p), labels) for p in prompts])
+        for p, got in zip(prompts, fast):
+            for lab, g in zip(labels, got):
+                ids = torch.tensor([p + list(lab)])
+                lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+                want = sum(lp[len(p) - 1 + k, t].item() for k, t in enumerate(lab))
+                assert g == pytest.approx(want, abs=1e-3)
+
+
+def test_classify_scores_are_probabilities_over_the_labels(client):
+    results = client.classify(TEXTS, model="cls")
+    for r in results:
+        assert sorted(s.label for s in r) == sorted(LABELS)
+        assert math.isclose(sum(s.score for s in r), 1.0, abs_tol=1e-4)
+        assert [s.score for s in r] == sorted((s.score for s in r), reverse=True)
+
+
+def test_classify_is_deterministic_and_independent_of_the_batch(client):
+    together = client.classify(TEXTS, model="cls")
+    alone = [client.classify(t, model="cls") for t in TEXTS]
+    assert client.classify(TEXTS, model="cls") == together
+    for a, b in zip(together, alone):
+        assert [s.label for s in a] == [s.label for s in b]
+        for x, y in zip(a, b):
+            assert x.score == pytest.approx(y.score, abs=1e-4)
+
+
+def test_zero_shot_candidate_labels_and_top_k(client):
+    r = client.classify(
+        "A new phone chip", model="cls-nolabels", candidate_labels=["cats", "dogs", "fish"], top_k=2
+    )
+    assert len(r) == 2 and {s.label for s in r} <= {"cats", "dogs", "fish"}
+    r = client.classify("A new phone chip", model="cls", candidate_labels=["yes", "no"])
+    assert {s.label for s in r} == {"yes", "no"}
+
+
+def test_classify_without_labels_is_invalid_argument(client):
+    with pytest.raises(InvalidArgumentError, match="no default labels"):
+        client.classify("text", model="cls-nolabels")
+    with pytest.raises(InvalidArgumentError, match="at least two labels"):
+        client.classify("text", model="cls-nolabels", candidate_labels=["only"])
+
+
+def test_sentiment_answers_positive_or_negative(client):
+    for r in client.sentiment(TEXTS, model="sent"):
+        assert r.label in ("positive", "negative") and r.raw_label == r.label
+        assert 0.5 <= r.score <= 1.0
+
+
+def test_concurrent_requests_share_batches(srv, client):
+    e = engine(srv, "cls")
+    before = e._batcher.stats.batches
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda t: client.classify(t, model="cls"), TEXTS * 2))
+    assert len(results) == 6
+    assert e._batcher.stats.batches - before < 6
+    assert max(e._batcher.stats.sizes) > 1
+
+
+def test_translate_returns_one_text_per_input(client):
+    out = client.translate(
+        ["the house is blue", "hello world"], model="tr", source_lang="en", target_lang="fr"
+    )
+    assert len(out) == 2 and all(isinstance(t.text, str) for t in out)
+    assert all("\n" not in t.text for t in out)  # one-line sources give one-line translations
+
+
+def test_translate_validates_languages_and_length(client):
+    with pytest.raises(InvalidArgumentError, match="target_lang is required"):
+        client.translate("hello", model="tr")
+    with pytest.raises(InvalidArgumentError, match="unknown language code 'xx'"):
+        client.translate("hello", model="tr", target_lang="xx")
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens must be <= 32"):
+        client.translate("hello", model="tr", target_lang="fr", max_new_tokens=33)
+
+
+def test_over_long_prompt_is_invalid_argument(client, srv):
+    too_long = "hello " * (engine(srv, "sent").max_input_tokens + 10)
+    with pytest.raises(InvalidArgumentError, match="texts\\[0\\] makes a"):
+        client.sentiment(too_long, model="sent")
+
+
+def test_prompts_use_the_chat_template_when_there_is_one(tiny_models):
+    s = ModelSettings(name="x", task="sentiment", path=str(tiny_models["lm"]))
+    loaded = InstructSentimentEngine.load(s)
+    e = InstructSentimentEngine(s, loaded, Metrics())
+    plain = loaded.tokenizer.decode(e.chat_ids("SYS", "USER"))
+    assert plain.startswith("SYS") and plain.rstrip().endswith("Answer:")
+    loaded.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert loaded.tokenizer.decode(e.chat_ids("SYS", "USER")) == "<system>SYS<user>USER<assistant>"
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        ("Le chat dort.", "Le chat dort."),
+        ('"Le chat dort."', "Le chat dort."),
+        ("Translation: Le chat dort.", "Le chat dort."),
+        ("Here is the translation: « Le chat dort. »", "Le chat dort."),
+        ("The French translation is: Le chat dort.", "Le chat dort."),
+        ("Le chat dort.\nThis means the cat sleeps.", "Le chat dort."),
+    ],
+)
+def test_clean_translation_strips_chatter(raw, want):
+    assert clean_translation(raw, multiline=False) == want
+
+
+def test_clean_translation_keeps_lines_of_a_multiline_source():
+    assert clean_translation("Ligne un.\nLigne deux.", multiline=True) == "Ligne un.\nLigne deux."
