@@ -54,7 +54,7 @@ async def engine(make_engine):
 
 def solo_greedy(loaded, prompt: str, n: int, eos: int | None = None) -> list[int]:
     tok, model = loaded.tokenizer, loaded.model
-    enc = tok(prompt, return_tensors="pt")
+    enc = tok(prompt, return_tensors="pt").to(loaded.device)
     with torch.inference_mode():
         out = model.generate(
             **enc, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id
@@ -157,7 +157,7 @@ async def test_top_k_one_is_greedy_and_repetition_penalty_changes_output(engine,
     pen = SamplingParams(max_new_tokens=20, repetition_penalty=5.0, logprobs=True)
     p = (await engine.generate([PROMPTS[0]], pen, deadline=None))[0]
     with torch.inference_mode():
-        enc = loaded.tokenizer(PROMPTS[0], return_tensors="pt")
+        enc = loaded.tokenizer(PROMPTS[0], return_tensors="pt").to(loaded.device)
         want = loaded.model.generate(
             **enc, max_new_tokens=20, do_sample=False, repetition_penalty=5.0, eos_token_id=None
         )[0, enc["input_ids"].shape[1] :].tolist()

@@ -4,6 +4,7 @@ scheduler (`scheduler.py`), which does the work."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,8 @@ from ..metrics import Metrics
 from ..types import Generation, SamplingParams, StreamChunk
 from .base import GenerateEngine, register
 from .scheduler import CausalLM, Scheduler, Sequence_
+
+GPU_SWITCH_INTERVAL_S = 0.0005
 
 
 @register
@@ -38,6 +41,10 @@ class CausalLMGenerateEngine(GenerateEngine):
         )
 
     async def start(self) -> None:
+        if self.loaded.device.type == "cuda" and sys.getswitchinterval() > GPU_SWITCH_INTERVAL_S:
+            # The worker thread launches kernels holding the GIL; the event loop needs it back
+            # often and briefly (many short grabs per gRPC message), not every 5 ms.
+            sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
         self.scheduler.start()
         self.ready = True
 
@@ -103,8 +110,7 @@ class CausalLMGenerateEngine(GenerateEngine):
                         error = nxt
                         break
                     item = StreamChunk(item.text + nxt.text, item.tokens + nxt.tokens, nxt.final)
-                if item.text or item.tokens or item.final is not None:
-                    yield item
+                yield item
                 if error is not None:
                     raise error
                 if item.final is not None:

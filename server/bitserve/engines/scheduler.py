@@ -391,6 +391,11 @@ class CausalLM:
                 eos.update(int(x) for x in v)
         self.eos = eos
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
+        # transformers renamed `past_key_values` to `cache` (5.2x); speak whichever it knows.
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def _cache(self) -> Any:
         from transformers import DynamicCache
@@ -416,14 +421,14 @@ class CausalLM:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kw: cache},
         )
         seen = None
         if any(s.penalty is not None for s in seqs):
             seen = _seen_of(seqs, self.vocab, dev)
-        batch = Batch(seqs, out.cache, mask, lengths, input_ids[:, -1], seen)
+        batch = Batch(seqs, cache, mask, lengths, input_ids[:, -1], seen)
         return batch, out.logits[:, -1, :]
 
     def decode(self, batch: Batch) -> torch.Tensor:
@@ -435,8 +440,8 @@ class CausalLM:
             input_ids=batch.next_ids[:, None],
             attention_mask=mask,
             position_ids=batch.positions[:, None],
-            cache=batch.cache,
             use_cache=True,
+            **{self._cache_kw: batch.cache},
         )
         batch.mask = mask
         batch.positions = batch.positions + 1
@@ -614,6 +619,10 @@ class Scheduler:
             if batch is None:
                 self._set_running(0)
             self.batch = batch
+            # Hand the GIL to the event loop once per step. On CUDA the worker is almost pure
+            # Python (kernel launches hold the GIL), and without this the loop (gRPC writes,
+            # new requests) only got the GIL in forced 5 ms slices: streams stalled to the end.
+            time.sleep(0)
 
     def _should_join(self, running: int) -> bool:
         """Whether waiting requests join the running batch now. Each join costs a prefill
@@ -693,7 +702,9 @@ class Scheduler:
                 s.unsent_text += piece
                 if lp is not None:
                     s.unsent_tokens.append(lp)
-                if now - s.last_sent >= group_s and (s.unsent_text or s.unsent_tokens):
+                # A message per token (or group) even when its text is held back (a partial
+                # character, a possible stop string): the client sees progress, and TTFT is real.
+                if now - s.last_sent >= group_s:
                     events.append((s.emit, StreamChunk(s.unsent_text, tuple(s.unsent_tokens))))
                     s.unsent_text, s.unsent_tokens, s.last_sent = "", [], now
             keep.append(i)
