@@ -491,6 +491,7 @@ class Scheduler:
         self._closing = False
         self._done: asyncio.Event | None = None
         self.running = 0
+        self._yield_gil = lm.device.type == "cuda"
         self._deferred = 0  # decode steps a waiting request was held back (see _should_join)
         self.batch: Batch | None = None  # the running batch, for introspection only
         self.stats = SchedulerStats(batch_sizes=collections.Counter())
@@ -619,10 +620,11 @@ class Scheduler:
             if batch is None:
                 self._set_running(0)
             self.batch = batch
-            # Hand the GIL to the event loop once per step. On CUDA the worker is almost pure
-            # Python (kernel launches hold the GIL), and without this the loop (gRPC writes,
-            # new requests) only got the GIL in forced 5 ms slices: streams stalled to the end.
-            time.sleep(0)
+            if self._yield_gil:
+                # On CUDA the worker is almost pure Python (kernel launches hold the GIL):
+                # hand the event loop (gRPC writes, new requests) a turn once per step. Not on
+                # CPU, where ops release the GIL anyway and a busy loop would delay the step.
+                time.sleep(0)
 
     def _should_join(self, running: int) -> bool:
         """Whether waiting requests join the running batch now. Each join costs a prefill
