@@ -102,6 +102,13 @@ class Server:
             self._http.server_close()
             self._http = None
 
-    async def wait_for_termination(self) -> None:
-        assert self._grpc is not None
-        await self._grpc.wait_for_termination()
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; a model that fails to load ends serving with its error."""
+        waiter = asyncio.ensure_future(stop.wait())
+        pending = {waiter} | ({self._loading} if self._loading is not None else set())
+        while waiter in pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not waiter and task.exception() is not None:
+                    waiter.cancel()
+                    raise task.exception()  # type: ignore[misc]

@@ -109,11 +109,7 @@ async def _serve(settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await server.start(wait_until_loaded=False)
     try:
-        waiter = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({waiter, server._loading}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type]
-        if server._loading in done and server._loading.exception() is not None:  # type: ignore[union-attr]
-            raise server._loading.exception()  # type: ignore[misc,union-attr]
-        await waiter
+        await server.serve_until(stop)
     finally:
         logging.getLogger(__name__).info("shutting down (grace %.1fs)", settings.server.grace_period_s)
         await server.stop()

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from .engines import engine_class
 from .engines.base import Engine
-from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .metrics import Metrics
 from .settings import ModelSettings, Settings
 from .types import Task
@@ -51,10 +51,19 @@ class ModelRegistry:
 
     async def load_all(self, on_loaded=None) -> None:
         """Load every configured model, one at a time (weights compete for memory)."""
-        for m in self._settings.models:
-            cls = engine_class(m.task, resolve_backend(m))
-            loaded = await asyncio.to_thread(cls.load, m)
-            engine = cls(m, loaded, self._metrics)
+        for i, m in enumerate(self._settings.models):
+            try:
+                cls = engine_class(m.task, resolve_backend(m))
+                loaded = await asyncio.to_thread(cls.load, m)
+                engine = cls(m, loaded, self._metrics)
+            except ConfigError as e:
+                raise ConfigError(f"models.{i} ({m.name}): {e}") from e
+            except Exception as e:  # a broken or unsupported checkpoint: say which and why
+                log.exception("loading model %s failed", m.name)
+                raise ConfigError(
+                    f"models.{i} ({m.name}): cannot load {m.path} for task {m.task.value}: "
+                    f"{type(e).__name__}: {e}".replace("\n", " ")
+                ) from e
             await engine.start()
             self._engines[m.name] = engine
             self._metrics.model_memory.labels(m.name, m.task.value, loaded.quantization).set(

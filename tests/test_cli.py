@@ -1,0 +1,82 @@
+"""`bitserve serve` as an operator runs it: a real process, health probe, client, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bitserve_client import Client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _health(port: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bitserve.cli", "health", "--target", f"127.0.0.1:{port}", "--timeout", "2"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_serve_probe_call_and_graceful_sigterm(tmp_path, tiny_models):
+    port, metrics_port = _free_port(), _free_port()
+    cfg = tmp_path / "bitserve.yaml"
+    cfg.write_text(
+        "server: {host: 127.0.0.1, port: 1}\n"
+        f"models:\n  - {{name: topics, task: classify, path: {tiny_models['topics']}}}\n"
+    )
+    env = {**os.environ, "BITSERVE_SERVER__METRICS_PORT": str(metrics_port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bitserve.cli", "serve", "--config", str(cfg), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            r = _health(port)
+            if r.returncode == 0:
+                break
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "server never became SERVING"
+            time.sleep(0.5)
+        assert r.stdout.strip() == "SERVING"
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            assert c.classify("hello")[0].label in {"business", "sports", "politics", "tech"}
+        import urllib.request
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+        assert b"bitserve_requests_total" in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _health(port).returncode != 0
+
+
+def test_a_model_that_cannot_load_exits_with_one_line(tmp_path, tiny_models):
+    cfg = tmp_path / "bitserve.yaml"
+    cfg.write_text(
+        f"server: {{host: 127.0.0.1, port: {_free_port()}, metrics_port: -1}}\n"
+        f"models:\n  - {{name: moody, task: sentiment, path: {tiny_models['tags']}}}\n"
+    )
+    r = subprocess.run([sys.executable, "-m", "bitserve.cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    last = [line for line in r.stderr.splitlines() if line.startswith("bitserve:")]
+    assert len(last) == 1 and "models.0 (moody)" in last[0] and "cannot map labels" in last[0], r.stderr
+
+
+@pytest.mark.parametrize("args", [["serve", "--config", "/nope.yaml"]])
+def test_missing_config_file(args):
+    r = subprocess.run([sys.executable, "-m", "bitserve.cli", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "config file '/nope.yaml' not found" in r.stderr
