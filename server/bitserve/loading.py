@@ -148,16 +148,19 @@ def load_checkpoint(
         # bitsandbytes places quantized weights itself; everything on the one device.
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
     # Engines serving one checkpoint at one precision (an instruction model answering several
-    # tasks) share one copy of the weights; it is freed when the last engine lets go.
+    # tasks) share one copy of the weights; it is freed when the last engine lets go. Only
+    # unquantized weights are shared: engines run forward passes from their own threads, and
+    # bitsandbytes layers mutate their state on first use, so quantized copies stay private.
     key = (str(Path(source).resolve()), auto_class.__name__, mode, str(torch_dtype), str(dev))
-    model = _SHARED_MODELS.get(key)
+    model = _SHARED_MODELS.get(key) if mode == "none" else None
     if model is None:
         log.info("loading %s as %s (quantize=%s, dtype=%s, device=%s)", path, auto_class.__name__, mode, torch_dtype, dev)
         model = auto_class.from_pretrained(source, **kwargs)
         if mode == "none":
             model.to(dev)
         model.eval()
-        _SHARED_MODELS[key] = model
+        if mode == "none":
+            _SHARED_MODELS[key] = model
     else:
         log.info("%s: sharing the weights already loaded for another model", path)
     tokenizer = load_tokenizer(path, gguf_file)
