@@ -10,7 +10,7 @@ import abc
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-from ..batching import BatchHooks
+from ..batching import BatchHooks, DynamicBatcher
 from ..errors import InvalidArgument
 from ..loading import LoadedModel, load_checkpoint
 from ..metrics import Metrics
@@ -98,6 +98,33 @@ class Engine(abc.ABC):
                     f"{self.max_input_tokens} input tokens"
                 )
         return ids
+
+
+class BatchedEngine(Engine):
+    """An engine whose model work goes through one DynamicBatcher: `run_batch` gets the items
+    of many requests at once, in a worker thread, and returns one result per item."""
+
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
+        super().__init__(settings, loaded, metrics)
+        self._batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+            self.run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_ms=settings.max_batch_delay_ms,
+            max_queue_size=settings.max_queue_size,
+            name=settings.name,
+            hooks=self.hooks(),
+        )
+
+    @abc.abstractmethod
+    def run_batch(self, batch: list[Any]) -> list[Any]: ...
+
+    async def start(self) -> None:
+        self._batcher.start()
+        await super().start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self._batcher.stop()
 
 
 class ClassifyEngine(Engine):

@@ -7,16 +7,15 @@ from typing import Any
 
 import torch
 
-from ..batching import DynamicBatcher
 from ..errors import ConfigError, InvalidArgument
 from ..loading import LoadedModel
 from ..metrics import Metrics
 from ..settings import ModelSettings
 from ..types import LabelScore, SentimentResult
-from .base import ClassifyEngine, Engine, SentimentEngine, register
+from .base import BatchedEngine, ClassifyEngine, SentimentEngine, register
 
 
-class _HeadScorer(Engine):
+class _HeadScorer(BatchedEngine):
     """Shared part: batched forward through AutoModelForSequenceClassification -> label scores."""
 
     def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
@@ -27,14 +26,6 @@ class _HeadScorer(Engine):
         tok = loaded.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
-        self._batcher: DynamicBatcher[list[int], list[float]] = DynamicBatcher(
-            self._forward,
-            max_batch_size=settings.max_batch_size,
-            max_batch_delay_ms=settings.max_batch_delay_ms,
-            max_queue_size=settings.max_queue_size,
-            name=settings.name,
-            hooks=self.hooks(),
-        )
 
     @classmethod
     def auto_class(cls) -> Any:
@@ -46,16 +37,8 @@ class _HeadScorer(Engine):
     def labels(self) -> list[str]:
         return list(self._labels)
 
-    async def start(self) -> None:
-        self._batcher.start()
-        await super().start()
-
-    async def stop(self) -> None:
-        await super().stop()
-        await self._batcher.stop()
-
     @torch.inference_mode()
-    def _forward(self, batch: list[list[int]]) -> list[list[float]]:
+    def run_batch(self, batch: list[list[int]]) -> list[list[float]]:
         lm = self.loaded
         enc = lm.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
         enc = {k: v.to(lm.device) for k, v in enc.items()}

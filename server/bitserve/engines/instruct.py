@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
-from ..batching import DynamicBatcher
 from ..errors import InvalidArgument
 from ..loading import LoadedModel
 from ..metrics import Metrics
 from ..settings import ModelSettings
 from ..types import LabelScore, SentimentResult, Translation
-from .base import ClassifyEngine, Engine, SentimentEngine, TranslateEngine, register
+from .base import BatchedEngine, ClassifyEngine, SentimentEngine, TranslateEngine, register
 from .translate import LANGUAGE_NAMES
 
 # Prompts chosen on the eval sets in bitserve/data (see examples/eval_adapters.py): with a
@@ -52,7 +51,7 @@ def translate_prompt(text: str, source: str | None, target: str) -> str:
     return f"Translate the following {src}text to {target}. Reply with the translation only.\n\n{text}"
 
 
-class _InstructEngine(Engine):
+class _InstructEngine(BatchedEngine):
     """Shared part: chat-template prompts on an AutoModelForCausalLM, one batcher."""
 
     backend = "instruct"
@@ -61,31 +60,12 @@ class _InstructEngine(Engine):
         super().__init__(settings, loaded, metrics)
         tok = loaded.tokenizer
         self._pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
-        self._batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
-            self._run_batch,
-            max_batch_size=settings.max_batch_size,
-            max_batch_delay_ms=settings.max_batch_delay_ms,
-            max_queue_size=settings.max_queue_size,
-            name=settings.name,
-            hooks=self.hooks(),
-        )
 
     @classmethod
     def auto_class(cls) -> Any:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
-
-    async def start(self) -> None:
-        self._batcher.start()
-        await super().start()
-
-    async def stop(self) -> None:
-        await super().stop()
-        await self._batcher.stop()
-
-    def _run_batch(self, batch: list[Any]) -> list[Any]:
-        raise NotImplementedError
 
     def chat_ids(self, system: str, user: str) -> list[int]:
         """Token ids of a prompt that ends where the assistant's answer begins."""
@@ -154,7 +134,7 @@ class _LabelScorer(_InstructEngine):
         return await self._batcher.submit(items, deadline=deadline)
 
     @torch.inference_mode()
-    def _run_batch(self, batch: list[_ScoreItem]) -> list[list[float]]:
+    def run_batch(self, batch: list[_ScoreItem]) -> list[list[float]]:
         need = []
         for it in batch:
             key = (it.prior_prompt, it.labels)
@@ -346,7 +326,7 @@ class InstructTranslateEngine(_InstructEngine, TranslateEngine):
         return name
 
     @torch.inference_mode()
-    def _run_batch(self, batch: list[_TranslateItem]) -> list[str]:
+    def run_batch(self, batch: list[_TranslateItem]) -> list[str]:
         lm = self.loaded
         out: list[str] = [""] * len(batch)
         # A multi-line source must not stop at a newline: decode those apart.

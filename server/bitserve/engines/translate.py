@@ -14,13 +14,12 @@ from typing import Any
 
 import torch
 
-from ..batching import DynamicBatcher
 from ..errors import InvalidArgument
 from ..loading import LoadedModel
 from ..metrics import Metrics
 from ..settings import ModelSettings
 from ..types import Translation
-from .base import TranslateEngine, register
+from .base import BatchedEngine, TranslateEngine, register
 
 LANGUAGE_NAMES = {
     "en": "English", "fr": "French", "de": "German", "ro": "Romanian", "es": "Spanish",
@@ -119,34 +118,18 @@ class _Item:
 
 
 @register
-class Seq2SeqTranslateEngine(TranslateEngine):
+class Seq2SeqTranslateEngine(BatchedEngine, TranslateEngine):
     backend = "head"
 
     def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
         super().__init__(settings, loaded, metrics)
         self.strategy = STRATEGIES.get(loaded.config.model_type, LanguageStrategy())
-        self._batcher: DynamicBatcher[_Item, str] = DynamicBatcher(
-            self._generate,
-            max_batch_size=settings.max_batch_size,
-            max_batch_delay_ms=settings.max_batch_delay_ms,
-            max_queue_size=settings.max_queue_size,
-            name=settings.name,
-            hooks=self.hooks(),
-        )
 
     @classmethod
     def auto_class(cls) -> Any:
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM
-
-    async def start(self) -> None:
-        self._batcher.start()
-        await super().start()
-
-    async def stop(self) -> None:
-        await super().stop()
-        await self._batcher.stop()
 
     async def translate(
         self,
@@ -172,7 +155,7 @@ class Seq2SeqTranslateEngine(TranslateEngine):
         return [Translation(o) for o in outs]
 
     @torch.inference_mode()
-    def _generate(self, batch: list[_Item]) -> list[str]:
+    def run_batch(self, batch: list[_Item]) -> list[str]:
         lm = self.loaded
         groups: dict[tuple[int | None, int], list[int]] = defaultdict(list)
         for i, it in enumerate(batch):
