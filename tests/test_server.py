@@ -367,3 +367,32 @@ async def test_async_client(srv):
         assert {m.name for m in await c.list_models()} >= {"lm", "topics"}
         with pytest.raises(NotFoundError):
             await c.generate("x", model="missing")
+
+
+def test_cancelled_grpc_stream_stops_decoding(client, srv):
+    sched = engine(srv, "lm").scheduler
+    # Left alone, this prompt decodes all 100 tokens (no EOS): an early end can only be the cancel.
+    assert client.generate("Once upon a time", model="lm", max_new_tokens=100).finish_reason == "length"
+    stream = client.generate_stream("Once upon a time", model="lm", max_new_tokens=100)
+    first = [next(stream) for _ in range(2)]
+    assert all(ev.final is None for ev in first)
+    stream.close()  # the client cancels the call
+    deadline = time.monotonic() + 10
+    while sched.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sched.running == 0, "a cancelled stream must leave the batch"
+    steps = sched.stats.steps
+    time.sleep(0.3)
+    assert sched.stats.steps == steps, "nothing may keep decoding after the cancel"
+
+
+def test_stream_deadline_ends_generation_with_deadline_exceeded(client, srv):
+    sched = engine(srv, "lm").scheduler
+    with pytest.raises(DeadlineExceededError):
+        for _ in client.generate_stream("Once upon a time", model="lm", max_new_tokens=100,
+                                        temperature=1.0, timeout=0.05):
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while sched.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sched.running == 0
