@@ -300,3 +300,23 @@ async def test_generation_metrics(engine):
     assert reg.get_sample_value("bitserve_batch_size_count", labels) >= 5
     assert reg.get_sample_value("bitserve_prompt_tokens_total", labels) > 0
     assert reg.get_sample_value("bitserve_running_sequences", labels) == 0
+
+
+async def test_long_generations_cross_cache_growth_and_match_solo_generate(engine, loaded):
+    """The decode cache grows in place with headroom and the decode mask is passed 4-D: rows
+    that run past the headroom (64) while others join and leave still match solo runs."""
+    from bitserve.engines.scheduler import _grow_layer_class
+
+    lengths = [100, 7, 80, 3, 70]
+
+    async def one(i: int):
+        await asyncio.sleep(0.003 * i)
+        p = SamplingParams(max_new_tokens=lengths[i], logprobs=True)
+        return (await engine.generate([PROMPTS[i]], p, deadline=None))[0]
+
+    gens = await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+    for i, g in enumerate(gens):
+        assert ids(g) == solo_greedy(loaded, PROMPTS[i], lengths[i]), PROMPTS[i]
+    assert engine.scheduler.lm._mask_4d  # the tiny Llama runs SDPA
+    cache = engine.scheduler.lm._cache()
+    assert all(type(layer) is _grow_layer_class() for layer in cache.layers)

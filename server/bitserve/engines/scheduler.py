@@ -201,7 +201,7 @@ class Batch:
     ):
         self.seqs = seqs
         self.cache = cache  # transformers DynamicCache; rows follow `seqs`
-        self.mask = mask  # [B, past] 1 for real tokens; None when no row is padded
+        self.mask = mask  # [B, past] bool, True for real tokens; None when no row is padded
         self.positions = positions  # [B] position id of the next input token
         self.next_ids = next_ids  # [B] the token each row feeds next
         self.seen = seen  # [B, V] bool, tokens seen per row (repetition penalty), or None
@@ -273,7 +273,7 @@ class Batch:
         else:
             masks = []
             for b, p in zip(batches, pasts, strict=True):
-                m = b.mask if b.mask is not None else torch.ones(len(b), p, dtype=torch.long, device=dev)
+                m = b.mask if b.mask is not None else torch.ones(len(b), p, dtype=torch.bool, device=dev)
                 if p < past:
                     m = torch.nn.functional.pad(m, (past - p, 0))
                 masks.append(m)
@@ -373,6 +373,64 @@ def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, lis
 
 
 # the model side ------------------------------------------------------------------------------
+def _DynamicLayer() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    return DynamicLayer
+
+
+_GROW_LAYER: type | None = None
+
+
+def _grow_layer_class() -> type:
+    """transformers' `DynamicLayer` with headroom: `update` writes the new step into spare
+    columns instead of concatenating (which copies the whole cache, every layer, every step).
+    `keys`/`values` stay the live `[B, H, past, D]` views, so `Batch.filter`/`concatenate` and
+    the attention code see an ordinary cache; they replace them with exact-size tensors, and
+    the next update allocates headroom again."""
+    global _GROW_LAYER
+    if _GROW_LAYER is None:
+
+        class _GrowingLayer(_DynamicLayer()):  # type: ignore[misc]
+            keys: torch.Tensor
+            values: torch.Tensor
+            _kbuf: torch.Tensor | None = None
+            _vbuf: torch.Tensor | None = None
+
+            def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                keys, values = self.keys, self.values
+                n = keys.shape[-2] if keys.numel() else 0
+                end = n + key_states.shape[-2]
+                kb, vb = self._kbuf, self._vbuf
+                if (
+                    kb is None
+                    or vb is None
+                    or end > kb.shape[-2]
+                    or kb.shape[:2] != key_states.shape[:2]
+                    or keys.data_ptr() != kb.data_ptr()
+                    or values.data_ptr() != vb.data_ptr()
+                ):
+                    # The tensors were replaced (prefill, filter, concatenate) or the room is
+                    # used up: new buffers with headroom, the past copied once.
+                    cap = end + max(64, end // 4)
+                    b, h, _, d = key_states.shape
+                    kb = key_states.new_empty(b, h, cap, d)
+                    vb = value_states.new_empty(b, h, cap, value_states.shape[-1])
+                    if n:
+                        kb[:, :, :n].copy_(keys)
+                        vb[:, :, :n].copy_(values)
+                    self._kbuf, self._vbuf = kb, vb
+                kb[:, :, n:end].copy_(key_states)
+                vb[:, :, n:end].copy_(value_states)
+                self.keys, self.values = kb[:, :, :end], vb[:, :, :end]
+                return self.keys, self.values
+
+        _GROW_LAYER = _GrowingLayer
+    return _GROW_LAYER
+
+
 class CausalLM:
     """Prefill and decode for one loaded causal LM; owns no scheduling."""
 
@@ -396,11 +454,25 @@ class CausalLM:
 
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # A decode step's mask is only the padding mask: with SDPA we hand the model the 4-D
+        # [B, 1, 1, past] view of ours instead of letting it rebuild one from 2-D every step
+        # (~10% of a step on a small model). Not for sliding-window or other attention kinds,
+        # whose masks differ per layer or in format.
+        cfg = model.config
+        self._mask_4d = getattr(cfg, "_attn_implementation", None) == "sdpa" and not any(
+            getattr(cfg, k, None) for k in ("sliding_window", "attention_chunk_size")
+        )
 
     def _cache(self) -> Any:
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
+        for layer in cache.layers:
+            # Only plain full-attention layers grow in place; sliding-window (or other) layers
+            # keep their own update rule.
+            if type(layer) is _DynamicLayer():
+                layer.__class__ = _grow_layer_class()
+        return cache
 
     def prefill(self, seqs: list[Sequence_]) -> tuple[Batch, torch.Tensor]:
         """A batch of `seqs` with their prompts in the cache, and the logits of each prompt's
@@ -412,8 +484,8 @@ class CausalLM:
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=dev)
         mask = None
         if any(len(s.prompt_ids) != longest for s in seqs):
-            mask = (torch.arange(longest, device=dev)[None, :] >= (longest - lengths)[:, None]).long()
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            mask = torch.arange(longest, device=dev)[None, :] >= (longest - lengths)[:, None]
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         else:
             position_ids = torch.arange(longest, device=dev).expand(len(seqs), -1)
         cache = self._cache()
@@ -438,7 +510,7 @@ class CausalLM:
             mask = torch.cat([mask, mask.new_ones(len(batch), 1)], 1)
         out = self.model(
             input_ids=batch.next_ids[:, None],
-            attention_mask=mask,
+            attention_mask=mask[:, None, None, :] if mask is not None and self._mask_4d else mask,
             position_ids=batch.positions[:, None],
             use_cache=True,
             **{self._cache_kw: batch.cache},
