@@ -320,3 +320,31 @@ async def test_long_generations_cross_cache_growth_and_match_solo_generate(engin
     assert engine.scheduler.lm._mask_4d  # the tiny Llama runs SDPA
     cache = engine.scheduler.lm._cache()
     assert all(type(layer) is _grow_layer_class() for layer in cache.layers)
+
+
+def test_nearly_full_batch_waits_for_company_only_when_a_row_is_due(loaded):
+    from bitserve.engines.scheduler import MAX_DEFER_STEPS, Batch, CausalLM, Scheduler, Sequence_
+
+    sched = Scheduler(
+        CausalLM(loaded.model, loaded.tokenizer, loaded.device),
+        loaded.tokenizer,
+        max_concurrent=8,
+        prefill_token_budget=4096,
+        max_waiting_ms=0,
+        max_queue_size=8,
+    )
+
+    def seq(n: int) -> Sequence_:
+        return Sequence_([5, 6], SamplingParams(max_new_tokens=n), n, deadline=None, emit=print, stream=False)
+
+    rows = [seq(100) for _ in range(7)]  # one slot free: below the join group (8 // 4 = 2)
+    batch = Batch(rows, None, None, torch.zeros(7, dtype=torch.long), torch.zeros(7, dtype=torch.long), None)
+    sched._waiting.append(seq(10))
+    # No running row leaves within the deferral window: waiting would only idle the slot.
+    assert sched._should_join(batch)
+    # A row is due in 5 steps: wait for it (up to MAX_DEFER_STEPS), then join together.
+    rows[0].max_new_tokens = 5
+    waits = 0
+    while not sched._should_join(batch):
+        waits += 1
+    assert 0 < waits <= MAX_DEFER_STEPS

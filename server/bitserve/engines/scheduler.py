@@ -668,7 +668,7 @@ class Scheduler:
                 if batch is None:
                     new = self._admit(0)
                 else:
-                    new = self._admit(len(batch)) if self._should_join(len(batch)) else []
+                    new = self._admit(len(batch)) if self._should_join(batch) else []
             if new:
                 try:
                     joined = self._prefill(new)
@@ -698,16 +698,23 @@ class Scheduler:
                 # CPU, where ops release the GIL anyway and a busy loop would delay the step.
                 time.sleep(0)
 
-    def _should_join(self, running: int) -> bool:
+    def _should_join(self, batch: Batch) -> bool:
         """Whether waiting requests join the running batch now. Each join costs a prefill
         pass and a copy of the cache, paid by every running row: a nearly full batch waits
-        until a few slots are free (or a few steps have passed) and admits them together."""
+        until a few slots are free (or a few steps have passed) and admits them together -
+        unless no running row is due to finish (by its max_new_tokens) before that wait
+        would end, as when a wave of equal requests has just started: waiting would only
+        leave the slots empty."""
         if not self._waiting:
             return False
-        free = self.max_concurrent - running
+        free = self.max_concurrent - len(batch)
         if free <= 0:
             return False
-        if free >= max(1, self.max_concurrent // JOIN_GROUP_DIVISOR) or self._deferred >= MAX_DEFER_STEPS:
+        join = free >= max(1, self.max_concurrent // JOIN_GROUP_DIVISOR) or self._deferred >= MAX_DEFER_STEPS
+        if not join:
+            horizon = MAX_DEFER_STEPS - self._deferred
+            join = all(s.max_new_tokens - len(s.token_ids) > horizon for s in batch.seqs)
+        if join:
             self._deferred = 0
             return True
         self._deferred += 1
