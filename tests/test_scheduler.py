@@ -348,3 +348,13 @@ def test_nearly_full_batch_waits_for_company_only_when_a_row_is_due(loaded):
     while not sched._should_join(batch):
         waits += 1
     assert 0 < waits <= MAX_DEFER_STEPS
+
+
+async def test_stream_sends_a_message_per_token_when_steps_are_slow(make_engine):
+    """Streams group tokens only within STREAM_MIN_GROUP_S (2 ms): slower steps still give a
+    message per token, and the first token goes out at once."""
+    engine = await make_engine()
+    slow_steps(engine, 0.004)
+    p = SamplingParams(max_new_tokens=12, logprobs=True)
+    chunks = [c async for c in engine.generate_stream(PROMPTS[0], p, deadline=None)]
+    assert [len(c.tokens) for c in chunks] == [1] * 12

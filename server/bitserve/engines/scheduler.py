@@ -35,9 +35,13 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Any], None]  # called on the event loop with a StreamChunk, Generation or error
 
 # Rough event-loop cost of one streamed message (conversion, gRPC write, task switches), and
-# the share of the loop's time that streaming may take; they set the token grouping.
+# the share of the loop's time that streaming may take; they set the token grouping. A stream
+# sends at most every STREAM_MIN_GROUP_S even alone: on a small fast model a message per
+# token (~1 ms apart) cost a single stream 30% of its latency (wake-ups and GIL hand-offs
+# between the worker and the loop), 2 ms groups cost 5-10%; no reader sees 2 ms.
 STREAM_MESSAGE_COST_S = 60e-6
 STREAM_LOOP_SHARE = 0.25
+STREAM_MIN_GROUP_S = 0.002
 # A nearly full batch admits newcomers once 1/JOIN_GROUP_DIVISOR of its slots are free, or
 # after MAX_DEFER_STEPS decode steps (TGI's waiting_served_ratio / max_waiting_tokens idea).
 JOIN_GROUP_DIVISOR = 4
@@ -751,7 +755,7 @@ class Scheduler:
         # Every streamed message costs the event loop (and so the GIL the worker needs) tens
         # of microseconds: with many streams, tokens go out in small groups instead, keeping
         # the loop's share of a step bounded. One stream still gets every token at once.
-        group_s = STREAM_MESSAGE_COST_S * batch.plan().streams / STREAM_LOOP_SHARE
+        group_s = max(STREAM_MIN_GROUP_S, STREAM_MESSAGE_COST_S * batch.plan().streams / STREAM_LOOP_SHARE)
         ttft: list[float] = []
         for i, (s, t) in enumerate(zip(batch.seqs, ids, strict=True)):
             if s.cancelled:
