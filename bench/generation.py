@@ -372,6 +372,20 @@ def plot(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def median_results(runs: list[Result]) -> tuple[list[Result], list[str]]:
+    """One result per measurement (mode, workload, system, size): the round with the median
+    tok/s (a shared machine's load moves single runs by 15% or more), and each one's range."""
+    groups: dict[tuple[str, str, str, int], list[Result]] = {}
+    for r in runs:
+        groups.setdefault((r.mode, r.workload, r.system, r.size), []).append(r)
+    out, spread = [], []
+    for rs in groups.values():
+        by = sorted(rs, key=lambda r: r.tps)
+        out.append(by[(len(by) - 1) // 2])
+        spread.append(f"{by[0].workload} {by[0].label} {by[0].tps:.0f}-{by[-1].tps:.0f}")
+    return out, spread
+
+
 # main --------------------------------------------------------------------------------------------
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
@@ -431,6 +445,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "CPU: 1 - small models gain nothing from intra-op threads, and on a busy "
         "2-core machine a second thread makes every op wait for a free core)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every measurement, one after another; the table shows each one's "
+        "median round (the JSON keeps all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results")
     p.add_argument("--skip", default="", help="comma list of systems to skip: naive,static,bitserve")
@@ -487,62 +508,77 @@ def main(argv: list[str] | None = None) -> int:
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
     pool.submit(time.sleep, 0).result()  # start the client process now, not during a run
     try:
-        for mode in modes:
-            label = (
-                mode
-                if mode != "none"
-                else f"{args.dtype if args.dtype != 'auto' else ('bf16' if device == 'cuda' else 'fp32')}"
-            )
-            label = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(label, label)
-            if {"naive", "static"} - skip:
-                loaded = load_checkpoint(
-                    str(path),
-                    CausalLMGenerateEngine.auto_class(),
-                    quantize=mode,
-                    dtype=args.dtype,
-                    device=device,
+        for rnd in range(args.repeat):
+            if args.repeat > 1:
+                print(f"round {rnd + 1}/{args.repeat}", flush=True)
+            for mode in modes:
+                label = (
+                    mode
+                    if mode != "none"
+                    else f"{args.dtype if args.dtype != 'auto' else ('bf16' if device == 'cuda' else 'fp32')}"
                 )
-                base = InProcess(loaded)
-                for wl, jobs in workloads.items():
-                    if "naive" not in skip:
-                        results.append(base.naive(label, wl, jobs, cap))
-                        print(f"  {label} {wl} (a) naive: {results[-1].tps:.0f} tok/s", flush=True)
-                    if "static" not in skip:
-                        for b in batch_sizes:
-                            results.append(base.static(label, wl, jobs, b, cap))
-                            print(f"  {label} {wl} (b) static B={b}: {results[-1].tps:.0f} tok/s", flush=True)
-                del base, loaded
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            if "bitserve" not in skip:
-                srv = InProcessServer(
-                    {
-                        "name": MODEL_NAME,
-                        "task": "generate",
-                        "path": str(path),
-                        "quantize": mode,
-                        "dtype": args.dtype,
-                        "device": device,
-                        "max_concurrent_sequences": args.max_concurrent or max(args.clients),
-                        "max_new_tokens_limit": 4096,
-                    }
-                )
-                try:
+                label = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(label, label)
+                if {"naive", "static"} - skip:
+                    loaded = load_checkpoint(
+                        str(path),
+                        CausalLMGenerateEngine.auto_class(),
+                        quantize=mode,
+                        dtype=args.dtype,
+                        device=device,
+                    )
+                    base = InProcess(loaded)
                     for wl, jobs in workloads.items():
-                        for n in args.clients:
-                            recs, wall = pool.submit(
-                                run_clients, srv.target, MODEL_NAME, jobs, n, args.rpc == "stream", cap
-                            ).result()
-                            results.append(Result(label, wl, "bitserve", n, wall, recs))
-                            print(
-                                f"  {label} {wl} (c) bitserve N={n}: {results[-1].tps:.0f} tok/s", flush=True
-                            )
-                finally:
-                    srv.stop()
+                        if "naive" not in skip:
+                            results.append(base.naive(label, wl, jobs, cap))
+                            print(f"  {label} {wl} (a) naive: {results[-1].tps:.0f} tok/s", flush=True)
+                        if "static" not in skip:
+                            for b in batch_sizes:
+                                results.append(base.static(label, wl, jobs, b, cap))
+                                print(
+                                    f"  {label} {wl} (b) static B={b}: {results[-1].tps:.0f} tok/s",
+                                    flush=True,
+                                )
+                    del base, loaded
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                if "bitserve" not in skip:
+                    srv = InProcessServer(
+                        {
+                            "name": MODEL_NAME,
+                            "task": "generate",
+                            "path": str(path),
+                            "quantize": mode,
+                            "dtype": args.dtype,
+                            "device": device,
+                            "max_concurrent_sequences": args.max_concurrent or max(args.clients),
+                            "max_new_tokens_limit": 4096,
+                        }
+                    )
+                    try:
+                        for wl, jobs in workloads.items():
+                            for n in args.clients:
+                                st = srv.engine().scheduler.stats
+                                steps0, prefills0 = st.steps, st.prefills
+                                recs, wall = pool.submit(
+                                    run_clients, srv.target, MODEL_NAME, jobs, n, args.rpc == "stream", cap
+                                ).result()
+                                results.append(Result(label, wl, "bitserve", n, wall, recs))
+                                steps, prefills = st.steps - steps0, st.prefills - prefills0
+                                print(
+                                    f"  {label} {wl} (c) bitserve N={n}: {results[-1].tps:.0f} tok/s "
+                                    f"({steps} decode steps, {prefills} prefills, "
+                                    f"{results[-1].tokens / max(steps + prefills, 1):.1f} tokens per pass)",
+                                    flush=True,
+                                )
+                    finally:
+                        srv.stop()
     finally:
         pool.shutdown()
         tmp.cleanup()
 
+    runs = results
+    if args.repeat > 1:
+        results, spread = median_results(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -551,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     print()
+    if args.repeat > 1:
+        notes.append(f"each row: the median of {args.repeat} rounds (tok/s); ranges: " + "; ".join(spread))
     for line in notes:
         print("- " + line)
     (out / f"generation-{stamp}.md").write_text(md + "\n\n" + "\n".join("- " + x for x in notes) + "\n")
@@ -565,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                         **{k: v for k, v in asdict(r).items() if k != "records"},
                         "records": [asdict(x) for x in r.records],
                     }
-                    for r in results
+                    for r in runs
                 ],
             },
             indent=1,
