@@ -240,8 +240,12 @@ class Batch:
             if bool(mask.all()):
                 mask = None
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
-            layer.values = layer.values.index_select(0, idx)[:, :, trim:]
+            select = getattr(layer, "select_rows", None)
+            if select is not None and trim == 0:
+                select(idx)
+            else:
+                layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
+                layer.values = layer.values.index_select(0, idx)[:, :, trim:]
         return Batch(
             [self.seqs[i] for i in keep],
             self.cache,
@@ -430,6 +434,16 @@ def _grow_layer_class() -> type:
                 vb[:, :, n:end].copy_(value_states)
                 self.keys, self.values = kb[:, :, :end], vb[:, :, :end]
                 return self.keys, self.values
+
+            def select_rows(self, idx: torch.Tensor) -> None:
+                """Keep rows `idx` with their headroom: one copy, and the next update still
+                writes in place (a plain index_select would make it copy the cache again)."""
+                kb, vb, n = self._kbuf, self._vbuf, self.keys.shape[-2]
+                if kb is None or vb is None or self.keys.data_ptr() != kb.data_ptr():
+                    self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+                    return
+                self._kbuf, self._vbuf = kb.index_select(0, idx), vb.index_select(0, idx)
+                self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
 
         _GROW_LAYER = _GrowingLayer
     return _GROW_LAYER
