@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Any], None]  # called on the event loop with a StreamChunk, Generation or error
 
-# Rough event-loop cost of one streamed message (conversion, gRPC write, task switches), and
-# the share of the loop's time that streaming may take; they set the token grouping. A stream
-# sends at most every STREAM_MIN_GROUP_S even alone: on a small fast model a message per
-# token (~1 ms apart) cost a single stream 30% of its latency (wake-ups and GIL hand-offs
-# between the worker and the loop), 2 ms groups cost 5-10%; no reader sees 2 ms.
-STREAM_MESSAGE_COST_S = 60e-6
+# Rough cost of one streamed message to the server (conversion, gRPC write, task switches,
+# waking the loop and handing it the GIL: ~0.25 ms measured on 2 CPU cores), and the share of
+# the loop's time that streaming may take; they set the token grouping (64 streams: a message
+# every ~60 ms). A stream sends at most every STREAM_MIN_GROUP_S even alone: on a small fast
+# model a message per token (~1 ms apart) cost a single stream 30% of its latency, 2 ms groups
+# cost 5-10%; no reader sees 2 ms.
+STREAM_MESSAGE_COST_S = 240e-6
 STREAM_LOOP_SHARE = 0.25
 STREAM_MIN_GROUP_S = 0.002
 # A nearly full batch admits newcomers once 1/JOIN_GROUP_DIVISOR of its slots are free, or
