@@ -358,3 +358,30 @@ async def test_stream_sends_a_message_per_token_when_steps_are_slow(make_engine)
     p = SamplingParams(max_new_tokens=12, logprobs=True)
     chunks = [c async for c in engine.generate_stream(PROMPTS[0], p, deadline=None)]
     assert [len(c.tokens) for c in chunks] == [1] * 12
+
+
+def test_length_groups_split_prompts_only_when_padding_costs_more_than_a_pass():
+    from bitserve.engines.scheduler import Sequence_, length_groups
+
+    def seq(n: int) -> Sequence_:
+        return Sequence_([5] * n, SamplingParams(), 4, deadline=None, emit=print, stream=False)
+
+    short, long = [seq(4) for _ in range(10)], [seq(50) for _ in range(10)]
+    mixed = [x for pair in zip(short, long, strict=True) for x in pair]
+    assert length_groups(mixed, 1000) == [mixed]  # 460 padded tokens < one pass
+    assert length_groups(mixed, 100) == [short, long]  # shortest first, nothing lost
+    one = [seq(7)]
+    assert length_groups(one, 0) == [one]
+
+
+async def test_prompts_prefilled_in_length_groups_match_solo_generate(make_engine, loaded, monkeypatch):
+    from bitserve.engines import scheduler
+
+    monkeypatch.setitem(scheduler.PREFILL_PASS_TOKENS, "cpu", 1)  # split wherever lengths differ
+    engine = await make_engine()
+    if engine.scheduler.lm.device.type != "cpu":
+        monkeypatch.setattr(scheduler, "PREFILL_PASS_TOKENS_DEFAULT", 1)
+    gens = await engine.generate(PROMPTS, GREEDY, deadline=None)
+    for p, g in zip(PROMPTS, gens, strict=True):
+        assert ids(g) == solo_greedy(loaded, p, 24), p
+    assert engine.scheduler.stats.prefills > 1
