@@ -436,10 +436,12 @@ def _grow_layer_class() -> type:
             _vbuf: torch.Tensor | None = None
 
             def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-                if not self.is_initialized:
-                    self.lazy_initialization(key_states, value_states)
-                keys, values = self.keys, self.values
-                n = keys.shape[-2] if keys.numel() else 0
+                keys, values = getattr(self, "keys", None), getattr(self, "values", None)
+                if keys is None or values is None or not keys.numel():
+                    # The first update (the prefill) is transformers' own, whatever its
+                    # initialisation looks like in this version; the next one adds headroom.
+                    return super().update(key_states, value_states, *args, **kwargs)
+                n = keys.shape[-2]
                 end = n + key_states.shape[-2]
                 kb, vb = self._kbuf, self._vbuf
                 if (
