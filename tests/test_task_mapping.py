@@ -58,3 +58,17 @@ def test_marian_multilingual_target_token_and_fixed_pairs():
 def test_fixed_pair_models_reject_language_codes():
     with pytest.raises(InvalidArgument, match="fixed language pair"):
         LanguageStrategy().prepare(FakeTokenizer(), "en", "fr")
+
+
+def test_fast_encode_equals_the_tokenizer_call(tiny_models):
+    from transformers import AutoTokenizer
+
+    from bitserve.engines.base import encode
+
+    texts = ["Hello world", "  spaces  and\ttabs\n", "émoji 🎉 ünïcödé", "translate English to French: hi", "a"]
+    for name in ("lm", "topics", "t5"):
+        tok = AutoTokenizer.from_pretrained(tiny_models[name])
+        for special in (True, False):
+            assert encode(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+        tok(texts, padding=True, truncation=True, max_length=4)  # leaves state on the backend
+        assert encode(tok, texts) == tok(texts)["input_ids"]
