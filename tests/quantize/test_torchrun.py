@@ -74,3 +74,24 @@ def test_two_process_torchrun_matches_one_process(tiny_models, tmp_path, lm_data
     assert two["world_size"] == 2 and one["world_size"] == 1
     # fp32 and equal token counts per rank: the averaged DDP gradient is the 1-process gradient.
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)
+
+
+@pytest.mark.timeout(400)
+def test_two_process_accelerate_launch_matches_one_process(tiny_models, tmp_path, lm_data):
+    """`accelerate launch` sets the same RANK/WORLD_SIZE variables: same code, same result.
+    (`--multi_gpu` selects accelerate's multi-process launcher; with no GPU our code picks gloo.)"""
+    common = [
+        "finetune", "--model", str(tiny_models["lm"]), "--task", "generate", "--data", str(lm_data),
+        "--max-steps", "4", "--lr", "1e-3", "--eval-split", "0", "--device", "cpu", "--no-progress",
+        "--precision", "fp32",
+    ]
+    _run([sys.executable, "-m", "bitserve_quantize.cli", *common, "--batch-size", "4",
+          "--output", str(tmp_path / "one")], tmp_path)
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+          "-m", "bitserve_quantize.cli", *common, "--batch-size", "2", "--output", str(tmp_path / "two")],
+         tmp_path)
+    one = json.loads((tmp_path / "one" / "finetune.json").read_text())
+    two = json.loads((tmp_path / "two" / "finetune.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)
