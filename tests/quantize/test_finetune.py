@@ -176,3 +176,17 @@ def test_interrupted_checkpoint_write_keeps_finished_ones(tiny_models, tmp_path,
     assert resumed.resumed_from == 2 and len(resumed.losses) == 6
     assert [s for s, _ in checkpoints.finished(out)] == [2, 4]
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_gradient_checkpointing_trains_like_without(tiny_models, tmp_path, method):
+    d = write_jsonl(tmp_path / "d.jsonl", topic_rows(8))
+    # fp32, no dropout differences: recomputing activations must not change the losses.
+    common = dict(method=method, precision="fp32", lr=5e-3, max_steps=4, seed=3)
+    plain = finetune(options(tiny_models["topics"], "classify", d, tmp_path / "a", **common))
+    ckpt = finetune(options(tiny_models["topics"], "classify", d, tmp_path / "b",
+                            gradient_checkpointing=True, **common))
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-4)
+    opts = options(tiny_models["topics"], "classify", d, tmp_path / "c", gradient_checkpointing=True, **common)
+    model = build_model(opts, tasks.get("classify"), ["business", "sports", "politics", "tech"], torch.device("cpu"))
+    assert model.is_gradient_checkpointing, "the option must switch checkpointing on"
