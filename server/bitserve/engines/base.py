@@ -88,6 +88,17 @@ class Engine(abc.ABC):
     def hooks(self) -> BatchHooks:
         return _MetricHooks(self.metrics, self.name, self.task.value)
 
+    def resolve_max_new_tokens(self, requested: int | None) -> int:
+        """A request's max_new_tokens (0/None: the model's default), checked against its limit."""
+        n = requested or self.settings.default_max_new_tokens
+        limit = self.settings.max_new_tokens_limit
+        if n > limit:
+            raise InvalidArgument(
+                f"max_new_tokens must be <= {limit} (model {self.name!r} generates at most {limit} "
+                f"new tokens per request), got {n}"
+            )
+        return n
+
     def tokenize_checked(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids per text; INVALID_ARGUMENT naming the text when one is over the limit."""
         ids = encode(self.loaded.tokenizer, list(texts), add_special_tokens)

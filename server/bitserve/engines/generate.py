@@ -56,10 +56,7 @@ class CausalLMGenerateEngine(GenerateEngine):
     def _sequences(
         self, texts: list[str], params: SamplingParams, deadline: float | None, emits: list[Any], stream: bool
     ) -> list[Sequence_]:
-        limit = self.settings.max_new_tokens_limit
-        n = params.max_new_tokens if params.max_new_tokens > 0 else self.settings.default_max_new_tokens
-        if n > limit:
-            raise InvalidArgument(f"max_new_tokens is {n}; model {self.name!r} allows at most {limit}")
+        n = self.resolve_max_new_tokens(params.max_new_tokens)
         ids = self.tokenize_checked(texts)
         ctx = self.loaded.max_context
         for i, t in enumerate(ids):

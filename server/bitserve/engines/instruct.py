@@ -302,10 +302,7 @@ class InstructTranslateEngine(_InstructEngine, TranslateEngine):
                 f"target_lang is required for model {self.name!r} (codes: {', '.join(sorted(LANGUAGE_NAMES))})"
             )
         source = self._language("source_lang", source_lang)
-        limit = self.settings.max_new_tokens_limit
-        if max_new_tokens is not None and max_new_tokens > limit:
-            raise InvalidArgument(f"max_new_tokens must be <= {limit}, got {max_new_tokens}")
-        n = max_new_tokens or self.settings.default_max_new_tokens
+        n = self.resolve_max_new_tokens(max_new_tokens)
         prompts = self.checked(
             [self.chat_ids(TRANSLATE_SYSTEM, translate_prompt(t, source, target)) for t in texts], n
         )

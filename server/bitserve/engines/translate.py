@@ -142,14 +142,11 @@ class Seq2SeqTranslateEngine(BatchedEngine, TranslateEngine):
     ) -> list[Translation]:
         tok = self.loaded.tokenizer
         prep = self.strategy.prepare(tok, source_lang, target_lang)
-        limit = self.settings.max_new_tokens_limit
-        if max_new_tokens is not None and max_new_tokens > limit:
-            raise InvalidArgument(f"max_new_tokens must be <= {limit}, got {max_new_tokens}")
+        n = self.resolve_max_new_tokens(max_new_tokens)
         if prep.src_lang is not None and hasattr(tok, "src_lang"):
             # One tokenizer is shared; the source language only changes the special tokens added.
             tok.src_lang = prep.src_lang
         ids = self.tokenize_checked([prep.prefix + t for t in texts])
-        n = max_new_tokens or self.settings.default_max_new_tokens
         items = [_Item(tuple(i), prep.forced_bos_token_id, n) for i in ids]
         outs = await self._batcher.submit(items, deadline=deadline)
         return [Translation(o) for o in outs]
