@@ -14,8 +14,8 @@ proto-check:  ## fail when the committed stubs drift from protos/
 	bash scripts/check_protos.sh
 
 lint:
-	ruff check server clients quantize tests bench
-	ruff format --check server clients quantize tests bench || true
+	ruff check server clients quantize tests bench examples
+	ruff format --check server clients quantize tests bench examples
 
 test:  ## the default suite (what CI runs)
 	$(PY) -m pytest

@@ -28,8 +28,10 @@ def test_bbc_qlora_and_int8_targets(tmp_path):
     subprocess.run(["bash", str(ROOT / "examples/bbc/run.sh"), str(tmp_path)], check=True, timeout=4 * 3600)
     full8 = _accuracy(tmp_path / "export/full-bf16-int8")
     qlora8 = _accuracy(tmp_path / "export/qlora-int8")
-    print(f"\nfull bf16: none {full8['none']:.4f} int8 {full8['int8']:.4f}; "
-          f"qlora: none {qlora8['none']:.4f} int8 {qlora8['int8']:.4f}")
+    print(
+        f"\nfull bf16: none {full8['none']:.4f} int8 {full8['int8']:.4f}; "
+        f"qlora: none {qlora8['none']:.4f} int8 {qlora8['int8']:.4f}"
+    )
     assert qlora8["none"] >= full8["none"] - 0.01, "QLoRA within 1 point of the full bf16 fine-tune"
     assert full8["int8"] >= full8["none"] - 0.005, "int8 export within 0.5 points (full)"
     assert qlora8["int8"] >= qlora8["none"] - 0.005, "int8 export within 0.5 points (QLoRA)"

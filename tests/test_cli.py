@@ -23,7 +23,9 @@ def _free_port() -> int:
 def _health(port: int) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "bitserve.cli", "health", "--target", f"127.0.0.1:{port}", "--timeout", "2"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -37,7 +39,10 @@ def test_serve_probe_call_and_graceful_sigterm(tmp_path, tiny_models):
     env = {**os.environ, "BITSERVE_SERVER__METRICS_PORT": str(metrics_port)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "bitserve.cli", "serve", "--config", str(cfg), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 120
@@ -69,8 +74,12 @@ def test_a_model_that_cannot_load_exits_with_one_line(tmp_path, tiny_models):
         f"server: {{host: 127.0.0.1, port: {_free_port()}, metrics_port: -1}}\n"
         f"models:\n  - {{name: moody, task: sentiment, path: {tiny_models['tags']}}}\n"
     )
-    r = subprocess.run([sys.executable, "-m", "bitserve.cli", "serve", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bitserve.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     last = [line for line in r.stderr.splitlines() if line.startswith("bitserve:")]
     assert len(last) == 1 and "models.0 (moody)" in last[0] and "cannot map labels" in last[0], r.stderr
@@ -78,5 +87,7 @@ def test_a_model_that_cannot_load_exits_with_one_line(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("args", [["serve", "--config", "/nope.yaml"]])
 def test_missing_config_file(args):
-    r = subprocess.run([sys.executable, "-m", "bitserve.cli", *args], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bitserve.cli", *args], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "config file '/nope.yaml' not found" in r.stderr

@@ -21,16 +21,19 @@ pytestmark = [
 def gpu_srv(server_factory, tiny_models):
     m = tiny_models
     cuda = {"device": "cuda"}
-    return server_factory([
-        {"name": "lm32", "task": "generate", "path": str(m["lm"]), "dtype": "float32", **cuda},
-        {"name": "lm-bf16", "task": "generate", "path": str(m["lm"]), "dtype": "bfloat16", **cuda},
-        {"name": "lm-int8", "task": "generate", "path": str(m["lm"]), "quantize": "int8", **cuda},
-        {"name": "lm-nf4", "task": "generate", "path": str(m["lm"]), "quantize": "nf4", **cuda},
-        {"name": "topics32", "task": "classify", "path": str(m["topics"]), "dtype": "float32", **cuda},
-        {"name": "topics-int8", "task": "classify", "path": str(m["topics"]), "quantize": "int8", **cuda},
-        {"name": "sent-nf4", "task": "sentiment", "path": str(m["sentiment"]), "quantize": "nf4", **cuda},
-        {"name": "t5", "task": "translate", "path": str(m["t5"]), "dtype": "float32", **cuda},
-    ], metrics_port=-1)
+    return server_factory(
+        [
+            {"name": "lm32", "task": "generate", "path": str(m["lm"]), "dtype": "float32", **cuda},
+            {"name": "lm-bf16", "task": "generate", "path": str(m["lm"]), "dtype": "bfloat16", **cuda},
+            {"name": "lm-int8", "task": "generate", "path": str(m["lm"]), "quantize": "int8", **cuda},
+            {"name": "lm-nf4", "task": "generate", "path": str(m["lm"]), "quantize": "nf4", **cuda},
+            {"name": "topics32", "task": "classify", "path": str(m["topics"]), "dtype": "float32", **cuda},
+            {"name": "topics-int8", "task": "classify", "path": str(m["topics"]), "quantize": "int8", **cuda},
+            {"name": "sent-nf4", "task": "sentiment", "path": str(m["sentiment"]), "quantize": "nf4", **cuda},
+            {"name": "t5", "task": "translate", "path": str(m["t5"]), "dtype": "float32", **cuda},
+        ],
+        metrics_port=-1,
+    )
 
 
 def test_models_are_on_cuda_and_quantized_ones_are_smaller(gpu_srv):
@@ -49,7 +52,7 @@ def test_fp32_greedy_on_cuda_equals_transformers(gpu_srv, tiny_models):
     with Client(gpu_srv.target, timeout=120) as c:
         for prompt in ("Hello world", "The quick brown fox jumps over"):
             enc = tok(prompt, return_tensors="pt").to("cuda")
-            want = ref.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc["input_ids"].shape[1]:]
+            want = ref.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc["input_ids"].shape[1] :]
             got = c.generate(prompt, model="lm32", max_new_tokens=16, logprobs=True)
             ids = [t.id for t in got.logprobs]
             assert ids == want.tolist()[: len(ids)]

@@ -16,10 +16,18 @@ GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
 def test_committed_stubs_match_protos(tmp_path):
     pytest.importorskip("grpc_tools")
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Ibitserve_client/pb=protos",
-         f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-         "protos/bitserve/v1/inference.proto"],
-        cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Ibitserve_client/pb=protos",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            "protos/bitserve/v1/inference.proto",
+        ],
+        cwd=ROOT,
+        check=True,
     )
     fresh = tmp_path / "bitserve_client/pb/bitserve/v1"
     committed = ROOT / "clients/python/bitserve_client/pb/bitserve/v1"

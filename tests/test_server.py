@@ -30,16 +30,19 @@ PROMPTS = ["Hello world", "The quick brown fox jumps over", "Once upon a time"]
 @pytest.fixture(scope="module")
 def srv(server_factory, tiny_models):
     m = tiny_models
-    return server_factory([
-        {"name": "lm", "task": "generate", "path": str(m["lm"])},
-        {"name": "lm-int8", "task": "generate", "path": str(m["lm"]), "quantize": "int8"},
-        {"name": "lm-nf4", "task": "generate", "path": str(m["lm"]), "quantize": "nf4"},
-        {"name": "topics", "task": "classify", "path": str(m["topics"]), "max_batch_delay_ms": 20},
-        {"name": "topics-nf4", "task": "classify", "path": str(m["topics"]), "quantize": "nf4"},
-        {"name": "tags", "task": "classify", "path": str(m["tags"]), "max_queue_size": 4},
-        {"name": "sent", "task": "sentiment", "path": str(m["sentiment"])},
-        {"name": "t5", "task": "translate", "path": str(m["t5"])},
-    ], max_texts_per_request=64)
+    return server_factory(
+        [
+            {"name": "lm", "task": "generate", "path": str(m["lm"])},
+            {"name": "lm-int8", "task": "generate", "path": str(m["lm"]), "quantize": "int8"},
+            {"name": "lm-nf4", "task": "generate", "path": str(m["lm"]), "quantize": "nf4"},
+            {"name": "topics", "task": "classify", "path": str(m["topics"]), "max_batch_delay_ms": 20},
+            {"name": "topics-nf4", "task": "classify", "path": str(m["topics"]), "quantize": "nf4"},
+            {"name": "tags", "task": "classify", "path": str(m["tags"]), "max_queue_size": 4},
+            {"name": "sent", "task": "sentiment", "path": str(m["sentiment"])},
+            {"name": "t5", "task": "translate", "path": str(m["t5"])},
+        ],
+        max_texts_per_request=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +98,13 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_models, monkeypatc
     monkeypatch.setattr(HeadClassifyEngine, "load", classmethod(slow_load))
     from bitserve.settings import build_settings
 
-    settings = build_settings(config_data={
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": -1},
-        "models": [{"name": "slow", "task": "classify", "path": str(tiny_models["topics"])}],
-    }, environ={})
+    settings = build_settings(
+        config_data={
+            "server": {"host": "127.0.0.1", "port": 0, "metrics_port": -1},
+            "models": [{"name": "slow", "task": "classify", "path": str(tiny_models["topics"])}],
+        },
+        environ={},
+    )
 
     class Lazy(RunningServer):
         def __init__(self, settings):
@@ -136,7 +142,9 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_models, monkeypatc
 def test_reflection_lists_services(srv):
     with grpc.insecure_channel(srv.target) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"bitserve.v1.Inference", "grpc.health.v1.Health"} <= names
 
@@ -217,7 +225,10 @@ def test_translate_equals_transformers_generate(client, tiny_models):
         enc = tok("translate English to French: " + text, return_tensors="pt")
         ref = model.generate(**enc, max_new_tokens=12)
         assert res.text == tok.decode(ref[0], skip_special_tokens=True).strip()
-    assert client.translate("hello world", source_lang="en", target_lang="fr", max_new_tokens=12).text == got[1].text
+    assert (
+        client.translate("hello world", source_lang="en", target_lang="fr", max_new_tokens=12).text
+        == got[1].text
+    )
     with pytest.raises(InvalidArgumentError, match="source_lang and target_lang are required"):
         client.translate("hello")
     with pytest.raises(InvalidArgumentError, match="target_lang: unknown language code 'xx'"):
@@ -232,7 +243,7 @@ def _reference_generate(path, prompt, n):
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     enc = tok(prompt, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=n, do_sample=False)
-    return out[0, enc["input_ids"].shape[1]:].tolist(), tok
+    return out[0, enc["input_ids"].shape[1] :].tolist(), tok
 
 
 def test_greedy_generation_equals_transformers_generate(client, tiny_models):
@@ -248,7 +259,9 @@ def test_greedy_generation_equals_transformers_generate(client, tiny_models):
         assert g.text == tok.decode(got_ids, skip_special_tokens=True)
         assert g.prompt_tokens == len(tok(prompt)["input_ids"])
     batch = client.generate(PROMPTS, model="lm", max_new_tokens=12)
-    assert [b.text for b in batch] == [client.generate(p, model="lm", max_new_tokens=12).text for p in PROMPTS]
+    assert [b.text for b in batch] == [
+        client.generate(p, model="lm", max_new_tokens=12).text for p in PROMPTS
+    ]
 
 
 def test_quantized_generation_answers(client):
@@ -284,7 +297,9 @@ def test_error_codes_and_server_keeps_serving(client, srv):
         client.generate("x", model="lm", top_p=1.5)
     with pytest.raises(InvalidArgumentError, match="parameters.temperature"):
         client.generate("x", model="lm", temperature=-1)
-    with pytest.raises(InvalidArgumentError, match=r"texts\[0\] is \d+ tokens; model 'topics' accepts at most 128"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"texts\[0\] is \d+ tokens; model 'topics' accepts at most 128"
+    ):
         client.classify("word " * 400, model="topics")
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
         client.generate("Hello", model="lm", max_new_tokens=5000)
@@ -299,8 +314,15 @@ def test_error_codes_and_server_keeps_serving(client, srv):
 
 def test_expired_deadline_does_not_run_the_model(srv, tiny_models, server_factory):
     slow = server_factory(
-        [{"name": "slow", "task": "classify", "path": str(tiny_models["topics"]), "max_batch_delay_ms": 3000,
-          "max_batch_size": 64}],
+        [
+            {
+                "name": "slow",
+                "task": "classify",
+                "path": str(tiny_models["topics"]),
+                "max_batch_delay_ms": 3000,
+                "max_batch_size": 64,
+            }
+        ],
         metrics_port=-1,
     )
     batcher = slow.server.registry._engines["slow"]._batcher
@@ -330,15 +352,21 @@ def test_concurrent_classify_calls_share_batches_and_metrics_show_it(client, srv
     body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
     fams = {f.name: f for f in text_string_to_metric_families(body)}
     for name in (
-        "bitserve_requests", "bitserve_request_duration_seconds", "bitserve_queue_wait_seconds",
-        "bitserve_batch_size", "bitserve_queue_depth", "bitserve_generated_tokens",
-        "bitserve_time_to_first_token_seconds", "bitserve_model_weight_memory_bytes",
+        "bitserve_requests",
+        "bitserve_request_duration_seconds",
+        "bitserve_queue_wait_seconds",
+        "bitserve_batch_size",
+        "bitserve_queue_depth",
+        "bitserve_generated_tokens",
+        "bitserve_time_to_first_token_seconds",
+        "bitserve_model_weight_memory_bytes",
     ):
         assert name in fams, name
 
     def value(family, sample_name, **labels):
         return sum(
-            s.value for s in fams[family].samples
+            s.value
+            for s in fams[family].samples
             if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
@@ -346,9 +374,16 @@ def test_concurrent_classify_calls_share_batches_and_metrics_show_it(client, srv
     assert value("bitserve_requests", "bitserve_requests_total", model="nope", code="NOT_FOUND") >= 1
     assert value("bitserve_batch_size", "bitserve_batch_size_count", model="topics") >= batches
     assert value("bitserve_batch_size", "bitserve_batch_size_sum", model="topics") >= 32
-    assert value("bitserve_model_weight_memory_bytes", "bitserve_model_weight_memory_bytes", model="lm-nf4") > 0
+    assert (
+        value("bitserve_model_weight_memory_bytes", "bitserve_model_weight_memory_bytes", model="lm-nf4") > 0
+    )
     assert value("bitserve_generated_tokens", "bitserve_generated_tokens_total", model="lm") > 0
-    assert value("bitserve_time_to_first_token_seconds", "bitserve_time_to_first_token_seconds_count", model="lm") > 0
+    assert (
+        value(
+            "bitserve_time_to_first_token_seconds", "bitserve_time_to_first_token_seconds_count", model="lm"
+        )
+        > 0
+    )
     json.dumps(sizes)
 
 
@@ -389,8 +424,9 @@ def test_cancelled_grpc_stream_stops_decoding(client, srv):
 def test_stream_deadline_ends_generation_with_deadline_exceeded(client, srv):
     sched = engine(srv, "lm").scheduler
     with pytest.raises(DeadlineExceededError):
-        for _ in client.generate_stream("Once upon a time", model="lm", max_new_tokens=100,
-                                        temperature=1.0, timeout=0.05):
+        for _ in client.generate_stream(
+            "Once upon a time", model="lm", max_new_tokens=100, temperature=1.0, timeout=0.05
+        ):
             time.sleep(0.02)
     deadline = time.monotonic() + 10
     while sched.running and time.monotonic() < deadline:

@@ -12,9 +12,17 @@ from bitserve.errors import InvalidArgument
 @pytest.mark.parametrize(
     ("raw", "norm"),
     [
-        ("POSITIVE", "positive"), ("NEGATIVE", "negative"), ("neutral", "neutral"),
-        ("pos", "positive"), ("Neg", "negative"), ("1 star", "negative"), ("2 stars", "negative"),
-        ("3 stars", "neutral"), ("5 stars", "positive"), ("LABEL_0", None), ("sports", None),
+        ("POSITIVE", "positive"),
+        ("NEGATIVE", "negative"),
+        ("neutral", "neutral"),
+        ("pos", "positive"),
+        ("Neg", "negative"),
+        ("1 star", "negative"),
+        ("2 stars", "negative"),
+        ("3 stars", "neutral"),
+        ("5 stars", "positive"),
+        ("LABEL_0", None),
+        ("sports", None),
     ],
 )
 def test_sentiment_label_normalization(raw, norm):
@@ -33,7 +41,9 @@ class FakeTokenizer:
 
 
 def test_t5_prefix():
-    assert STRATEGIES["t5"].prepare(FakeTokenizer(), "en", "de") == Prepared(prefix="translate English to German: ")
+    assert STRATEGIES["t5"].prepare(FakeTokenizer(), "en", "de") == Prepared(
+        prefix="translate English to German: "
+    )
     with pytest.raises(InvalidArgument, match="source_lang and target_lang are required"):
         STRATEGIES["t5"].prepare(FakeTokenizer(), None, "de")
 
@@ -65,7 +75,13 @@ def test_fast_encode_equals_the_tokenizer_call(tiny_models):
 
     from bitserve.engines.base import encode
 
-    texts = ["Hello world", "  spaces  and\ttabs\n", "émoji 🎉 ünïcödé", "translate English to French: hi", "a"]
+    texts = [
+        "Hello world",
+        "  spaces  and\ttabs\n",
+        "émoji 🎉 ünïcödé",
+        "translate English to French: hi",
+        "a",
+    ]
     for name in ("lm", "topics", "t5"):
         tok = AutoTokenizer.from_pretrained(tiny_models[name])
         for special in (True, False):

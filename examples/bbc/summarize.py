@@ -9,8 +9,10 @@ from pathlib import Path
 
 def main() -> None:
     w = Path(sys.argv[1] if len(sys.argv) > 1 else "bbc-run")
-    print("| run | peak RSS (train) | train time | test acc, unquantized | test acc, int8 | test acc, nf4 "
-          "| macro-F1 (none / int8 / nf4) | weights MiB (none / int8 / nf4) |")
+    print(
+        "| run | peak RSS (train) | train time | test acc, unquantized | test acc, int8 | test acc, nf4 "
+        "| macro-F1 (none / int8 / nf4) | weights MiB (none / int8 / nf4) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for run in ("full-bf16", "qlora"):
         ft = json.loads((w / run / "finetune.json").read_text())

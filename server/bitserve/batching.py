@@ -169,9 +169,7 @@ class DynamicBatcher(Generic[I, O]):
             self.stats.items += len(batch)
             self.stats.sizes.append(len(batch))
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._process, [p.item for p in batch]
-                )
+                results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(
                         f"batch function returned {len(results)} results for {len(batch)} items"

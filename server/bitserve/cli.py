@@ -15,7 +15,9 @@ from .settings import build_settings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bitserve", description="Serve quantized Hugging Face checkpoints over gRPC.")
+    p = argparse.ArgumentParser(
+        prog="bitserve", description="Serve quantized Hugging Face checkpoints over gRPC."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="start the gRPC server")
     s.add_argument("--config", "-c", help="YAML config file (default: the embedded demo config)")

@@ -55,9 +55,7 @@ def texts_from(texts: Sequence[str], server: ServerSettings, *, exactly_one: boo
         if not t.strip():
             raise InvalidArgument(f"texts[{i}] is empty")
         if len(t) > server.max_text_chars:
-            raise InvalidArgument(
-                f"texts[{i}] is {len(t)} characters; the limit is {server.max_text_chars}"
-            )
+            raise InvalidArgument(f"texts[{i}] is {len(t)} characters; the limit is {server.max_text_chars}")
     return out
 
 

@@ -17,7 +17,6 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-
 class _DropRepeats(logging.Filter):
     """bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16: once is enough."""
 
@@ -154,7 +153,14 @@ def load_checkpoint(
     key = (str(Path(source).resolve()), auto_class.__name__, mode, str(torch_dtype), str(dev))
     model = _SHARED_MODELS.get(key) if mode == "none" else None
     if model is None:
-        log.info("loading %s as %s (quantize=%s, dtype=%s, device=%s)", path, auto_class.__name__, mode, torch_dtype, dev)
+        log.info(
+            "loading %s as %s (quantize=%s, dtype=%s, device=%s)",
+            path,
+            auto_class.__name__,
+            mode,
+            torch_dtype,
+            dev,
+        )
         model = auto_class.from_pretrained(source, **kwargs)
         if mode == "none":
             model.to(dev)

@@ -13,20 +13,31 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "bitserve_requests", "RPCs answered, by final status code.",
-            ["model", "task", "method", "code"], registry=r,
+            "bitserve_requests",
+            "RPCs answered, by final status code.",
+            ["model", "task", "method", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "bitserve_request_duration_seconds", "RPC wall time.",
-            ["model", "task", "method"], buckets=_LATENCY, registry=r,
+            "bitserve_request_duration_seconds",
+            "RPC wall time.",
+            ["model", "task", "method"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "bitserve_queue_wait_seconds", "Time a text waited before its batch ran.",
-            ["model", "task"], buckets=_LATENCY, registry=r,
+            "bitserve_queue_wait_seconds",
+            "Time a text waited before its batch ran.",
+            ["model", "task"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "bitserve_batch_size", "Texts per forward pass (encoders) or sequences per decode step.",
-            ["model", "task"], buckets=_BATCH, registry=r,
+            "bitserve_batch_size",
+            "Texts per forward pass (encoders) or sequences per decode step.",
+            ["model", "task"],
+            buckets=_BATCH,
+            registry=r,
         )
         self.queue_depth = Gauge(
             "bitserve_queue_depth", "Texts waiting for a batch slot.", ["model", "task"], registry=r
@@ -38,22 +49,34 @@ class Metrics:
             "bitserve_prompt_tokens", "Prompt tokens processed.", ["model", "task"], registry=r
         )
         self.time_to_first_token = Histogram(
-            "bitserve_time_to_first_token_seconds", "Arrival to first generated token.",
-            ["model", "task"], buckets=_LATENCY, registry=r,
+            "bitserve_time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            ["model", "task"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "bitserve_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.",
-            ["model", "task"], buckets=_LATENCY, registry=r,
+            "bitserve_inter_token_latency_seconds",
+            "Time between consecutive tokens of a sequence.",
+            ["model", "task"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.running_sequences = Gauge(
-            "bitserve_running_sequences", "Sequences in the running generation batch.",
-            ["model", "task"], registry=r,
+            "bitserve_running_sequences",
+            "Sequences in the running generation batch.",
+            ["model", "task"],
+            registry=r,
         )
         self.model_memory = Gauge(
-            "bitserve_model_weight_memory_bytes", "Weight memory of a loaded model.",
-            ["model", "task", "quantization"], registry=r,
+            "bitserve_model_weight_memory_bytes",
+            "Weight memory of a loaded model.",
+            ["model", "task", "quantization"],
+            registry=r,
         )
         self.model_loaded = Gauge(
-            "bitserve_model_loaded", "1 when the model is loaded and serving.", ["model", "task"],
+            "bitserve_model_loaded",
+            "1 when the model is loaded and serving.",
+            ["model", "task"],
             registry=r,
         )

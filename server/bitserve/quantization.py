@@ -49,4 +49,3 @@ def mode_of(config: Any) -> str:
         return str(get("bnb_4bit_quant_type", "fp4"))
     method = get("quant_method", "unknown")
     return str(method)
-

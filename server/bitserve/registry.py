@@ -72,8 +72,12 @@ class ModelRegistry:
             self._metrics.model_loaded.labels(m.name, m.task.value).set(1)
             log.info(
                 "model %s ready: task=%s backend=%s quantization=%s memory=%.1f MB device=%s",
-                m.name, m.task.value, cls.backend, loaded.quantization,
-                loaded.memory_bytes / 1e6, loaded.device,
+                m.name,
+                m.task.value,
+                cls.backend,
+                loaded.quantization,
+                loaded.memory_bytes / 1e6,
+                loaded.device,
             )
             if on_loaded is not None:
                 on_loaded(engine)
@@ -101,8 +105,7 @@ class ModelRegistry:
             declared = [m.name for m in self._declared.values() if m.task == task]
             if len(declared) > 1:
                 raise InvalidArgument(
-                    f"model: several models serve {task.value!r} ({', '.join(sorted(declared))}); "
-                    "name one"
+                    f"model: several models serve {task.value!r} ({', '.join(sorted(declared))}); name one"
                 )
             if not serving:
                 if declared:

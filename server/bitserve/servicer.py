@@ -36,7 +36,9 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class _Call:
     """Per-RPC bookkeeping: status mapping, request counter and duration histogram."""
 
-    def __init__(self, metrics: Metrics, context: grpc.aio.ServicerContext, task: Task, method: str, model: str):
+    def __init__(
+        self, metrics: Metrics, context: grpc.aio.ServicerContext, task: Task, method: str, model: str
+    ):
         self.metrics, self.context, self.task, self.method = metrics, context, task, method
         self.model = model  # replaced by the resolved engine's name
         self._start = 0.0

@@ -37,9 +37,7 @@ class ServerSettings(_Strict):
     grace_period_s: float = Field(
         10.0, ge=0, description="On shutdown, time given to accepted requests to finish."
     )
-    workers: int = Field(
-        32, ge=1, description="Threads for gRPC handlers' blocking work (tokenization)."
-    )
+    workers: int = Field(32, ge=1, description="Threads for gRPC handlers' blocking work (tokenization).")
     log_level: str = Field("INFO", description="Python logging level.")
 
 
@@ -65,9 +63,7 @@ class ModelSettings(_Strict):
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
     max_batch_size: int = Field(32, ge=1, description="Largest batch one forward pass takes.")
-    max_batch_delay_ms: float = Field(
-        5.0, ge=0, description="How long a batch waits to fill before it runs."
-    )
+    max_batch_delay_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill before it runs.")
     max_queue_size: int = Field(
         1024, ge=1, description="Texts waiting for this model beyond which requests are refused."
     )
@@ -87,9 +83,7 @@ class ModelSettings(_Strict):
         description="Longest a new request waits so that more can join its prefill (0: none).",
     )
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when unset.")
-    max_new_tokens_limit: int = Field(
-        1024, ge=1, description="Largest max_new_tokens a request may ask for."
-    )
+    max_new_tokens_limit: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask for.")
     # Instruction-model adapters.
     labels: list[str] = Field(
         default_factory=list, description="Default labels for an instruct classify model."
@@ -194,7 +188,9 @@ def build_settings(
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} not found") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML: {e}".replace("\n", " ")
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
         base_dir = path.parent.resolve()

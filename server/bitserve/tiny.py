@@ -58,9 +58,7 @@ def _with_post(tokenizer, template: str, specials: list[str]):
     from tokenizers import processors
 
     ids = [(s, tokenizer.convert_tokens_to_ids(s)) for s in specials]
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=ids
-    )
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=ids)
     return tokenizer
 
 

@@ -184,9 +184,14 @@ def test_gradient_checkpointing_trains_like_without(tiny_models, tmp_path, metho
     # fp32, no dropout differences: recomputing activations must not change the losses.
     common = dict(method=method, precision="fp32", lr=5e-3, max_steps=4, seed=3)
     plain = finetune(options(tiny_models["topics"], "classify", d, tmp_path / "a", **common))
-    ckpt = finetune(options(tiny_models["topics"], "classify", d, tmp_path / "b",
-                            gradient_checkpointing=True, **common))
+    ckpt = finetune(
+        options(tiny_models["topics"], "classify", d, tmp_path / "b", gradient_checkpointing=True, **common)
+    )
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-4)
-    opts = options(tiny_models["topics"], "classify", d, tmp_path / "c", gradient_checkpointing=True, **common)
-    model = build_model(opts, tasks.get("classify"), ["business", "sports", "politics", "tech"], torch.device("cpu"))
+    opts = options(
+        tiny_models["topics"], "classify", d, tmp_path / "c", gradient_checkpointing=True, **common
+    )
+    model = build_model(
+        opts, tasks.get("classify"), ["business", "sports", "politics", "tech"], torch.device("cpu")
+    )
     assert model.is_gradient_checkpointing, "the option must switch checkpointing on"

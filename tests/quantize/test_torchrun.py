@@ -81,16 +81,62 @@ def test_two_process_accelerate_launch_matches_one_process(tiny_models, tmp_path
     """`accelerate launch` sets the same RANK/WORLD_SIZE variables: same code, same result.
     (`--multi_gpu` selects accelerate's multi-process launcher; with no GPU our code picks gloo.)"""
     common = [
-        "finetune", "--model", str(tiny_models["lm"]), "--task", "generate", "--data", str(lm_data),
-        "--max-steps", "4", "--lr", "1e-3", "--eval-split", "0", "--device", "cpu", "--no-progress",
-        "--precision", "fp32",
+        "finetune",
+        "--model",
+        str(tiny_models["lm"]),
+        "--task",
+        "generate",
+        "--data",
+        str(lm_data),
+        "--max-steps",
+        "4",
+        "--lr",
+        "1e-3",
+        "--eval-split",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--precision",
+        "fp32",
     ]
-    _run([sys.executable, "-m", "bitserve_quantize.cli", *common, "--batch-size", "4",
-          "--output", str(tmp_path / "one")], tmp_path)
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-          "-m", "bitserve_quantize.cli", *common, "--batch-size", "2", "--output", str(tmp_path / "two")],
-         tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "bitserve_quantize.cli",
+            *common,
+            "--batch-size",
+            "4",
+            "--output",
+            str(tmp_path / "one"),
+        ],
+        tmp_path,
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "bitserve_quantize.cli",
+            *common,
+            "--batch-size",
+            "2",
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        tmp_path,
+    )
     one = json.loads((tmp_path / "one" / "finetune.json").read_text())
     two = json.loads((tmp_path / "two" / "finetune.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1

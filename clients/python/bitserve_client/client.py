@@ -115,9 +115,18 @@ def _event(m: pb.GenerateStreamResponse) -> StreamEvent:
 
 def _model_info(m: pb.ModelInfo) -> ModelInfo:
     return ModelInfo(
-        name=m.name, task=_TASK[m.task], quantization=m.quantization, dtype=m.dtype, device=m.device,
-        parameter_count=m.parameter_count, memory_bytes=m.memory_bytes, labels=tuple(m.labels),
-        architecture=m.architecture, max_context=m.max_context, ready=m.ready, path=m.path,
+        name=m.name,
+        task=_TASK[m.task],
+        quantization=m.quantization,
+        dtype=m.dtype,
+        device=m.device,
+        parameter_count=m.parameter_count,
+        memory_bytes=m.memory_bytes,
+        labels=tuple(m.labels),
+        architecture=m.architecture,
+        max_context=m.max_context,
+        ready=m.ready,
+        path=m.path,
         quality_report_json=m.quality_report_json,
     )
 
@@ -171,8 +180,13 @@ _CHANNEL_OPTIONS = [
 class Client:
     """Blocking client. `timeout` (seconds) becomes each call's gRPC deadline."""
 
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None,
-                 channel: grpc.Channel | None = None):
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+    ):
         self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
@@ -192,25 +206,47 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    def generate(self, prompt: str | Sequence[str], *, model: str | None = None,
-                 max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 0.0, repetition_penalty: float = 0.0,
-                 stop: Sequence[str] | str | None = None, seed: int | None = None,
-                 logprobs: bool = False, timeout: float | None = None):
-        req, single = _gen_request(prompt, model, max_new_tokens, temperature, top_k, top_p,
-                                   repetition_penalty, stop, seed, logprobs)
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ):
+        req, single = _gen_request(
+            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
+        )
         resp = self._call(self._stub.Generate, req, timeout)
         return _one_or_all([_generation(g) for g in resp.generations], single)
 
-    def generate_stream(self, prompt: str, *, model: str | None = None,
-                        max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                        top_p: float = 0.0, repetition_penalty: float = 0.0,
-                        stop: Sequence[str] | str | None = None, seed: int | None = None,
-                        logprobs: bool = False, timeout: float | None = None) -> Iterator[StreamEvent]:
+    def generate_stream(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[StreamEvent]:
         """Iterate over new tokens as they are generated; the last event has `.final`.
         Leaving the loop early (break, or closing the iterator) cancels the generation."""
-        req, _ = _gen_request(prompt, model, max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, stop, seed, logprobs)
+        req, _ = _gen_request(
+            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
+        )
         call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
         try:
             for m in call:
@@ -220,28 +256,48 @@ class Client:
         finally:
             call.cancel()
 
-    def classify(self, texts: str | Sequence[str], *, model: str | None = None,
-                 top_k: int | None = None, candidate_labels: Sequence[str] | None = None,
-                 timeout: float | None = None):
+    def classify(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        candidate_labels: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ):
         items, single = _texts(texts)
-        req = pb.ClassifyRequest(texts=items, model=model or "", top_k=top_k or 0,
-                                 candidate_labels=list(candidate_labels or []))
+        req = pb.ClassifyRequest(
+            texts=items, model=model or "", top_k=top_k or 0, candidate_labels=list(candidate_labels or [])
+        )
         resp = self._call(self._stub.Classify, req, timeout)
         out = [[LabelScore(s.label, s.score) for s in r.labels] for r in resp.results]
         return _one_or_all(out, single)
 
-    def sentiment(self, texts: str | Sequence[str], *, model: str | None = None,
-                  timeout: float | None = None):
+    def sentiment(
+        self, texts: str | Sequence[str], *, model: str | None = None, timeout: float | None = None
+    ):
         items, single = _texts(texts)
         resp = self._call(self._stub.Sentiment, pb.SentimentRequest(texts=items, model=model or ""), timeout)
         return _one_or_all([Sentiment(r.label, r.score, r.raw_label) for r in resp.results], single)
 
-    def translate(self, texts: str | Sequence[str], *, source_lang: str | None = None,
-                  target_lang: str | None = None, model: str | None = None,
-                  max_new_tokens: int | None = None, timeout: float | None = None):
+    def translate(
+        self,
+        texts: str | Sequence[str],
+        *,
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ):
         items, single = _texts(texts)
-        req = pb.TranslateRequest(texts=items, model=model or "", source_lang=source_lang or "",
-                                  target_lang=target_lang or "", max_new_tokens=max_new_tokens or 0)
+        req = pb.TranslateRequest(
+            texts=items,
+            model=model or "",
+            source_lang=source_lang or "",
+            target_lang=target_lang or "",
+            max_new_tokens=max_new_tokens or 0,
+        )
         resp = self._call(self._stub.Translate, req, timeout)
         return _one_or_all([Translation(r.text) for r in resp.results], single)
 
@@ -253,8 +309,13 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as `Client` (awaitable; streams are async iterators)."""
 
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None,
-                 channel: grpc.aio.Channel | None = None):
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ):
         self._channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
@@ -274,24 +335,45 @@ class AsyncClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    async def generate(self, prompt: str | Sequence[str], *, model: str | None = None,
-                       max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                       top_p: float = 0.0, repetition_penalty: float = 0.0,
-                       stop: Sequence[str] | str | None = None, seed: int | None = None,
-                       logprobs: bool = False, timeout: float | None = None):
-        req, single = _gen_request(prompt, model, max_new_tokens, temperature, top_k, top_p,
-                                   repetition_penalty, stop, seed, logprobs)
+    async def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ):
+        req, single = _gen_request(
+            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
+        )
         resp = await self._call(self._stub.Generate, req, timeout)
         return _one_or_all([_generation(g) for g in resp.generations], single)
 
-    async def generate_stream(self, prompt: str, *, model: str | None = None,
-                              max_new_tokens: int | None = None, temperature: float = 0.0,
-                              top_k: int = 0, top_p: float = 0.0, repetition_penalty: float = 0.0,
-                              stop: Sequence[str] | str | None = None, seed: int | None = None,
-                              logprobs: bool = False,
-                              timeout: float | None = None) -> AsyncIterator[StreamEvent]:
-        req, _ = _gen_request(prompt, model, max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, stop, seed, logprobs)
+    async def generate_stream(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        req, _ = _gen_request(
+            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
+        )
         call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
         try:
             async for m in call:
@@ -301,28 +383,50 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def classify(self, texts: str | Sequence[str], *, model: str | None = None,
-                       top_k: int | None = None, candidate_labels: Sequence[str] | None = None,
-                       timeout: float | None = None):
+    async def classify(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        candidate_labels: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ):
         items, single = _texts(texts)
-        req = pb.ClassifyRequest(texts=items, model=model or "", top_k=top_k or 0,
-                                 candidate_labels=list(candidate_labels or []))
+        req = pb.ClassifyRequest(
+            texts=items, model=model or "", top_k=top_k or 0, candidate_labels=list(candidate_labels or [])
+        )
         resp = await self._call(self._stub.Classify, req, timeout)
         out = [[LabelScore(s.label, s.score) for s in r.labels] for r in resp.results]
         return _one_or_all(out, single)
 
-    async def sentiment(self, texts: str | Sequence[str], *, model: str | None = None,
-                        timeout: float | None = None):
+    async def sentiment(
+        self, texts: str | Sequence[str], *, model: str | None = None, timeout: float | None = None
+    ):
         items, single = _texts(texts)
-        resp = await self._call(self._stub.Sentiment, pb.SentimentRequest(texts=items, model=model or ""), timeout)
+        resp = await self._call(
+            self._stub.Sentiment, pb.SentimentRequest(texts=items, model=model or ""), timeout
+        )
         return _one_or_all([Sentiment(r.label, r.score, r.raw_label) for r in resp.results], single)
 
-    async def translate(self, texts: str | Sequence[str], *, source_lang: str | None = None,
-                        target_lang: str | None = None, model: str | None = None,
-                        max_new_tokens: int | None = None, timeout: float | None = None):
+    async def translate(
+        self,
+        texts: str | Sequence[str],
+        *,
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ):
         items, single = _texts(texts)
-        req = pb.TranslateRequest(texts=items, model=model or "", source_lang=source_lang or "",
-                                  target_lang=target_lang or "", max_new_tokens=max_new_tokens or 0)
+        req = pb.TranslateRequest(
+            texts=items,
+            model=model or "",
+            source_lang=source_lang or "",
+            target_lang=target_lang or "",
+            max_new_tokens=max_new_tokens or 0,
+        )
         resp = await self._call(self._stub.Translate, req, timeout)
         return _one_or_all([Translation(r.text) for r in resp.results], single)
 

@@ -52,8 +52,14 @@ class InternalError(BitserveError):
 _BY_CODE: dict[grpc.StatusCode, type[BitserveError]] = {
     cls.code: cls
     for cls in (
-        InvalidArgumentError, NotFoundError, FailedPreconditionError, ResourceExhaustedError,
-        DeadlineExceededError, UnavailableError, CancelledError, InternalError,
+        InvalidArgumentError,
+        NotFoundError,
+        FailedPreconditionError,
+        ResourceExhaustedError,
+        DeadlineExceededError,
+        UnavailableError,
+        CancelledError,
+        InternalError,
     )
 }
 

@@ -37,9 +37,7 @@ class Engine(abc.ABC):
         self.metrics = metrics
         self.name = settings.name
         self.ready = False
-        self.max_input_tokens = min(
-            settings.max_input_tokens or loaded.max_context, loaded.max_context
-        )
+        self.max_input_tokens = min(settings.max_input_tokens or loaded.max_context, loaded.max_context)
 
     @classmethod
     @abc.abstractmethod
@@ -241,4 +239,3 @@ def engine_class(task: Task, backend: str) -> EngineFactory:
 
 def registered() -> dict[tuple[Task, str], EngineFactory]:
     return dict(_ENGINES)
-

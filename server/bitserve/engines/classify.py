@@ -119,8 +119,6 @@ class HeadSentimentEngine(_HeadScorer, SentimentEngine):
             for norm, p in zip(self._norm, probs):
                 totals[norm or ""] = totals.get(norm or "", 0.0) + p
             best = max(totals, key=lambda k: totals[k])
-            raw_i = max(
-                (i for i, n in enumerate(self._norm) if n == best), key=lambda i: probs[i]
-            )
+            raw_i = max((i for i, n in enumerate(self._norm) if n == best), key=lambda i: probs[i])
             out.append(SentimentResult(best, float(totals[best]), self._labels[raw_i]))
         return out

@@ -22,9 +22,21 @@ from ..types import Translation
 from .base import BatchedEngine, TranslateEngine, register
 
 LANGUAGE_NAMES = {
-    "en": "English", "fr": "French", "de": "German", "ro": "Romanian", "es": "Spanish",
-    "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "zh": "Chinese",
-    "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "pl": "Polish", "sv": "Swedish",
+    "en": "English",
+    "fr": "French",
+    "de": "German",
+    "ro": "Romanian",
+    "es": "Spanish",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+    "ru": "Russian",
+    "zh": "Chinese",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "ar": "Arabic",
+    "pl": "Polish",
+    "sv": "Swedish",
 }
 
 
