@@ -62,6 +62,11 @@ class Engine(abc.ABC):
         self.ready = False
 
     @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (front side: encode, chat templates, decode)."""
+        return self.loaded.tokenizer
+
+    @property
     def labels(self) -> list[str]:
         return []
 
