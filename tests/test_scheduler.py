@@ -400,3 +400,52 @@ async def test_prompts_prefilled_in_length_groups_match_solo_generate(make_engin
     for p, g in zip(PROMPTS, gens, strict=True):
         assert ids(g) == solo_greedy(loaded, p, 24), p
     assert engine.scheduler.stats.prefills > 1
+
+
+@pytest.mark.parametrize("finish", ["length-1", "length-24", "eos", "stop"])
+async def test_stream_pieces_add_up_to_the_final_text_for_every_finish(engine, loaded, finish):
+    """Joined, the streamed pieces are the final text, whatever ended the generation (the last
+    token's text used to be missing when the length limit ended it)."""
+    want = solo_greedy(loaded, PROMPTS[1], 24)
+    full = loaded.tokenizer.decode(want, skip_special_tokens=True)
+    if finish == "length-1":
+        p = SamplingParams(max_new_tokens=1)
+    elif finish == "eos":
+        engine.scheduler.lm.eos = frozenset({want[7]})
+        p = SamplingParams(max_new_tokens=24)
+    elif finish == "stop":
+        p = SamplingParams(max_new_tokens=24, stop=(full[6:9],))
+    else:
+        p = SamplingParams(max_new_tokens=24)
+    chunks = [c async for c in engine.generate_stream(PROMPTS[1], p, deadline=None)]
+    final = chunks[-1].final
+    assert final is not None
+    assert "".join(c.text for c in chunks) == final.text
+    assert final.text != "" or finish == "stop"
+    if finish == "length-1":
+        assert final.text == loaded.tokenizer.decode(want[:1], skip_special_tokens=True)
+
+
+def test_policy_admits_round_robin_across_clients_and_answers_expired():
+    from bitserve.generation.policy import Budget, Policy, Waiting
+
+    policy = Policy(Budget(max_concurrent=4, prefill_tokens=10_000))
+    heavy = [Waiting(prompt_len=5, arrived=float(i), client="heavy") for i in range(6)]
+    light = [Waiting(prompt_len=5, arrived=10.0, client="light")]
+    expired = [Waiting(prompt_len=5, arrived=0.0, deadline=11.0, client="light")]
+    waiting = heavy + light + expired
+    d = policy.schedule(waiting, [], now=12.0)
+    assert d.expired == [7]
+    # Four slots: the light client's one request gets one of them despite arriving last.
+    assert d.admit == [0, 6, 1, 2]
+
+
+def test_policy_idle_window_and_prefill_budget():
+    from bitserve.generation.policy import Budget, Policy, Waiting
+
+    policy = Policy(Budget(max_concurrent=8, prefill_tokens=100, max_waiting_s=0.05))
+    w = [Waiting(prompt_len=40, arrived=1.0), Waiting(prompt_len=40, arrived=1.01)]
+    d = policy.schedule(w, [], now=1.02)
+    assert d.admit == [] and d.wait_until == pytest.approx(1.05)  # idle: let company arrive
+    d = policy.schedule(w + [Waiting(prompt_len=40, arrived=1.04)], [], now=1.06)
+    assert d.admit == [0, 1]  # a third 40-token prompt would pad the pass to 120 > 100
