@@ -449,3 +449,24 @@ def test_policy_idle_window_and_prefill_budget():
     assert d.admit == [] and d.wait_until == pytest.approx(1.05)  # idle: let company arrive
     d = policy.schedule(w + [Waiting(prompt_len=40, arrived=1.04)], [], now=1.06)
     assert d.admit == [0, 1]  # a third 40-token prompt would pad the pass to 120 > 100
+
+
+async def test_a_light_client_is_not_starved_by_a_heavy_one(make_engine):
+    """One slot; a heavy client queues 8 requests, then a light client sends 1. Admission is
+    round-robin across clients: the light request runs second, not ninth (FIFO)."""
+    from bitserve.context import current_client
+
+    engine = await make_engine(max_concurrent_sequences=1)
+    slow_steps(engine, 0.002)
+    finished: list[str] = []
+
+    async def call(client: str, i: int) -> None:
+        current_client.set(client)
+        await engine.generate([PROMPTS[i % len(PROMPTS)]], SamplingParams(max_new_tokens=4), deadline=None)
+        finished.append(f"{client}{i}")
+
+    heavy = [asyncio.create_task(call("heavy", i)) for i in range(8)]
+    await asyncio.sleep(0.01)  # the heavy requests are queued first
+    light = asyncio.create_task(call("light", 0))
+    await asyncio.gather(*heavy, light)
+    assert finished.index("light0") <= 2, finished
