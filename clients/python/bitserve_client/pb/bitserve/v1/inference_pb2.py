@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62itserve/v1/inference.proto\x12\x0b\x62itserve.v1\"\xb9\x01\n\x14GenerationParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"f\n\x0fGenerateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x35\n\nparameters\x18\x03 \x01(\x0b\x32!.bitserve.v1.GenerationParameters\"9\n\x0cTokenLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xaa\x01\n\nGeneration\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.bitserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.bitserve.v1.TokenLogprob\"O\n\x10GenerateResponse\x12,\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x17.bitserve.v1.Generation\x12\r\n\x05model\x18\x02 \x01(\t\"\x88\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12)\n\x06tokens\x18\x02 \x03(\x0b\x32\x19.bitserve.v1.TokenLogprob\x12&\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x17.bitserve.v1.Generation\x12\r\n\x05model\x18\x04 \x01(\t\"X\n\x0f\x43lassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x18\n\x10\x63\x61ndidate_labels\x18\x04 \x03(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"9\n\x0e\x43lassification\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.bitserve.v1.LabelScore\"d\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.bitserve.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bmulti_label\x18\x03 \x01(\x08\"0\n\x10SentimentRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\"B\n\x0fSentimentResult\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\traw_label\x18\x03 \x01(\t\"Q\n\x11SentimentResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.bitserve.v1.SentimentResult\x12\r\n\x05model\x18\x02 \x01(\t\"r\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bsource_lang\x18\x03 \x01(\t\x12\x13\n\x0btarget_lang\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\"\x1b\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\"M\n\x11TranslateResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.bitserve.v1.Translation\x12\r\n\x05model\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"\x93\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x04task\x18\x02 \x01(\x0e\x32\x11.bitserve.v1.Task\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06labels\x18\x08 \x03(\t\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\x12\x13\n\x0bmax_context\x18\n \x01(\r\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x1b\n\x13quality_report_json\x18\x0c \x01(\t\x12\x0c\n\x04path\x18\r \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.bitserve.v1.ModelInfo*j\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_GENERATE\x10\x01\x12\x11\n\rTASK_CLASSIFY\x10\x02\x12\x12\n\x0eTASK_SENTIMENT\x10\x03\x12\x12\n\x0eTASK_TRANSLATE\x10\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xdb\x03\n\tInference\x12G\n\x08Generate\x12\x1c.bitserve.v1.GenerateRequest\x1a\x1d.bitserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.bitserve.v1.GenerateRequest\x1a#.bitserve.v1.GenerateStreamResponse0\x01\x12G\n\x08\x43lassify\x12\x1c.bitserve.v1.ClassifyRequest\x1a\x1d.bitserve.v1.ClassifyResponse\x12J\n\tSentiment\x12\x1d.bitserve.v1.SentimentRequest\x1a\x1e.bitserve.v1.SentimentResponse\x12J\n\tTranslate\x12\x1d.bitserve.v1.TranslateRequest\x1a\x1e.bitserve.v1.TranslateResponse\x12M\n\nListModels\x12\x1e.bitserve.v1.ListModelsRequest\x1a\x1f.bitserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62itserve/v1/inference.proto\x12\x0b\x62itserve.v1\"\xb9\x01\n\x14GenerationParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"f\n\x0fGenerateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x35\n\nparameters\x18\x03 \x01(\x0b\x32!.bitserve.v1.GenerationParameters\"9\n\x0cTokenLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xaa\x01\n\nGeneration\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.bitserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.bitserve.v1.TokenLogprob\"O\n\x10GenerateResponse\x12,\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x17.bitserve.v1.Generation\x12\r\n\x05model\x18\x02 \x01(\t\"\x88\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12)\n\x06tokens\x18\x02 \x03(\x0b\x32\x19.bitserve.v1.TokenLogprob\x12&\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x17.bitserve.v1.Generation\x12\r\n\x05model\x18\x04 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x7f\n\x0b\x43hatRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.bitserve.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x35\n\nparameters\x18\x03 \x01(\x0b\x32!.bitserve.v1.GenerationParameters\"J\n\x0c\x43hatResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.bitserve.v1.Generation\x12\r\n\x05model\x18\x02 \x01(\t\"X\n\x0f\x43lassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x18\n\x10\x63\x61ndidate_labels\x18\x04 \x03(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"9\n\x0e\x43lassification\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.bitserve.v1.LabelScore\"d\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.bitserve.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bmulti_label\x18\x03 \x01(\x08\"0\n\x10SentimentRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\"B\n\x0fSentimentResult\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\traw_label\x18\x03 \x01(\t\"Q\n\x11SentimentResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.bitserve.v1.SentimentResult\x12\r\n\x05model\x18\x02 \x01(\t\"r\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bsource_lang\x18\x03 \x01(\t\x12\x13\n\x0btarget_lang\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\"\x1b\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\"M\n\x11TranslateResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.bitserve.v1.Translation\x12\r\n\x05model\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"\x93\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x04task\x18\x02 \x01(\x0e\x32\x11.bitserve.v1.Task\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06labels\x18\x08 \x03(\t\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\x12\x13\n\x0bmax_context\x18\n \x01(\r\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x1b\n\x13quality_report_json\x18\x0c \x01(\t\x12\x0c\n\x04path\x18\r \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.bitserve.v1.ModelInfo*j\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_GENERATE\x10\x01\x12\x11\n\rTASK_CLASSIFY\x10\x02\x12\x12\n\x0eTASK_SENTIMENT\x10\x03\x12\x12\n\x0eTASK_TRANSLATE\x10\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xe7\x04\n\tInference\x12G\n\x08Generate\x12\x1c.bitserve.v1.GenerateRequest\x1a\x1d.bitserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.bitserve.v1.GenerateRequest\x1a#.bitserve.v1.GenerateStreamResponse0\x01\x12;\n\x04\x43hat\x12\x18.bitserve.v1.ChatRequest\x1a\x19.bitserve.v1.ChatResponse\x12M\n\nChatStream\x12\x18.bitserve.v1.ChatRequest\x1a#.bitserve.v1.GenerateStreamResponse0\x01\x12G\n\x08\x43lassify\x12\x1c.bitserve.v1.ClassifyRequest\x1a\x1d.bitserve.v1.ClassifyResponse\x12J\n\tSentiment\x12\x1d.bitserve.v1.SentimentRequest\x1a\x1e.bitserve.v1.SentimentResponse\x12J\n\tTranslate\x12\x1d.bitserve.v1.TranslateRequest\x1a\x1e.bitserve.v1.TranslateResponse\x12M\n\nListModels\x12\x1e.bitserve.v1.ListModelsRequest\x1a\x1f.bitserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bitserve_client.pb.bitserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=1869
-  _globals['_TASK']._serialized_end=1975
-  _globals['_FINISHREASON']._serialized_start=1977
-  _globals['_FINISHREASON']._serialized_end=2095
+  _globals['_TASK']._serialized_start=2120
+  _globals['_TASK']._serialized_end=2226
+  _globals['_FINISHREASON']._serialized_start=2228
+  _globals['_FINISHREASON']._serialized_end=2346
   _globals['_GENERATIONPARAMETERS']._serialized_start=45
   _globals['_GENERATIONPARAMETERS']._serialized_end=230
   _globals['_GENERATEREQUEST']._serialized_start=232
@@ -47,32 +47,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_end=647
   _globals['_GENERATESTREAMRESPONSE']._serialized_start=650
   _globals['_GENERATESTREAMRESPONSE']._serialized_end=786
-  _globals['_CLASSIFYREQUEST']._serialized_start=788
-  _globals['_CLASSIFYREQUEST']._serialized_end=876
-  _globals['_LABELSCORE']._serialized_start=878
-  _globals['_LABELSCORE']._serialized_end=920
-  _globals['_CLASSIFICATION']._serialized_start=922
-  _globals['_CLASSIFICATION']._serialized_end=979
-  _globals['_CLASSIFYRESPONSE']._serialized_start=981
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1081
-  _globals['_SENTIMENTREQUEST']._serialized_start=1083
-  _globals['_SENTIMENTREQUEST']._serialized_end=1131
-  _globals['_SENTIMENTRESULT']._serialized_start=1133
-  _globals['_SENTIMENTRESULT']._serialized_end=1199
-  _globals['_SENTIMENTRESPONSE']._serialized_start=1201
-  _globals['_SENTIMENTRESPONSE']._serialized_end=1282
-  _globals['_TRANSLATEREQUEST']._serialized_start=1284
-  _globals['_TRANSLATEREQUEST']._serialized_end=1398
-  _globals['_TRANSLATION']._serialized_start=1400
-  _globals['_TRANSLATION']._serialized_end=1427
-  _globals['_TRANSLATERESPONSE']._serialized_start=1429
-  _globals['_TRANSLATERESPONSE']._serialized_end=1506
-  _globals['_LISTMODELSREQUEST']._serialized_start=1508
-  _globals['_LISTMODELSREQUEST']._serialized_end=1527
-  _globals['_MODELINFO']._serialized_start=1530
-  _globals['_MODELINFO']._serialized_end=1805
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1807
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1867
-  _globals['_INFERENCE']._serialized_start=2098
-  _globals['_INFERENCE']._serialized_end=2573
+  _globals['_CHATMESSAGE']._serialized_start=788
+  _globals['_CHATMESSAGE']._serialized_end=832
+  _globals['_CHATREQUEST']._serialized_start=834
+  _globals['_CHATREQUEST']._serialized_end=961
+  _globals['_CHATRESPONSE']._serialized_start=963
+  _globals['_CHATRESPONSE']._serialized_end=1037
+  _globals['_CLASSIFYREQUEST']._serialized_start=1039
+  _globals['_CLASSIFYREQUEST']._serialized_end=1127
+  _globals['_LABELSCORE']._serialized_start=1129
+  _globals['_LABELSCORE']._serialized_end=1171
+  _globals['_CLASSIFICATION']._serialized_start=1173
+  _globals['_CLASSIFICATION']._serialized_end=1230
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1232
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1332
+  _globals['_SENTIMENTREQUEST']._serialized_start=1334
+  _globals['_SENTIMENTREQUEST']._serialized_end=1382
+  _globals['_SENTIMENTRESULT']._serialized_start=1384
+  _globals['_SENTIMENTRESULT']._serialized_end=1450
+  _globals['_SENTIMENTRESPONSE']._serialized_start=1452
+  _globals['_SENTIMENTRESPONSE']._serialized_end=1533
+  _globals['_TRANSLATEREQUEST']._serialized_start=1535
+  _globals['_TRANSLATEREQUEST']._serialized_end=1649
+  _globals['_TRANSLATION']._serialized_start=1651
+  _globals['_TRANSLATION']._serialized_end=1678
+  _globals['_TRANSLATERESPONSE']._serialized_start=1680
+  _globals['_TRANSLATERESPONSE']._serialized_end=1757
+  _globals['_LISTMODELSREQUEST']._serialized_start=1759
+  _globals['_LISTMODELSREQUEST']._serialized_end=1778
+  _globals['_MODELINFO']._serialized_start=1781
+  _globals['_MODELINFO']._serialized_end=2056
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2058
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2118
+  _globals['_INFERENCE']._serialized_start=2349
+  _globals['_INFERENCE']._serialized_end=2964
 # @@protoc_insertion_point(module_scope)

@@ -105,6 +105,32 @@ class GenerateStreamResponse(_message.Message):
     model: str
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., final: _Optional[_Union[Generation, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ChatRequest(_message.Message):
+    __slots__ = ("messages", "model", "parameters")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    model: str
+    parameters: GenerationParameters
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., model: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ...) -> None: ...
+
+class ChatResponse(_message.Message):
+    __slots__ = ("generation", "model")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    generation: Generation
+    model: str
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+
 class ClassifyRequest(_message.Message):
     __slots__ = ("texts", "model", "top_k", "candidate_labels")
     TEXTS_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,16 @@ class InferenceStub:
                 request_serializer=bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_unary(
+                '/bitserve.v1.Inference/Chat',
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.ChatResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/bitserve.v1.Inference/ChatStream',
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/bitserve.v1.Inference/Classify',
                 request_serializer=bitserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
@@ -79,6 +89,23 @@ class InferenceServicer:
     def GenerateStream(self, request, context):
         """Text generation, one message per new token (or small group), then a final message.
         Exactly one text per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """Chat: one conversation (a list of role + content messages, as in OpenAI's and TGI's chat
+        APIs) rendered with the model's own chat template, then generated as Generate does. The
+        answer is the assistant's next message. FAILED_PRECONDITION when the checkpoint has no
+        chat template.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """Chat, streamed as GenerateStream streams.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +150,16 @@ def add_InferenceServicer_to_server(servicer, server):
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
                     request_deserializer=bitserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.ChatResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.ChatRequest.FromString,
                     response_serializer=bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
@@ -199,6 +236,60 @@ class Inference:
             target,
             '/bitserve.v1.Inference/GenerateStream',
             bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitserve.v1.Inference/Chat',
+            bitserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bitserve.v1.Inference/ChatStream',
+            bitserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
             bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
