@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from . import channel as _ch
 from .errors import from_rpc_error
 from .pb.bitserve.v1 import inference_pb2 as pb
 from .pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
@@ -186,23 +187,24 @@ def _chat_request(messages: Sequence[Message], model: str | None, *gen_args) -> 
     return pb.ChatRequest(messages=pbm, model=model or "", parameters=req.parameters)
 
 
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
-
-
 class Client:
-    """Blocking client. `timeout` (seconds) becomes each call's gRPC deadline."""
+    """Blocking client. `timeout` (seconds) becomes each call's gRPC deadline.
+
+    `target`: an address, a gRPC target URI (`dns:///host:port`) or a list of addresses, balanced
+    round-robin; UNAVAILABLE is retried with backoff (`bitserve_client.channel` says how, and how
+    `service_config` replaces that)."""
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | Sequence[str] = "localhost:50051",
         *,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
+        service_config: dict[str, Any] | None = None,
     ):
-        self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = channel or grpc.insecure_channel(
+            _ch.target_of(target), options=_ch.options(service_config)
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
 
@@ -393,12 +395,15 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | Sequence[str] = "localhost:50051",
         *,
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
+        service_config: dict[str, Any] | None = None,
     ):
-        self._channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = channel or grpc.aio.insecure_channel(
+            _ch.target_of(target), options=_ch.options(service_config)
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
 
