@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from bitserve_client import AsyncClient, Client, FailedPreconditionError, InvalidArgumentError
 
-# ChatML, as SmolLM2 and Qwen write it, refusing a conversation that ends with the assistant.
-TEMPLATE = (
-    "{% if messages[-1]['role'] == 'assistant' %}"
-    "{{ raise_exception('the last message must not be the assistant\\'s') }}{% endif %}"
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 CONVERSATION = [
     {"role": "system", "content": "You are brief."},
     {"role": "user", "content": "Hello world"},
@@ -23,22 +14,10 @@ RENDERED = "<|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHell
 
 
 @pytest.fixture(scope="module")
-def chat_lm(tiny_models, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("chat") / "lm"
-    shutil.copytree(tiny_models["lm"], path)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def srv(server_factory, tiny_models, chat_lm):
+def srv(server_factory, tiny_models, tiny_chat_lm):
     return server_factory(
         [
-            {"name": "chat", "task": "generate", "path": str(chat_lm)},
+            {"name": "chat", "task": "generate", "path": str(tiny_chat_lm)},
             {"name": "plain", "task": "generate", "path": str(tiny_models["lm"])},
         ],
         max_text_chars=200,
@@ -51,12 +30,12 @@ def client(srv):
         yield c
 
 
-def test_the_checkpoint_template_renders_the_expected_prompt(chat_lm):
+def test_the_checkpoint_template_renders_the_expected_prompt(tiny_chat_lm):
     from transformers import AutoTokenizer
 
     from bitserve import chat
 
-    tok = AutoTokenizer.from_pretrained(chat_lm)
+    tok = AutoTokenizer.from_pretrained(tiny_chat_lm)
     msgs = chat.messages_from([(m["role"], m["content"]) for m in CONVERSATION], 1000)
     assert chat.render(tok, msgs, "chat") == RENDERED
 
