@@ -93,3 +93,4 @@ class ModelInfo:
     ready: bool
     path: str
     quality_report_json: str = ""
+    engine: str = ""  # the engine process holding the weights (shared by models with the same)
