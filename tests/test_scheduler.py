@@ -470,3 +470,34 @@ async def test_a_light_client_is_not_starved_by_a_heavy_one(make_engine):
     light = asyncio.create_task(call("light", 0))
     await asyncio.gather(*heavy, light)
     assert finished.index("light0") <= 2, finished
+
+
+def test_warp_equals_transformers_warpers_row_by_row():
+    """Each row's filtered logits equal what transformers' own warpers give for that row's
+    (temperature, top_k, top_p), in transformers' order."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from bitserve.generation.sampling import warp
+
+    torch.manual_seed(0)
+    rows = [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.5, 20, 0.6), (2.0, 1, 0.9)]
+    x = torch.randn(len(rows), 300) * 3
+    got = warp(
+        x,
+        torch.tensor([[t] for t, _, _ in rows]),
+        torch.tensor([k for _, k, _ in rows]),
+        torch.tensor([[p] for _, _, p in rows]),
+    )
+    for i, (t, k, p) in enumerate(rows):
+        want = TemperatureLogitsWarper(t)(None, x[i : i + 1].clone())
+        if k:
+            want = TopKLogitsWarper(k)(None, want)
+        if p < 1.0:
+            want = TopPLogitsWarper(p)(None, want)
+        assert torch.equal(torch.isinf(got[i]), torch.isinf(want[0])), i
+        kept = ~torch.isinf(want[0])
+        assert torch.allclose(got[i][kept], want[0][kept], atol=1e-6), i
