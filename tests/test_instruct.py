@@ -83,7 +83,7 @@ def test_engines_on_one_checkpoint_share_one_engine_process(srv):
     assert sorted(values) == [0, 0, 0, infos["cls"].memory_bytes]
 
 
-@pytest.mark.parametrize("cache_tokens", [16384, 40])
+@pytest.mark.parametrize("cache_tokens", [4096, 40])
 def test_label_likelihoods_equal_a_plain_forward_pass(srv, tiny_models, monkeypatch, cache_tokens):
     """The shared-prefix KV-cache scoring gives each label's exact log-likelihood, also when the
     (prompt, label) rows are scored in small chunks (40 cached tokens: one or two rows a chunk)."""

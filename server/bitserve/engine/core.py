@@ -132,8 +132,15 @@ class Core:
 
     def serve(self, recv: Callable[[int], list[list[Any]]], alive: Callable[[], bool]) -> None:
         sched = self.w.scheduler
+        worked = False
         while True:
-            msgs = recv(self.timeout_ms())
+            timeout = self.timeout_ms()
+            if timeout == IDLE_POLL_MS and worked:
+                # Idle after work: hand the allocator's freed pages (activations, caches of
+                # batches gone) back to the system, so RSS reflects what is really held.
+                _trim()
+                worked = False
+            msgs = recv(timeout)
             for msg in msgs:
                 self.handle(msg)
             if not msgs and not alive():
@@ -142,6 +149,8 @@ class Core:
             busy = bool(self.jobs) or (sched is not None and sched.has_work())
             if self.closing and not busy:
                 return
+            if self.jobs or busy:
+                worked = True
             if self.jobs:
                 self.run_job(self.jobs.popleft())
             if sched is not None and sched.has_work():
@@ -151,6 +160,15 @@ class Core:
                     or time.monotonic() >= self._wait_until
                 ):
                     self.step()
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:  # pragma: no cover - not glibc
+        pass
 
 
 def _zmq_recv(pull: Any) -> Callable[[int], list[list[Any]]]:

@@ -124,7 +124,7 @@ class GenerationFront(Engine):
         super().__init__(settings, loaded, metrics, core)
         # Decoding happens on the loop while the tokenization thread may be encoding: a fast
         # tokenizer object must not be used from two threads at once, so decode with a copy.
-        self._decode_tok = copy.deepcopy(loaded.tokenizer)
+        self._decode_tok = decode_tokenizer(loaded)
         self.new_decoder = decoder_factory(self._decode_tok)
         self.gen_metrics = _GenMetrics(metrics, self.name, self.task.value)
         self.outstanding = 0  # sequences sent to the engine and not finished
@@ -283,6 +283,16 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
         finally:
             # Closed early (consumer stopped iterating) or cancelled: free the slot.
             self._abandon([c])
+
+
+def decode_tokenizer(loaded: Any) -> Any:
+    """One copy of the tokenizer per checkpoint for decoding on the event loop (the original
+    encodes on the tokenization threads: a fast tokenizer is not shared across threads)."""
+    tok = getattr(loaded, "_decode_tokenizer", None)
+    if tok is None:
+        tok = copy.deepcopy(loaded.tokenizer)
+        loaded._decode_tokenizer = tok
+    return tok
 
 
 def _resolver(fut: asyncio.Future[Any], release: Callable[[Any], None]) -> Callable[[Any], None]:

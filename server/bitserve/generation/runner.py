@@ -14,7 +14,7 @@ from .state import Sequence
 # Label scoring copies the prompt's KV cache once per (prompt, label) row it scores; rows are
 # scored in chunks so that at most this many cached prompt tokens exist at once (memory grows
 # with the labels' tokens, not labels x prompt).
-SCORE_CACHE_TOKENS = 16384
+SCORE_CACHE_TOKENS = 4096
 
 
 class CausalLM:
