@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
 from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 
+from . import undecodable
 from .engines.base import Engine
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -54,9 +55,8 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.settings, self.registry, self.metrics), self._grpc
-        )
+        self.servicer = InferenceServicer(self.settings, self.registry, self.metrics)
+        undecodable.add_servicer(pb_grpc.add_InferenceServicer_to_server, self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (
