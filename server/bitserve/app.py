@@ -2,14 +2,15 @@
 
 Start-up order suits Kubernetes: the port binds first and health answers NOT_SERVING (overall
 and per model) while weights load; each model turns SERVING when ready, and the overall status
-once all are. On stop, health turns NOT_SERVING, new calls are refused, accepted ones get
-`grace_period_s` to finish, then engines drain and stop.
+once all are. On stop, health turns NOT_SERVING (the port stays open, so probes see it), new inference calls
+get UNAVAILABLE, accepted ones get `grace_period_s` to finish, then engines drain and stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,6 +46,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._http = None
         self._loading: asyncio.Task[None] | None = None
+        self.servicer: InferenceServicer | None = None
 
     async def start(self, *, wait_until_loaded: bool = True) -> None:
         s = self.settings.server
@@ -94,12 +96,20 @@ class Server:
             await self._loading
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drain, then stop. The listener stays open through the grace period so that a load
+        balancer sees health NOT_SERVING and new inference calls get UNAVAILABLE, while accepted
+        calls finish; it closes once none is left, or when the grace period ends."""
         grace = self.settings.server.grace_period_s if grace is None else grace
+        end = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            self.servicer.draining = True
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        while self.servicer is not None and self.servicer.inflight > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.05)
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._grpc.stop(max(end - time.monotonic(), 0.0))
         await self.registry.stop_all()
         if self._http is not None:
             self._http.shutdown()
