@@ -75,7 +75,8 @@ class _Call:
             pass
         elif isinstance(exc, BitserveError):
             code, message = exc.code, clip_message(exc.message)
-        elif isinstance(exc, asyncio.CancelledError):
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # GeneratorExit: grpc closed a stream whose caller left.
             code = grpc.StatusCode.CANCELLED
         elif isinstance(exc, grpc.aio.AbortError):
             code = self.context.code() or grpc.StatusCode.UNKNOWN
@@ -85,7 +86,7 @@ class _Call:
             log.error("%s on model %r failed", self.method, self.model, exc_info=exc)
             code = grpc.StatusCode.INTERNAL
             message = clip_message(f"internal error in {self.method}: {type(exc).__name__}: {exc}")
-        gone = exc is not None and self.context.cancelled()
+        gone = exc is not None and (self.context.cancelled() or isinstance(exc, GeneratorExit))
         if gone or (code == grpc.StatusCode.CANCELLED and self._expired()):
             # The caller cancelled or its deadline passed: nobody reads a status now, and aborting
             # a finished RPC fails inside grpc. Count what happened; end quietly.
@@ -100,7 +101,7 @@ class _Call:
             await self.context.abort(code, message)  # raises AbortError: ends the RPC
         # A caller that left needs no error raised to grpc (it would log it); cancellation itself
         # propagates, as asyncio expects.
-        return gone and not isinstance(exc, asyncio.CancelledError)
+        return gone and not isinstance(exc, (asyncio.CancelledError, GeneratorExit))
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -193,5 +194,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[convert.model_info_pb(e.info()) for e in self._registry.engines()]
+            models=[
+                convert.model_info_pb(e.info(), with_path=self._server.expose_model_paths)
+                for e in self._registry.engines()
+            ]
         )

@@ -51,8 +51,12 @@ def _guard(handler: Any, type_name: str) -> Any:
     async def unary_stream(request, context):
         if isinstance(request, _Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        async for response in handler.unary_stream(request, context):
-            yield response
+        responses = handler.unary_stream(request, context)
+        try:
+            async for response in responses:
+                yield response
+        finally:
+            await responses.aclose()  # now, not when garbage-collected
 
     if handler.request_streaming:
         return handler  # no client-streaming methods in the contract
