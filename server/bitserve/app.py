@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
 from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 
-from . import undecodable
+from . import security, undecodable
 from .engines.base import Engine
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -50,34 +50,52 @@ class Server:
 
     async def start(self, *, wait_until_loaded: bool = True) -> None:
         s = self.settings.server
+        tokens = security.load_tokens(s)
+        credentials = security.server_credentials(s)
         self._grpc = grpc.aio.server(
+            interceptors=[security.TokenAuth(tokens, protect_health=s.auth_health)] if tokens else None,
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self.servicer = InferenceServicer(self.settings, self.registry, self.metrics)
         undecodable.add_servicer(pb_grpc.add_InferenceServicer_to_server, self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._grpc,
-        )
-        self.port = self._grpc.add_insecure_port(f"{s.host}:{s.port}")
+        if s.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                self._grpc,
+            )
+        address = f"{s.host}:{s.port}"
+        if credentials is not None:
+            self.port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {s.host}:{s.port}")
         if s.metrics_port >= 0:
-            self._http, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            self._http, _ = start_http_server(
+                s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
+            )
             self.metrics_port = self._http.server_port
         for name in ("", SERVICE_NAME, *(m.name for m in self.settings.models)):
             await self.health.set(name, _NOT_SERVING)
         await self._grpc.start()
-        log.info("gRPC listening on %s:%d; metrics on %s", s.host, self.port, self.metrics_port)
+        log.info(
+            "gRPC listening on %s:%d (%s%s); metrics on %s:%s",
+            s.host,
+            self.port,
+            "TLS" if credentials else "plaintext",
+            ", bearer tokens required" if tokens else "",
+            s.metrics_host or s.host,
+            self.metrics_port,
+        )
         self._loading = asyncio.get_running_loop().create_task(self._load())
         if wait_until_loaded:
             await self._loading

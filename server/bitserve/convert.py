@@ -198,7 +198,7 @@ def translate_response(model: str, results: Sequence[Translation]) -> pb.Transla
     return pb.TranslateResponse(model=model, results=[pb.Translation(text=r.text) for r in results])
 
 
-def model_info_pb(m: ModelInfo) -> pb.ModelInfo:
+def model_info_pb(m: ModelInfo, *, with_path: bool = True) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=m.name,
         task=_TASK_TO_PB[m.task],
@@ -212,5 +212,5 @@ def model_info_pb(m: ModelInfo) -> pb.ModelInfo:
         max_context=m.max_context,
         ready=m.ready,
         quality_report_json=m.quality_report_json,
-        path=m.path,
+        path=m.path if with_path else "",
     )

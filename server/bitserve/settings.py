@@ -75,6 +75,14 @@ class ServerSettings(_Strict):
     workers: int = Field(32, ge=1, description="Threads for gRPC handlers' blocking work (tokenization).")
     log_level: str = Field("INFO", description="Python logging level.")
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
+
 
 class ModelSettings(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._\-]+$", description="Name clients use.")

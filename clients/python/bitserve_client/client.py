@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from . import security
 from .errors import from_rpc_error
 from .pb.bitserve.v1 import inference_pb2 as pb
 from .pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
@@ -186,8 +187,24 @@ class Client:
         *,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
+        tls: bool | None = None,
+        root_certificates: security.PEM = None,
+        private_key: security.PEM = None,
+        certificate_chain: security.PEM = None,
+        token: str | None = None,
     ):
-        self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        """TLS when `tls` or any certificate is given (`root_certificates`: PEM bytes or a file;
+        None trusts the system roots); `private_key` + `certificate_chain` for mutual TLS;
+        `token` is sent as `authorization: Bearer <token>` on every call."""
+        self._channel = channel or security.channel(
+            target,
+            _CHANNEL_OPTIONS,
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            token=token,
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
 
@@ -315,8 +332,22 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
+        tls: bool | None = None,
+        root_certificates: security.PEM = None,
+        private_key: security.PEM = None,
+        certificate_chain: security.PEM = None,
+        token: str | None = None,
     ):
-        self._channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        """Security options as for `Client`."""
+        self._channel = channel or security.aio_channel(
+            target,
+            _CHANNEL_OPTIONS,
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            token=token,
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
 
