@@ -90,7 +90,7 @@ def _owner_alive(name: str) -> bool | None:
 
 def sweep(root: Path) -> list[Path]:
     """Remove temporary directories of conversions that were killed. Returns what it removed."""
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     now = time.time()
