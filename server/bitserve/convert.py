@@ -11,7 +11,7 @@ from typing import Any
 
 from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
 
-from .errors import MAX_ECHO_CHARS, InvalidArgument, clip
+from .errors import MAX_ECHO_CHARS, InvalidArgument
 from .settings import ServerSettings
 from .types import (
     FinishReason,
@@ -73,8 +73,7 @@ def check_fits_queue(n_texts: int, model: str, max_queue_size: int) -> None:
 def language_from(field: str, code: str) -> str | None:
     if len(code) > MAX_LANGUAGE_CODE_CHARS:
         raise InvalidArgument(
-            f"{field}: {clip(code, 40)} is {len(code)} characters; language codes are at most "
-            f"{MAX_LANGUAGE_CODE_CHARS}"
+            f"{field} is {len(code)} characters; language codes are at most {MAX_LANGUAGE_CODE_CHARS}"
         )
     return code or None
 

@@ -8,20 +8,11 @@ from __future__ import annotations
 
 import grpc
 
-# Client input echoed into a status message is cut to this many characters: a 1 MB model name
+# Client input that a status message may quote (a model name) is refused beyond this length: a 1 MB name
 # must not become a 1 MB status message (it would overflow the client's metadata limit).
 MAX_ECHO_CHARS = 200
 # Whole status messages are cut to this length, whatever produced them.
 MAX_MESSAGE_CHARS = 1024
-
-
-def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
-    """repr() of client input for a status message, cut to `limit` characters."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    n = len(value) if isinstance(value, (str, bytes)) else len(text)
-    return f"{text[:limit]}... ({n} characters)"
 
 
 def clip_message(message: str) -> str:
