@@ -99,6 +99,22 @@ class DynamicBatcher(Generic[I, O]):
         return len(self._queue)
 
     # requests --------------------------------------------------------------------------------
+    def check_room(self, n: int) -> None:
+        """The errors `submit` would give for `n` items, now: before a request pays for its
+        tokenization, a full queue answers at once."""
+        if self._closing or self._task is None:
+            raise Unavailable(f"model {self.name!r} is not serving (shutting down or not started)")
+        if n > self.max_queue_size:
+            raise InvalidArgument(
+                f"texts: {n} texts is more than model {self.name!r} can ever queue "
+                f"({self.max_queue_size}); send at most {self.max_queue_size} per request"
+            )
+        if len(self._queue) + n > self.max_queue_size:
+            raise ResourceExhausted(
+                f"model {self.name!r} queue is full ({len(self._queue)} texts waiting, "
+                f"limit {self.max_queue_size}); retry later"
+            )
+
     async def submit(self, items: Sequence[I], *, deadline: float | None = None) -> list[O]:
         """Results for `items`, in order. `deadline` is a time.monotonic() value."""
         if self._closing or self._task is None:

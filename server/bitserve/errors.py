@@ -1,12 +1,24 @@
 """Typed errors that carry a gRPC status code.
 
 Raised anywhere below the servicer; mapped to a gRPC status in exactly one place
-(`servicer._abort_on_error`). Anything else becomes INTERNAL, logged with context.
+(`servicer._Call.__aexit__`). Anything else becomes INTERNAL, logged with context.
 """
 
 from __future__ import annotations
 
 import grpc
+
+# Client input that a status message may quote (a model name) is refused beyond this length: a 1 MB name
+# must not become a 1 MB status message (it would overflow the client's metadata limit).
+MAX_ECHO_CHARS = 200
+# Whole status messages are cut to this length, whatever produced them.
+MAX_MESSAGE_CHARS = 1024
+
+
+def clip_message(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 40] + f"... ({len(message)} characters, cut)"
 
 
 class BitserveError(Exception):

@@ -1,10 +1,19 @@
-"""Prometheus metric definitions. One `Metrics` per server, on its own registry."""
+"""Prometheus metric definitions. One `Metrics` per server, on its own registry.
+
+Label values come from configuration (model names, tasks, methods, status codes), never from
+what a client sends: a request naming an unknown model is counted under `model="(unresolved)"`.
+The registry also carries the standard `process_*` metrics (memory, CPU, open fds).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Fine between 1 and 10 s, where generation requests land.
+_LATENCY = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75,
+    1, 1.5, 2, 2.5, 3, 4, 5, 6, 7.5, 10, 15, 20, 30, 60,
+)  # fmt: skip
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -12,6 +21,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "bitserve_requests",
             "RPCs answered, by final status code.",
@@ -20,8 +30,8 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "bitserve_request_duration_seconds",
-            "RPC wall time.",
-            ["model", "task", "method"],
+            "RPC wall time, by final status code.",
+            ["model", "task", "method", "code"],
             buckets=_LATENCY,
             registry=r,
         )

@@ -20,7 +20,7 @@ from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 from . import chat, convert
 from .context import current_client
 from .engines.base import ClassifyEngine, GenerateEngine, SentimentEngine, TranslateEngine
-from .errors import BitserveError
+from .errors import BitserveError, Unavailable, clip_message
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .settings import Settings
@@ -34,44 +34,77 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+# Label value for requests whose `model` names no configured model: client-chosen strings must
+# not become label values (each would add series without bound). Not a valid model name.
+UNRESOLVED_MODEL = "(unresolved)"
+
+
 class _Call:
-    """Per-RPC bookkeeping: status mapping, request counter and duration histogram."""
+    """Per-RPC bookkeeping: admission, status mapping, request counter and duration histogram."""
 
     def __init__(
-        self, metrics: Metrics, context: grpc.aio.ServicerContext, task: Task, method: str, model: str
+        self, servicer: InferenceServicer, context: grpc.aio.ServicerContext, task: Task, method: str
     ):
-        self.metrics, self.context, self.task, self.method = metrics, context, task, method
-        self.model = model  # replaced by the resolved engine's name
+        self.servicer, self.context, self.task, self.method = servicer, context, task, method
+        self.model = UNRESOLVED_MODEL  # replaced by the resolved engine's name
         self._start = 0.0
 
     async def __aenter__(self) -> _Call:
         self._start = time.perf_counter()
+        self.servicer._inflight += 1
         md = dict(self.context.invocation_metadata() or ())
         current_client.set(str(md.get("x-client-id") or self.context.peer() or ""))
         return self
 
+    def begin(self, request) -> str:
+        """Checks made before any work: shutdown, the byte budget, the model name."""
+        if self.servicer.draining:
+            raise Unavailable("server is shutting down; retry on another replica")
+        convert.check_request_size(request, self.servicer._server)
+        name = convert.model_name_from(request.model)
+        if name in self.servicer._declared:
+            self.model = name
+        return name
+
+    def _expired(self) -> bool:
+        remaining = self.context.time_remaining()
+        return remaining is not None and remaining <= 0
+
     async def __aexit__(self, exc_type, exc, tb) -> bool:
+        self.servicer._inflight -= 1
         code = grpc.StatusCode.OK
         message = ""
         if exc is None:
             pass
         elif isinstance(exc, BitserveError):
-            code, message = exc.code, exc.message
-        elif isinstance(exc, asyncio.CancelledError):
+            code, message = exc.code, clip_message(exc.message)
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # GeneratorExit: grpc closed a stream whose caller left.
             code = grpc.StatusCode.CANCELLED
         elif isinstance(exc, grpc.aio.AbortError):
             code = self.context.code() or grpc.StatusCode.UNKNOWN
+        elif self.context.cancelled():
+            log.debug("%s on model %r ended after its caller left", self.method, self.model, exc_info=exc)
         else:
             log.error("%s on model %r failed", self.method, self.model, exc_info=exc)
             code = grpc.StatusCode.INTERNAL
-            message = f"internal error in {self.method}: {type(exc).__name__}: {exc}"
-        self.metrics.requests.labels(self.model, self.task.value, self.method, code.name).inc()
-        self.metrics.request_duration.labels(self.model, self.task.value, self.method).observe(
+            message = clip_message(f"internal error in {self.method}: {type(exc).__name__}: {exc}")
+        gone = exc is not None and (self.context.cancelled() or isinstance(exc, GeneratorExit))
+        if gone or (code == grpc.StatusCode.CANCELLED and self._expired()):
+            # The caller cancelled or its deadline passed: nobody reads a status now, and aborting
+            # a finished RPC fails inside grpc. Count what happened; end quietly.
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if self._expired() else grpc.StatusCode.CANCELLED
+            message = ""
+        metrics = self.servicer._metrics
+        metrics.requests.labels(self.model, self.task.value, self.method, code.name).inc()
+        metrics.request_duration.labels(self.model, self.task.value, self.method, code.name).observe(
             time.perf_counter() - self._start
         )
         if message:
             await self.context.abort(code, message)  # raises AbortError: ends the RPC
-        return False
+        # A caller that left needs no error raised to grpc (it would log it); cancellation itself
+        # propagates, as asyncio expects.
+        return gone and not isinstance(exc, (asyncio.CancelledError, GeneratorExit))
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -79,15 +112,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._server = settings.server
         self._registry = registry
         self._metrics = metrics
+        self._declared = {m.name for m in settings.models}
+        self._inflight = 0
+        self.draining = False  # set at shutdown: new inference calls get UNAVAILABLE
 
-    def _call(self, context, task: Task, method: str, model: str) -> _Call:
-        return _Call(self._metrics, context, task, method, model)
+    @property
+    def inflight(self) -> int:
+        """Inference calls accepted and not yet answered."""
+        return self._inflight
+
+    def _call(self, context, task: Task, method: str) -> _Call:
+        return _Call(self, context, task, method)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        async with self._call(context, Task.GENERATE, "Generate", request.model) as call:
-            engine = self._registry.get(Task.GENERATE, request.model, GenerateEngine)
+        async with self._call(context, Task.GENERATE, "Generate") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
             call.model = engine.name
             texts = convert.texts_from(request.texts, self._server)
+            convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
             params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
             gens = await engine.generate(texts, params, deadline=_deadline(context))
             return convert.generate_response(engine.name, gens)
@@ -95,8 +138,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async with self._call(context, Task.GENERATE, "GenerateStream", request.model) as call:
-            engine = self._registry.get(Task.GENERATE, request.model, GenerateEngine)
+        async with self._call(context, Task.GENERATE, "GenerateStream") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
             call.model = engine.name
             (text,) = convert.texts_from(request.texts, self._server, exactly_one=True)
             params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
@@ -136,35 +180,44 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 await stream.aclose()  # type: ignore[attr-defined]
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        async with self._call(context, Task.CLASSIFY, "Classify", request.model) as call:
-            engine = self._registry.get(Task.CLASSIFY, request.model, ClassifyEngine)
+        async with self._call(context, Task.CLASSIFY, "Classify") as call:
+            name = call.begin(request)
+            labels = convert.candidate_labels_from(request.candidate_labels, self._server)
+            engine = self._registry.get(Task.CLASSIFY, name, ClassifyEngine)
             call.model = engine.name
             texts = convert.texts_from(request.texts, self._server)
+            convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
             results = await engine.classify(
                 texts,
                 top_k=request.top_k or None,
-                candidate_labels=convert.candidate_labels_from(request.candidate_labels),
+                candidate_labels=labels,
                 deadline=_deadline(context),
             )
             return convert.classify_response(engine.name, results, engine.multi_label)
 
     async def Sentiment(self, request: pb.SentimentRequest, context) -> pb.SentimentResponse:
-        async with self._call(context, Task.SENTIMENT, "Sentiment", request.model) as call:
-            engine = self._registry.get(Task.SENTIMENT, request.model, SentimentEngine)
+        async with self._call(context, Task.SENTIMENT, "Sentiment") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.SENTIMENT, name, SentimentEngine)
             call.model = engine.name
             texts = convert.texts_from(request.texts, self._server)
+            convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
             results = await engine.sentiment(texts, deadline=_deadline(context))
             return convert.sentiment_response(engine.name, results)
 
     async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
-        async with self._call(context, Task.TRANSLATE, "Translate", request.model) as call:
-            engine = self._registry.get(Task.TRANSLATE, request.model, TranslateEngine)
+        async with self._call(context, Task.TRANSLATE, "Translate") as call:
+            name = call.begin(request)
+            source = convert.language_from("source_lang", request.source_lang)
+            target = convert.language_from("target_lang", request.target_lang)
+            engine = self._registry.get(Task.TRANSLATE, name, TranslateEngine)
             call.model = engine.name
             texts = convert.texts_from(request.texts, self._server)
+            convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
             results = await engine.translate(
                 texts,
-                source_lang=request.source_lang or None,
-                target_lang=request.target_lang or None,
+                source_lang=source,
+                target_lang=target,
                 max_new_tokens=request.max_new_tokens or None,
                 deadline=_deadline(context),
             )
@@ -172,5 +225,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[convert.model_info_pb(e.info()) for e in self._registry.engines()]
+            models=[
+                convert.model_info_pb(e.info(), with_path=self._server.expose_model_paths)
+                for e in self._registry.engines()
+            ]
         )

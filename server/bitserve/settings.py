@@ -35,10 +35,53 @@ class ServerSettings(_Strict):
     max_texts_per_request: int = Field(256, ge=1, description="Most texts one request may carry.")
     max_text_chars: int = Field(100_000, ge=1, description="Longest text accepted, in characters.")
     grace_period_s: float = Field(
-        10.0, ge=0, description="On shutdown, time given to accepted requests to finish."
+        30.0,
+        ge=0,
+        description=(
+            "On shutdown, time given to accepted requests to finish; meanwhile health answers "
+            "NOT_SERVING and new inference calls get UNAVAILABLE (30 s, as Kubernetes' default)."
+        ),
+    )
+    # Per-request limits, checked before any work (INVALID_ARGUMENT naming the limit).
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1,
+        description="Largest serialized request, in bytes: bounds texts x characters of one request.",
+    )
+    max_candidate_labels: int = Field(
+        32, ge=2, description="Most candidate_labels one zero-shot Classify request may carry."
+    )
+    max_label_chars: int = Field(200, ge=1, description="Longest candidate label, in characters.")
+    # Security.
+    tls_cert_file: str | None = Field(None, description="PEM certificate chain: serve gRPC over TLS.")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mutual TLS)."
+    )
+    auth_tokens_file: str | None = Field(
+        None, description="File of accepted bearer tokens, one per line: calls without one are refused."
+    )
+    auth_tokens_env: str | None = Field(
+        None, description="Environment variable holding accepted bearer tokens (comma-separated)."
+    )
+    auth_health: bool = Field(
+        False, description="Require a token for grpc.health.v1 too (default: health stays open for probes)."
+    )
+    reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    expose_model_paths: bool = Field(True, description="Report checkpoint paths in ListModels' `path`.")
+    metrics_host: str | None = Field(
+        None, description="Address the Prometheus endpoint binds; default: the same as `host`."
     )
     workers: int = Field(32, ge=1, description="Threads for gRPC handlers' blocking work (tokenization).")
     log_level: str = Field("INFO", description="Python logging level.")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
 
 
 class ModelSettings(_Strict):
@@ -104,6 +147,8 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
+        if not self.models:
+            raise ValueError("models: at least one model is required (a server with none serves nothing)")
         seen: set[str] = set()
         for m in self.models:
             if m.name in seen:
@@ -158,15 +203,19 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _format_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "config"
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif e["type"] == "missing":
-        msg = "required key is missing"
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{loc}: {msg}{more}"
+    """Every problem on one line, each naming its key."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(out)
 
 
 def build_settings(

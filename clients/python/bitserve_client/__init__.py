@@ -25,6 +25,7 @@ from .errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from . import channel as _ch
+from . import security
 from .errors import from_rpc_error
 from .pb.bitserve.v1 import inference_pb2 as pb
 from .pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
@@ -203,9 +204,23 @@ class Client:
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
         service_config: dict[str, Any] | None = None,
+        tls: bool | None = None,
+        root_certificates: security.PEM = None,
+        private_key: security.PEM = None,
+        certificate_chain: security.PEM = None,
+        token: str | None = None,
     ):
-        self._channel = channel or grpc.insecure_channel(
-            _ch.target_of(target), options=_ch.options(service_config)
+        """TLS when `tls` or any certificate is given (`root_certificates`: PEM bytes or a file;
+        None trusts the system roots); `private_key` + `certificate_chain` for mutual TLS;
+        `token` is sent as `authorization: Bearer <token>` on every call."""
+        self._channel = channel or security.channel(
+            _ch.target_of(target),
+            _ch.options(service_config),
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            token=token,
         )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
@@ -402,9 +417,21 @@ class AsyncClient:
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
         service_config: dict[str, Any] | None = None,
+        tls: bool | None = None,
+        root_certificates: security.PEM = None,
+        private_key: security.PEM = None,
+        certificate_chain: security.PEM = None,
+        token: str | None = None,
     ):
-        self._channel = channel or grpc.aio.insecure_channel(
-            _ch.target_of(target), options=_ch.options(service_config)
+        """Security options as for `Client`."""
+        self._channel = channel or security.aio_channel(
+            _ch.target_of(target),
+            _ch.options(service_config),
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            token=token,
         )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout

@@ -49,6 +49,10 @@ class InternalError(BitserveError):
     code = grpc.StatusCode.INTERNAL
 
 
+class UnauthenticatedError(BitserveError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[BitserveError]] = {
     cls.code: cls
     for cls in (
@@ -58,6 +62,7 @@ _BY_CODE: dict[grpc.StatusCode, type[BitserveError]] = {
         ResourceExhaustedError,
         DeadlineExceededError,
         UnavailableError,
+        UnauthenticatedError,
         CancelledError,
         InternalError,
     )

@@ -62,6 +62,7 @@ class _HeadScorer(BatchedEngine):
         return HeadScoreRunner(loaded)
 
     async def scores(self, texts: list[str], deadline: float | None) -> list[list[float]]:
+        self._batcher.check_room(len(texts))
         ids = await self.tokenize_checked(texts)
         return await self._batcher.submit(ids, deadline=deadline)
 

@@ -244,12 +244,14 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
         self, texts: list[str], params: SamplingParams, *, deadline: float | None
     ) -> list[Generation]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
+        self.admit(len(texts))  # a full engine answers before the request pays for tokenizing
         return await self.run_all(await self.prompts(list(texts), n), params, n, deadline)
 
     async def generate_stream(
         self, text: str, params: SamplingParams, *, deadline: float | None
     ) -> AsyncIterator[StreamChunk]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
+        self.admit(1)
         (prompt,) = await self.prompts([text], n)
         self.admit(1)
         queue: asyncio.Queue[Any] = asyncio.Queue()

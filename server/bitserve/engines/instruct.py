@@ -179,6 +179,7 @@ class InstructClassifyEngine(_LabelScorer, ClassifyEngine):
                 if not labels
                 else "candidate_labels: give at least two labels to choose between"
             )
+        self._batcher.check_room(len(texts))
         *prompts, prior = await self.chat_prompts(
             CLASSIFY_SYSTEM, [classify_prompt(t, labels) for t in [*texts, CONTENT_FREE]]
         )
@@ -193,6 +194,7 @@ class InstructClassifyEngine(_LabelScorer, ClassifyEngine):
 @register
 class InstructSentimentEngine(_LabelScorer, SentimentEngine):
     async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]:
+        self._batcher.check_room(len(texts))
         *prompts, prior = await self.chat_prompts(
             SENTIMENT_SYSTEM, [sentiment_prompt(t) for t in [*texts, CONTENT_FREE]]
         )
@@ -255,6 +257,7 @@ class InstructTranslateEngine(_InstructEngine, GenerationFront, TranslateEngine)
             )
         source = self._language("source_lang", source_lang)
         n = self.resolve_max_new_tokens(max_new_tokens)
+        self.admit(len(texts))
         prompts = self.checked(
             await self.chat_prompts(TRANSLATE_SYSTEM, [translate_prompt(t, source, target) for t in texts]), n
         )

@@ -176,6 +176,7 @@ class Seq2SeqTranslateEngine(BatchedEngine, TranslateEngine):
         if prep.src_lang is not None and hasattr(tok, "src_lang"):
             # One tokenizer is shared; the source language only changes the special tokens added.
             tok.src_lang = prep.src_lang
+        self._batcher.check_room(len(texts))
         ids = await self.tokenize_checked([prep.prefix + t for t in texts])
         items = [[i, prep.forced_bos_token_id, n] for i in ids]
         outs = await self._batcher.submit(items, deadline=deadline)
