@@ -165,4 +165,5 @@ def model_info_pb(m: ModelInfo) -> pb.ModelInfo:
         ready=m.ready,
         quality_report_json=m.quality_report_json,
         path=m.path,
+        device_map=m.device_map,
     )

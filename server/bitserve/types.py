@@ -93,3 +93,4 @@ class ModelInfo:
     ready: bool
     path: str
     quality_report_json: str = ""
+    device_map: dict[str, str] = field(default_factory=dict)

@@ -91,6 +91,7 @@ class ModelInfo:
     path: str
     quality_report_json: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    device_map: dict[str, str] = field(default_factory=dict)  # module -> device when spread
 
 
 def _logprobs(items) -> tuple[TokenLogprob, ...]:
@@ -128,6 +129,7 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
         ready=m.ready,
         path=m.path,
         quality_report_json=m.quality_report_json,
+        device_map=dict(m.device_map),
     )
 
 

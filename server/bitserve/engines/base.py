@@ -53,6 +53,8 @@ class Engine(abc.ABC):
             dtype=settings.dtype,
             device=settings.device,
             gguf_file=settings.gguf_file,
+            max_memory=settings.max_memory,
+            offload_dir=settings.offload_dir,
         )
 
     async def start(self) -> None:
@@ -86,6 +88,7 @@ class Engine(abc.ABC):
             ready=self.ready,
             path=lm.path,
             quality_report_json=lm.quality_report_json,
+            device_map=dict(lm.device_map),
         )
 
     def hooks(self) -> BatchHooks:
