@@ -147,3 +147,28 @@ def test_server_lists_the_placement_and_generates_like_the_unsplit_model(
         assert [g.text for g in batch] == [
             c.generate(p, model="whole", max_new_tokens=12).text for p in PROMPTS
         ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_and_cpu_split_equals_the_model_on_the_gpu(tiny_models, tmp_path):
+    """Layer 0 on cuda:0, the rest in CPU memory (run on the GPU by accelerate's hooks)."""
+    path = str(tiny_models["lm"])
+    whole = load_checkpoint(path, _lm(), device="cuda:0", dtype="float32")
+    split = load_checkpoint(
+        path,
+        _lm(),
+        dtype="float32",
+        max_memory={0: int(whole.memory_bytes * FP32_CAP), "cpu": "1GB"},
+        offload_dir=str(tmp_path),
+    )
+    assert _split_layers(split.device_map) == {"cuda:0", "cpu"}, split.device_map
+    assert split.device == torch.device("cuda:0")
+    ids = torch.tensor([[1, 5, 9, 20, 3, 7, 11]], device="cuda:0")
+    with torch.no_grad():
+        torch.testing.assert_close(split.model(ids).logits, whole.model(ids).logits)
+        for _ in range(2):
+            assert torch.equal(
+                split.model.generate(ids, max_new_tokens=10, do_sample=False),
+                whole.model.generate(ids, max_new_tokens=10, do_sample=False),
+            )
