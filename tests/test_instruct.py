@@ -62,23 +62,34 @@ def test_auto_backend_picks_the_instruct_engines(srv):
     assert type(engine(srv, "tr")) is InstructTranslateEngine
 
 
-def test_engines_on_one_checkpoint_share_the_weights(srv):
-    models = {id(engine(srv, n).loaded.model) for n in ("cls", "cls-nolabels", "sent", "tr")}
-    assert len(models) == 1
-    # ...but not the tokenizer, which an engine may configure for itself.
-    assert engine(srv, "cls").loaded.tokenizer is not engine(srv, "sent").loaded.tokenizer
+def test_engines_on_one_checkpoint_share_one_engine_process(srv):
+    """Four models on one checkpoint: one engine process owns the one copy of the weights."""
+    cores = {id(engine(srv, n).core) for n in ("cls", "cls-nolabels", "sent", "tr")}
+    assert len(cores) == 1
+    assert len(srv.server.registry.cores) == 1
+    pid = engine(srv, "cls").core.pid
+    assert pid is not None and pid != __import__("os").getpid()
 
 
-def test_label_likelihoods_equal_a_plain_forward_pass(srv):
-    """The shared-prefix KV-cache scoring gives each label's exact log-likelihood."""
+@pytest.mark.parametrize("cache_tokens", [16384, 40])
+def test_label_likelihoods_equal_a_plain_forward_pass(srv, tiny_models, monkeypatch, cache_tokens):
+    """The shared-prefix KV-cache scoring gives each label's exact log-likelihood, also when the
+    (prompt, label) rows are scored in small chunks (40 cached tokens: one or two rows a chunk)."""
+    from bitserve.generation import runner
+
+    monkeypatch.setattr(runner, "SCORE_CACHE_TOKENS", cache_tokens)
     e = engine(srv, "cls")
-    model = e.loaded.model
+    loaded = InstructClassifyEngine.load(
+        ModelSettings(name="x", task="classify", path=str(tiny_models["lm"]))
+    )
+    model = loaded.model
+    lm = runner.CausalLM(model, loaded.tokenizer, loaded.device)
     prompts = [e.chat_ids("sys", t) for t in TEXTS]  # different lengths: left padding
     labels = e.label_ids(["a", "sports news", "politics and more"])  # different lengths
     with torch.inference_mode():
-        fast = e._loglik([(tuple(p), labels) for p in prompts])
-        for p, got in zip(prompts, fast):
-            for lab, g in zip(labels, got):
+        fast = lm.score(prompts, [[list(lab) for lab in labels]] * len(prompts))
+        for p, got in zip(prompts, fast, strict=True):
+            for lab, g in zip(labels, got, strict=True):
                 ids = torch.tensor([p + list(lab)])
                 lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
                 want = sum(lp[len(p) - 1 + k, t].item() for k, t in enumerate(lab))
@@ -161,7 +172,7 @@ def test_over_long_prompt_is_invalid_argument(client, srv):
 def test_prompts_use_the_chat_template_when_there_is_one(tiny_models):
     s = ModelSettings(name="x", task="sentiment", path=str(tiny_models["lm"]))
     loaded = InstructSentimentEngine.load(s)
-    e = InstructSentimentEngine(s, loaded, Metrics())
+    e = InstructSentimentEngine(s, loaded, Metrics(), None)
     plain = loaded.tokenizer.decode(e.chat_ids("SYS", "USER"))
     assert plain.startswith("SYS") and plain.rstrip().endswith("Answer:")
     loaded.tokenizer.chat_template = (

@@ -1,4 +1,8 @@
-"""Continuous batching and sampling, at the engine level (no gRPC): the tiny Llama on CPU."""
+"""Continuous batching and sampling, at the engine level (no gRPC): the tiny Llama on CPU.
+
+The front half of the generate engine talks to the real engine loop (`engine.core.Core`, the
+scheduler) running on a thread (`LocalEngine`): same messages, no process, so the scheduler
+can be inspected."""
 
 from __future__ import annotations
 
@@ -34,10 +38,19 @@ def loaded(tiny_models):
 
 @pytest.fixture
 async def make_engine(loaded, tiny_models):
+    from bitserve.engine.local import LocalEngine
+    from bitserve.engine.workers import workers_for
+    from bitserve.registry import stats_hook
+
     engines: list[CausalLMGenerateEngine] = []
 
     async def make(**kw) -> CausalLMGenerateEngine:
-        e = CausalLMGenerateEngine(_settings(tiny_models["lm"], **kw), loaded, Metrics())
+        settings = _settings(tiny_models["lm"], **kw)
+        metrics = Metrics()
+        core = LocalEngine(workers_for(loaded, [settings]), on_stats=stats_hook(metrics, [settings]))
+        await core.start()
+        e = CausalLMGenerateEngine(settings, loaded, metrics, core)
+        e.scheduler = core.scheduler  # type: ignore[attr-defined]
         await e.start()
         engines.append(e)
         return e
@@ -45,6 +58,7 @@ async def make_engine(loaded, tiny_models):
     yield make
     for e in engines:
         await e.stop()
+        await e.core.stop()
 
 
 @pytest.fixture
@@ -164,12 +178,20 @@ async def test_top_k_one_is_greedy_and_repetition_penalty_changes_output(engine,
     assert ids(p) == want
 
 
-async def test_logprobs_are_model_log_probabilities(engine):
+async def test_logprobs_are_model_log_probabilities(engine, loaded):
+    """Each reported logprob equals the model's own log-softmax at that position for that token."""
     g = (await engine.generate([PROMPTS[2]], SamplingParams(max_new_tokens=5, logprobs=True), deadline=None))[
         0
     ]
     assert len(g.logprobs) == 5
-    assert all(lp.logprob <= 0 for lp in g.logprobs)
+    prompt = loaded.tokenizer(PROMPTS[2])["input_ids"]
+    full = torch.tensor([prompt + ids(g)], device=loaded.device)
+    with torch.inference_mode():
+        logp = torch.log_softmax(loaded.model(input_ids=full).logits[0].float(), -1)
+    for k, lp in enumerate(g.logprobs):
+        want = float(logp[len(prompt) - 1 + k, lp.id])
+        assert lp.logprob == pytest.approx(want, abs=1e-4), k
+        assert lp.text == loaded.tokenizer.decode([lp.id])
 
 
 async def test_stop_sequence_cuts_text_and_stream(engine, loaded):
@@ -222,10 +244,10 @@ async def test_cancelled_stream_stops_decoding_and_frees_its_slot(make_engine):
     (seq,) = sched.batch.seqs
     await stream.aclose()  # the consumer goes away (gRPC cancel / deadline)
     for _ in range(200):
-        if sched.running == 0:
+        if not sched.running:
             break
         await asyncio.sleep(0.005)
-    assert sched.running == 0
+    assert not sched.running
     steps = sched.stats.steps
     await asyncio.sleep(0.05)
     assert sched.stats.steps == steps  # nothing decodes any more
@@ -246,10 +268,10 @@ async def test_cancelled_unary_call_leaves_the_batch(engine):
     with pytest.raises(asyncio.CancelledError):
         await task
     for _ in range(200):
-        if engine.scheduler.running == 0:
+        if not engine.scheduler.running:
             break
         await asyncio.sleep(0.005)
-    assert engine.scheduler.running == 0
+    assert not engine.scheduler.running
     assert engine.scheduler.stats.steps < 60
 
 
@@ -273,17 +295,26 @@ async def test_max_new_tokens_validated_against_context_and_limit(make_engine, l
         ).__anext__()
 
 
-async def test_queue_full_is_resource_exhausted(make_engine):
+async def test_queue_full_is_resource_exhausted_and_too_many_texts_invalid(make_engine):
     engine = await make_engine(max_queue_size=2, max_concurrent_sequences=1)
-    with pytest.raises(ResourceExhausted):
+    # 3 texts can never fit a queue of 2: retrying cannot help, so INVALID_ARGUMENT.
+    with pytest.raises(InvalidArgument, match="can ever queue"):
         await engine.generate(PROMPTS[:3], GREEDY, deadline=None)
+    slow_steps(engine)
+    first = asyncio.create_task(
+        engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=30), deadline=None)
+    )
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match="retry later"):  # 2 outstanding + 2 > 2 + 1
+        await engine.generate(PROMPTS[2:4], GREEDY, deadline=None)
+    assert [g.generated_tokens for g in await first] == [30, 30]
 
 
 async def test_stop_finishes_accepted_requests_then_refuses(make_engine):
     engine = await make_engine(max_concurrent_sequences=2)
     task = asyncio.create_task(engine.generate(PROMPTS, SamplingParams(max_new_tokens=10), deadline=None))
-    await asyncio.sleep(0)  # submitted
-    await engine.stop()
+    await asyncio.sleep(0.01)  # submitted
+    await engine.core.stop()  # the engine finishes what it accepted, then ends
     gens = await task
     assert [g.generated_tokens for g in gens] == [10] * len(PROMPTS)
     with pytest.raises(Unavailable):
@@ -305,7 +336,7 @@ async def test_generation_metrics(engine):
 async def test_long_generations_cross_cache_growth_and_match_solo_generate(engine, loaded):
     """The decode cache grows in place with headroom and the decode mask is passed 4-D: rows
     that run past the headroom (64) while others join and leave still match solo runs."""
-    from bitserve.engines.scheduler import _grow_layer_class
+    from bitserve.generation.cache import _grow_layer_class, new_cache
 
     lengths = [100, 7, 80, 3, 70]
 
@@ -318,41 +349,29 @@ async def test_long_generations_cross_cache_growth_and_match_solo_generate(engin
     for i, g in enumerate(gens):
         assert ids(g) == solo_greedy(loaded, PROMPTS[i], lengths[i]), PROMPTS[i]
     assert engine.scheduler.lm._mask_4d  # the tiny Llama runs SDPA
-    cache = engine.scheduler.lm._cache()
+    cache = new_cache(engine.scheduler.lm.model)
     assert all(type(layer) is _grow_layer_class() for layer in cache.layers)
 
 
-def test_nearly_full_batch_waits_for_company_only_when_a_row_is_due(loaded):
-    from bitserve.engines.scheduler import MAX_DEFER_STEPS, Batch, CausalLM, Scheduler, Sequence_
+def test_nearly_full_batch_waits_for_company_only_when_a_row_is_due():
+    from bitserve.generation.policy import MAX_DEFER_STEPS, Budget, Policy, Waiting
 
-    sched = Scheduler(
-        CausalLM(loaded.model, loaded.tokenizer, loaded.device),
-        loaded.tokenizer,
-        max_concurrent=8,
-        prefill_token_budget=4096,
-        max_waiting_ms=0,
-        max_queue_size=8,
-    )
-
-    def seq(n: int) -> Sequence_:
-        return Sequence_([5, 6], SamplingParams(max_new_tokens=n), n, deadline=None, emit=print, stream=False)
-
-    rows = [seq(100) for _ in range(7)]  # one slot free: below the join group (8 // 4 = 2)
-    batch = Batch(rows, None, None, torch.zeros(7, dtype=torch.long), torch.zeros(7, dtype=torch.long), None)
-    sched._waiting.append(seq(10))
+    policy = Policy(Budget(max_concurrent=8, prefill_tokens=4096))
+    waiting = [Waiting(prompt_len=2, arrived=0.0)]
+    remaining = [100] * 7  # one slot free: below the join group (8 // 4 = 2)
     # No running row leaves within the deferral window: waiting would only idle the slot.
-    assert sched._should_join(batch)
+    assert policy.schedule(waiting, remaining, now=1.0).admit == [0]
     # A row is due in 5 steps: wait for it (up to MAX_DEFER_STEPS), then join together.
-    rows[0].max_new_tokens = 5
+    remaining[0] = 5
     waits = 0
-    while not sched._should_join(batch):
+    while not policy.schedule(waiting, remaining, now=1.0).admit:
         waits += 1
     assert 0 < waits <= MAX_DEFER_STEPS
 
 
 async def test_stream_sends_a_message_per_token_when_steps_are_slow(make_engine):
-    """Streams group tokens only within STREAM_MIN_GROUP_S (2 ms): slower steps still give a
-    message per token, and the first token goes out at once."""
+    """A stream that keeps up gets a message per token (the front groups tokens only when its
+    consumer falls behind)."""
     engine = await make_engine()
     slow_steps(engine, 0.004)
     p = SamplingParams(max_new_tokens=12, logprobs=True)
@@ -361,21 +380,17 @@ async def test_stream_sends_a_message_per_token_when_steps_are_slow(make_engine)
 
 
 def test_length_groups_split_prompts_only_when_padding_costs_more_than_a_pass():
-    from bitserve.engines.scheduler import Sequence_, length_groups
+    from bitserve.generation.policy import length_groups
 
-    def seq(n: int) -> Sequence_:
-        return Sequence_([5] * n, SamplingParams(), 4, deadline=None, emit=print, stream=False)
-
-    short, long = [seq(4) for _ in range(10)], [seq(50) for _ in range(10)]
-    mixed = [x for pair in zip(short, long, strict=True) for x in pair]
-    assert length_groups(mixed, 1000) == [mixed]  # 460 padded tokens < one pass
+    mixed = [4, 50] * 10
+    short, long = list(range(0, 20, 2)), list(range(1, 20, 2))
+    assert length_groups(mixed, 1000) == [list(range(20))]  # 460 padded tokens < one pass
     assert length_groups(mixed, 100) == [short, long]  # shortest first, nothing lost
-    one = [seq(7)]
-    assert length_groups(one, 0) == [one]
+    assert length_groups([7], 0) == [[0]]
 
 
 async def test_prompts_prefilled_in_length_groups_match_solo_generate(make_engine, loaded, monkeypatch):
-    from bitserve.engines import scheduler
+    from bitserve.generation import scheduler
 
     monkeypatch.setitem(scheduler.PREFILL_PASS_TOKENS, "cpu", 1)  # split wherever lengths differ
     engine = await make_engine()

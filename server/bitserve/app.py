@@ -81,8 +81,24 @@ class Server:
             await self._loading
 
     async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+
         def ready(engine: Engine) -> None:
-            asyncio.get_running_loop().create_task(self.health.set(engine.name, _SERVING))
+            loop.create_task(self.health.set(engine.name, _SERVING))
+
+        def engine_state(names: list[str], serving: bool) -> None:
+            # An engine process died (NOT_SERVING until it is back) or came back.
+            async def update() -> None:
+                status = _SERVING if serving else _NOT_SERVING
+                for name in names:
+                    await self.health.set(name, status)
+                everything = serving and all(c.ready for c in self.registry.cores)
+                for name in ("", SERVICE_NAME):
+                    await self.health.set(name, _SERVING if everything else _NOT_SERVING)
+
+            loop.create_task(update())
+
+        self.registry.on_state = engine_state
 
         await self.registry.load_all(on_loaded=ready)
         for name in (*(m.name for m in self.settings.models), "", SERVICE_NAME):

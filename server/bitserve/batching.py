@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from .errors import BitserveError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class DynamicBatcher(Generic[I, O]):
         executor: Executor | None = None,
     ):
         self._process = process
+        # `process` may be a coroutine function (the work runs elsewhere, e.g. in an engine
+        # process): awaited on the loop; a plain function runs in `executor`.
+        self._async = inspect.iscoroutinefunction(process)
         self.max_batch_size = max_batch_size
         self.max_delay = max_batch_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
@@ -99,6 +103,11 @@ class DynamicBatcher(Generic[I, O]):
         """Results for `items`, in order. `deadline` is a time.monotonic() value."""
         if self._closing or self._task is None:
             raise Unavailable(f"model {self.name!r} is not serving (shutting down or not started)")
+        if len(items) > self.max_queue_size:
+            raise InvalidArgument(
+                f"texts: {len(items)} texts is more than model {self.name!r} can ever queue "
+                f"({self.max_queue_size}); send at most {self.max_queue_size} per request"
+            )
         if len(self._queue) + len(items) > self.max_queue_size:
             raise ResourceExhausted(
                 f"model {self.name!r} queue is full ({len(self._queue)} texts waiting, "
@@ -118,6 +127,9 @@ class DynamicBatcher(Generic[I, O]):
             for p in pending:
                 if not p.future.done():
                     p.future.cancel()
+            # Cancelled items leave the queue now, so that its depth says what really waits.
+            self._queue = collections.deque(p for p in self._queue if not p.future.done())
+            self.hooks.on_queue_depth(len(self._queue))
             raise
 
     # worker ----------------------------------------------------------------------------------
@@ -169,13 +181,20 @@ class DynamicBatcher(Generic[I, O]):
             self.stats.items += len(batch)
             self.stats.sizes.append(len(batch))
             try:
-                results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
+                items = [p.item for p in batch]
+                if self._async:
+                    results = await self._process(items)  # type: ignore[misc]
+                else:
+                    results = await loop.run_in_executor(self._executor, self._process, items)
                 if len(results) != len(batch):
                     raise RuntimeError(
                         f"batch function returned {len(results)} results for {len(batch)} items"
                     )
             except Exception as e:  # every waiting item gets the error
-                log.exception("batch of %d failed in %s", len(batch), self.name)
+                if isinstance(e, BitserveError):
+                    log.warning("batch of %d failed in %s: %s", len(batch), self.name, e.message)
+                else:
+                    log.exception("batch of %d failed in %s", len(batch), self.name)
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)

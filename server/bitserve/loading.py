@@ -56,12 +56,38 @@ class LoadedModel:
     max_context: int
     path: str
     quality_report_json: str = ""
+    source: str = ""  # the directory the weights were read from (a GGUF file's converted cache)
+    front_config: Any = None  # the front's copy of the config (it holds no model)
     # module -> device when a device map spreads the model (max_memory); empty on one device.
     device_map: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:
-        return self.model.config
+        return self.front_config if self.model is None else self.model.config
+
+
+def load_front(info: dict[str, Any]) -> LoadedModel:
+    """The front's view of a checkpoint an engine process loaded: tokenizer and config from
+    the directory it read, the rest as the engine reported it. No weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = info["checkpoint_dir"]
+    return LoadedModel(
+        model=None,
+        tokenizer=AutoTokenizer.from_pretrained(source),
+        device=torch.device(info["device"]),
+        dtype=_DTYPES.get(info["dtype"], torch.float32),
+        quantization=info["quantization"],
+        memory_bytes=info["memory_bytes"],
+        parameter_count=info["parameter_count"],
+        architecture=info["architecture"],
+        max_context=info["max_context"],
+        path=info["path"],
+        quality_report_json=info["quality_report_json"],
+        source=source,
+        front_config=AutoConfig.from_pretrained(source),
+        device_map=dict(info.get("device_map", {})),
+    )
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -222,6 +248,7 @@ def load_checkpoint(
         max_context=max_context(model.config, tokenizer),
         path=str(path),
         quality_report_json=report,
+        source=source,
         device_map=device_map,
     )
 

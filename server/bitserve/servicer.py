@@ -18,6 +18,7 @@ from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
 from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 
 from . import convert
+from .context import current_client
 from .engines.base import ClassifyEngine, GenerateEngine, SentimentEngine, TranslateEngine
 from .errors import BitserveError
 from .metrics import Metrics
@@ -45,6 +46,8 @@ class _Call:
 
     async def __aenter__(self) -> _Call:
         self._start = time.perf_counter()
+        md = dict(self.context.invocation_metadata() or ())
+        current_client.set(str(md.get("x-client-id") or self.context.peer() or ""))
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:

@@ -1,20 +1,30 @@
 """The engine interface: one small interface per task, and a registry keyed by task/backend.
 
-An engine owns one loaded model and its batching. The servicer resolves the engine for a request
-through `registry.ModelRegistry` and calls the one task method below; it never sees torch.
+An engine is the front half of one served model: it validates and tokenizes (off the event
+loop), sends the work to the engine process that owns the weights (`self.core`), and turns what
+comes back into results. The model half of an engine class is `runner` (task heads) or the
+shared generation scheduler (`uses_scheduler`), built inside the engine process. The servicer
+resolves the engine for a request through `registry.ModelRegistry` and calls the one task
+method below; it never sees torch.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..batching import BatchHooks, DynamicBatcher
 from ..errors import InvalidArgument
 from ..loading import LoadedModel, load_checkpoint
 from ..metrics import Metrics
 from ..settings import ModelSettings
+
+if TYPE_CHECKING:
+    from ..engine.client import EngineClient
+
 from ..types import (
     Generation,
     LabelScore,
@@ -30,13 +40,21 @@ from ..types import (
 class Engine(abc.ABC):
     task: ClassVar[Task]
     backend: ClassVar[str] = "head"
+    # True: the engine process serves this model with its shared generation scheduler (a
+    # causal LM); False: with `runner(...)`, batches of this engine's items.
+    uses_scheduler: ClassVar[bool] = False
 
-    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: EngineClient):
+        """`loaded`: the front's view of the checkpoint (tokenizer and config, no weights)."""
         self.settings = settings
         self.loaded = loaded
         self.metrics = metrics
+        self.core = core
         self.name = settings.name
         self.ready = False
+        # Tokenization runs here, never on the event loop; one thread per engine, since a fast
+        # tokenizer must not be used from two threads at once.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{settings.name}")
         self.max_input_tokens = min(settings.max_input_tokens or loaded.max_context, loaded.max_context)
 
     @classmethod
@@ -57,11 +75,22 @@ class Engine(abc.ABC):
             offload_dir=settings.offload_dir,
         )
 
+    @classmethod
+    def runner(cls, settings: ModelSettings, loaded: LoadedModel) -> Any:
+        """The model half, built in the engine process: an object whose `run_batch(items)` takes
+        the items of many requests and returns one result each (task-head engines)."""
+        raise NotImplementedError(f"{cls.__name__} runs on the generation scheduler")
+
     async def start(self) -> None:
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        self._tokenize_pool.shutdown(wait=False)
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` on this engine's tokenization thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     @property
     def tokenizer(self) -> Any:
@@ -85,7 +114,7 @@ class Engine(abc.ABC):
             labels=self.labels,
             architecture=lm.architecture,
             max_context=self.max_input_tokens,
-            ready=self.ready,
+            ready=self.ready and self.core.ready,
             path=lm.path,
             quality_report_json=lm.quality_report_json,
             device_map=dict(lm.device_map),
@@ -105,9 +134,10 @@ class Engine(abc.ABC):
             )
         return n
 
-    def tokenize_checked(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """Token ids per text; INVALID_ARGUMENT naming the text when one is over the limit."""
-        ids = encode(self.loaded.tokenizer, list(texts), add_special_tokens)
+    async def tokenize_checked(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids per text (off the event loop); INVALID_ARGUMENT naming the text when one
+        is over the limit."""
+        ids = await self.off_loop(encode, self.loaded.tokenizer, list(texts), add_special_tokens)
         for i, t in enumerate(ids):
             if len(t) > self.max_input_tokens:
                 raise InvalidArgument(
@@ -122,7 +152,7 @@ def encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) ->
 
     For fast tokenizers in their plain state (no padding/truncation set on the Rust backend) this
     calls the backend's `encode_batch` directly: the transformers wrapper around it costs most of
-    the time, and this runs on the gRPC event loop for every request.
+    the time, and the Rust call releases the GIL while it works.
     """
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and backend.padding is None and backend.truncation is None:
@@ -131,13 +161,14 @@ def encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) ->
 
 
 class BatchedEngine(Engine):
-    """An engine whose model work goes through one DynamicBatcher: `run_batch` gets the items
-    of many requests at once, in a worker thread, and returns one result per item."""
+    """An engine whose model work goes through one DynamicBatcher: `process_batch` gets the
+    items of many requests at once and returns one result per item (by default: the engine
+    process runs them with this model's `runner`)."""
 
-    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
-        super().__init__(settings, loaded, metrics)
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: EngineClient):
+        super().__init__(settings, loaded, metrics, core)
         self._batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
-            self.run_batch,
+            self.process_batch,
             max_batch_size=settings.max_batch_size,
             max_batch_delay_ms=settings.max_batch_delay_ms,
             max_queue_size=settings.max_queue_size,
@@ -145,8 +176,10 @@ class BatchedEngine(Engine):
             hooks=self.hooks(),
         )
 
-    @abc.abstractmethod
-    def run_batch(self, batch: list[Any]) -> list[Any]: ...
+    async def process_batch(self, batch: list[Any]) -> list[Any]:
+        from ..engine import protocol
+
+        return list(await self.core.call(protocol.BATCH, self.name, batch))
 
     async def start(self) -> None:
         self._batcher.start()

@@ -15,11 +15,31 @@ from ..types import LabelScore, SentimentResult
 from .base import BatchedEngine, ClassifyEngine, SentimentEngine, register
 
 
+class HeadScoreRunner:
+    """Engine-process half: batched forward through the classification head -> probabilities."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        cfg = loaded.config
+        self.multi_label = getattr(cfg, "problem_type", None) == "multi_label_classification"
+        tok = loaded.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+
+    def run_batch(self, batch: list[list[int]]) -> list[list[float]]:
+        lm = self.loaded
+        enc = lm.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+        enc = {k: v.to(lm.device) for k, v in enc.items()}
+        logits = lm.model(**enc).logits.float()
+        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        return probs.cpu().tolist()
+
+
 class _HeadScorer(BatchedEngine):
     """Shared part: batched forward through AutoModelForSequenceClassification -> label scores."""
 
-    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
-        super().__init__(settings, loaded, metrics)
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: Any):
+        super().__init__(settings, loaded, metrics, core)
         cfg = loaded.config
         self._labels = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
         self.multi_label = getattr(cfg, "problem_type", None) == "multi_label_classification"
@@ -37,17 +57,12 @@ class _HeadScorer(BatchedEngine):
     def labels(self) -> list[str]:
         return list(self._labels)
 
-    @torch.inference_mode()
-    def run_batch(self, batch: list[list[int]]) -> list[list[float]]:
-        lm = self.loaded
-        enc = lm.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
-        enc = {k: v.to(lm.device) for k, v in enc.items()}
-        logits = lm.model(**enc).logits.float()
-        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
-        return probs.cpu().tolist()
+    @classmethod
+    def runner(cls, settings: ModelSettings, loaded: LoadedModel) -> HeadScoreRunner:
+        return HeadScoreRunner(loaded)
 
     async def scores(self, texts: list[str], deadline: float | None) -> list[list[float]]:
-        ids = self.tokenize_checked(texts)
+        ids = await self.tokenize_checked(texts)
         return await self._batcher.submit(ids, deadline=deadline)
 
 
@@ -100,8 +115,8 @@ def normalize_sentiment_label(raw: str) -> str | None:
 class HeadSentimentEngine(_HeadScorer, SentimentEngine):
     backend = "head"
 
-    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
-        super().__init__(settings, loaded, metrics)
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: Any):
+        super().__init__(settings, loaded, metrics, core)
         mapped = {raw: normalize_sentiment_label(raw) for raw in self._labels}
         bad = [raw for raw, norm in mapped.items() if norm is None]
         if bad or "positive" not in mapped.values() or "negative" not in mapped.values():

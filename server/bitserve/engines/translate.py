@@ -12,8 +12,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..errors import InvalidArgument
 from ..loading import LoadedModel
 from ..metrics import Metrics
@@ -122,19 +120,39 @@ STRATEGIES: dict[str, LanguageStrategy] = {
 }
 
 
-@dataclass(frozen=True)
-class _Item:
-    input_ids: tuple[int, ...]
-    forced_bos_token_id: int | None
-    max_new_tokens: int
+class Seq2SeqRunner:
+    """Engine-process half: `generate` on batches of [input_ids, forced_bos_token_id,
+    max_new_tokens] items, grouped by their decoding options -> [text, generated tokens]."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    def run_batch(self, batch: list[list[Any]]) -> list[list[Any]]:
+        lm = self.loaded
+        groups: dict[tuple[int | None, int], list[int]] = defaultdict(list)
+        for i, (_, forced, n) in enumerate(batch):
+            groups[(forced, n)].append(i)
+        out: list[list[Any]] = [["", 0]] * len(batch)
+        pad = lm.tokenizer.pad_token_id
+        for (forced, n), idx in groups.items():
+            enc = lm.tokenizer.pad({"input_ids": [list(batch[i][0]) for i in idx]}, return_tensors="pt")
+            enc = {k: v.to(lm.device) for k, v in enc.items()}
+            kwargs: dict[str, Any] = {"max_new_tokens": n}
+            if forced is not None:
+                kwargs["forced_bos_token_id"] = forced
+            seqs = lm.model.generate(**enc, **kwargs)
+            texts = lm.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+            for row, (i, t) in enumerate(zip(idx, texts, strict=True)):
+                out[i] = [t.strip(), int((seqs[row, 1:] != pad).sum())]
+        return out
 
 
 @register
 class Seq2SeqTranslateEngine(BatchedEngine, TranslateEngine):
     backend = "head"
 
-    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics):
-        super().__init__(settings, loaded, metrics)
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: Any):
+        super().__init__(settings, loaded, metrics, core)
         self.strategy = STRATEGIES.get(loaded.config.model_type, LanguageStrategy())
 
     @classmethod
@@ -158,31 +176,12 @@ class Seq2SeqTranslateEngine(BatchedEngine, TranslateEngine):
         if prep.src_lang is not None and hasattr(tok, "src_lang"):
             # One tokenizer is shared; the source language only changes the special tokens added.
             tok.src_lang = prep.src_lang
-        ids = self.tokenize_checked([prep.prefix + t for t in texts])
-        items = [_Item(tuple(i), prep.forced_bos_token_id, n) for i in ids]
+        ids = await self.tokenize_checked([prep.prefix + t for t in texts])
+        items = [[i, prep.forced_bos_token_id, n] for i in ids]
         outs = await self._batcher.submit(items, deadline=deadline)
-        return [Translation(o) for o in outs]
+        self.metrics.generated_tokens.labels(self.name, self.task.value).inc(sum(k for _, k in outs))
+        return [Translation(t) for t, _ in outs]
 
-    @torch.inference_mode()
-    def run_batch(self, batch: list[_Item]) -> list[str]:
-        lm = self.loaded
-        groups: dict[tuple[int | None, int], list[int]] = defaultdict(list)
-        for i, it in enumerate(batch):
-            groups[(it.forced_bos_token_id, it.max_new_tokens)].append(i)
-        out: list[str] = [""] * len(batch)
-        for (forced, n), idx in groups.items():
-            enc = lm.tokenizer.pad(
-                {"input_ids": [list(batch[i].input_ids) for i in idx]}, return_tensors="pt"
-            )
-            enc = {k: v.to(lm.device) for k, v in enc.items()}
-            kwargs: dict[str, Any] = {"max_new_tokens": n}
-            if forced is not None:
-                kwargs["forced_bos_token_id"] = forced
-            seqs = lm.model.generate(**enc, **kwargs)
-            texts = lm.tokenizer.batch_decode(seqs, skip_special_tokens=True)
-            for i, t in zip(idx, texts):
-                out[i] = t.strip()
-            self.metrics.generated_tokens.labels(self.name, self.task.value).inc(
-                int((seqs[:, 1:] != lm.tokenizer.pad_token_id).sum())
-            )
-        return out
+    @classmethod
+    def runner(cls, settings: ModelSettings, loaded: LoadedModel) -> Seq2SeqRunner:
+        return Seq2SeqRunner(loaded)

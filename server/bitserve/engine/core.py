@@ -1,0 +1,222 @@
+"""The engine process: owns one copy of the weights and everything that runs on them.
+
+`python -m bitserve.engine.core --spec FILE --inbox ADDR --outbox ADDR` loads the checkpoint
+once, builds a worker per configured model on it (a shared generation scheduler for every task
+a causal LM answers; a batch runner per task head), answers READY (or FAILED), then loops:
+receive what the front sent, run one scheduler step or one queued job, send the results. It
+imports no gRPC and holds no asyncio loop: the front's GIL and this one never meet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import protocol as P
+from .workers import Workers, build_workers
+
+log = logging.getLogger("bitserve.engine.core")
+
+IDLE_POLL_MS = 1000  # an idle engine still looks up now and then whether its front is alive
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel ends this process when the front exits, however it exits."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - not Linux
+        pass
+
+
+class Core:
+    """The engine loop, apart from its transport: `send` delivers a message to the front;
+    `serve(recv, alive)` takes what arrived (`recv(timeout_ms)` -> messages)."""
+
+    def __init__(self, workers: Workers, send: Callable[[list[Any]], None]):
+        self.w = workers
+        self.send = send
+        self.jobs: collections.deque[list[Any]] = collections.deque()
+        self.closing = False
+        self._wait_until: float | None = None
+        self._last_stats: Any = None
+
+    def handle(self, msg: list[Any]) -> None:
+        op = msg[0]
+        if op == P.ABORT:
+            if self.w.scheduler is not None:
+                self.w.scheduler.abort(set(msg[1]))
+            return
+        if op == P.SHUTDOWN:
+            self.closing = True
+            return
+        rid = msg[1]
+        if self.closing:
+            self.send([P.ERROR, rid, "UNAVAILABLE", "the engine is shutting down"])
+            return
+        if op == P.GENERATE:
+            if self.w.scheduler is None:
+                self.send([P.ERROR, rid, "FAILED_PRECONDITION", "this engine has no causal LM"])
+                return
+            self.w.scheduler.add(P.request_from_wire(rid, msg[2]))
+            self._wait_until = None
+        elif op in (P.SCORE, P.BATCH):
+            self.jobs.append(msg)
+        else:  # pragma: no cover - a front/core version mismatch
+            log.error("unknown message %r", op)
+
+    def run_job(self, msg: list[Any]) -> None:
+        op, rid = msg[0], msg[1]
+        try:
+            if op == P.SCORE:
+                result = self.w.score(msg[2], msg[3])
+            else:
+                result = self.w.run_batch(msg[2], msg[3])
+        except Exception as e:
+            log.exception("%s job failed", op)
+            self.send(P.error_to_wire(rid, e))
+            return
+        self.send([P.RESULT, rid, result])
+
+    def step(self) -> None:
+        sched = self.w.scheduler
+        assert sched is not None
+        r = sched.step()
+        self._wait_until = r.wait_until
+        for rid, exc in r.errors:
+            self.send(P.error_to_wire(rid, exc))
+        stats = self._stats()
+        if r.tokens or r.batch_size or r.prompt_tokens or stats != self._last_stats:
+            self._last_stats = stats
+            self.send(
+                [
+                    P.TOKENS,
+                    [list(t) for t in r.tokens],
+                    {
+                        **stats,
+                        "batch": r.batch_size,
+                        "stepped": r.batch_models,
+                        "prompt_tokens": r.prompt_tokens,
+                    },
+                ]
+            )
+
+    def _stats(self) -> dict[str, dict[str, int]]:
+        sched = self.w.scheduler
+        assert sched is not None
+        running = collections.Counter(s.model for s in sched.running)
+        waiting = collections.Counter(s.model for s in sched.waiting)
+        return {"running": dict(running), "waiting": dict(waiting)}
+
+    def timeout_ms(self) -> int:
+        sched = self.w.scheduler
+        if self.jobs or (sched is not None and sched.batch is not None):
+            return 0
+        if sched is not None and sched.waiting:
+            if self._wait_until is None:
+                return 0
+            return max(0, int((self._wait_until - time.monotonic()) * 1000) + 1)
+        return IDLE_POLL_MS
+
+    def serve(self, recv: Callable[[int], list[list[Any]]], alive: Callable[[], bool]) -> None:
+        sched = self.w.scheduler
+        while True:
+            msgs = recv(self.timeout_ms())
+            for msg in msgs:
+                self.handle(msg)
+            if not msgs and not alive():
+                log.error("the front is gone; exiting")
+                return
+            busy = bool(self.jobs) or (sched is not None and sched.has_work())
+            if self.closing and not busy:
+                return
+            if self.jobs:
+                self.run_job(self.jobs.popleft())
+            if sched is not None and sched.has_work():
+                if (
+                    sched.batch is not None
+                    or self._wait_until is None
+                    or time.monotonic() >= self._wait_until
+                ):
+                    self.step()
+
+
+def _zmq_recv(pull: Any) -> Callable[[int], list[list[Any]]]:
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+
+    def recv(timeout_ms: int) -> list[list[Any]]:
+        out: list[list[Any]] = []
+        if poller.poll(timeout_ms):
+            while True:
+                try:
+                    out.append(P.unpack(pull.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+        return out
+
+    return recv
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bitserve-engine")
+    ap.add_argument("--spec", required=True, help="JSON file: the models this engine serves")
+    ap.add_argument("--inbox", required=True)
+    ap.add_argument("--outbox", required=True)
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    parent = os.getppid()
+    # The front decides when this process ends (SHUTDOWN after its grace period): a Ctrl-C
+    # or SIGTERM sent to the whole process group must not cut accepted requests short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(args.spec) as f:
+        spec = json.load(f)
+    logging.basicConfig(
+        level=spec.get("log_level", "INFO").upper(),
+        format=f"%(asctime)s %(levelname)s engine[{spec['engine']}] %(name)s: %(message)s",
+    )
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    for s in (pull, push):
+        s.setsockopt(zmq.LINGER, 5000)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+    pull.connect(args.inbox)
+    push.connect(args.outbox)
+    try:
+        workers = build_workers(spec)
+    except Exception as e:
+        log.exception("loading failed")
+        push.send(P.pack([P.FAILED, f"{type(e).__name__}: {e}".replace("\n", " ")]))
+        push.close(linger=5000)
+        return 1
+    push.send(P.pack([P.READY, workers.info()]))
+    import torch
+
+    try:
+        with torch.inference_mode():
+            core = Core(workers, lambda msg: push.send(P.pack(msg), copy=False))
+            core.serve(_zmq_recv(pull), lambda: os.getppid() == parent)
+    finally:
+        push.close(linger=5000)
+        pull.close(linger=0)
+        ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

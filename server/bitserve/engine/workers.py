@@ -1,0 +1,101 @@
+"""What an engine process runs for the models it serves, built from its spec.
+
+One checkpoint is loaded once. Every model entry on it that a causal LM answers (generate, and
+the instruct adapters: classify/sentiment label scoring, translate) shares one generation
+scheduler; an entry with its own task head (a sequence classifier, a seq2seq translator) gets a
+batch runner (`Engine.runner`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Protocol
+
+from ..errors import InvalidArgument
+from ..generation.runner import CausalLM
+from ..generation.scheduler import Scheduler
+from ..loading import LoadedModel
+from ..settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+class BatchRunner(Protocol):
+    def run_batch(self, items: list[Any]) -> list[Any]: ...
+
+
+class Workers:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        models: list[ModelSettings],
+        runners: dict[str, BatchRunner],
+        scheduler: Scheduler | None,
+        lm: CausalLM | None,
+    ):
+        self.loaded = loaded
+        self.models = models
+        self.runners = runners
+        self.scheduler = scheduler
+        self.lm = lm
+
+    def score(self, prompts: list[list[int]], conts: list[list[list[int]]]) -> list[list[float]]:
+        if self.lm is None:
+            raise InvalidArgument("this engine has no causal LM to score labels with")
+        return self.lm.score(prompts, conts)
+
+    def run_batch(self, model: str, items: list[Any]) -> list[Any]:
+        return self.runners[model].run_batch(items)
+
+    def info(self) -> dict[str, Any]:
+        lm = self.loaded
+        return {
+            "path": lm.path,
+            "pid": os.getpid(),
+            "memory_bytes": lm.memory_bytes,
+            "parameter_count": lm.parameter_count,
+            "dtype": str(lm.dtype).removeprefix("torch."),
+            "device": str(lm.device),
+            "quantization": lm.quantization,
+            "architecture": lm.architecture,
+            "max_context": lm.max_context,
+            "checkpoint_dir": lm.source or lm.path,
+            "quality_report_json": lm.quality_report_json,
+        }
+
+
+def build_workers(spec: dict[str, Any]) -> Workers:
+    from ..engines import engine_class
+    from ..registry import resolve_backend
+
+    models = [ModelSettings(**m) for m in spec["models"]]
+    first = models[0]
+    loaded = engine_class(first.task, resolve_backend(first)).load(first)
+    return workers_for(loaded, models, spec["engine"])
+
+
+def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "engine") -> Workers:
+    """The workers for `models`, all served from the already loaded `loaded`."""
+    from ..engines import engine_class
+    from ..registry import resolve_backend
+
+    runners: dict[str, BatchRunner] = {}
+    sched_models: list[ModelSettings] = []
+    for m in models:
+        cls = engine_class(m.task, resolve_backend(m))
+        if cls.uses_scheduler:
+            sched_models.append(m)
+        else:
+            runners[m.name] = cls.runner(m, loaded)
+    scheduler = lm = None
+    if sched_models:
+        lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device)
+        scheduler = Scheduler(
+            lm,
+            max_concurrent=max(m.max_concurrent_sequences for m in sched_models),
+            prefill_token_budget=max(m.prefill_token_budget for m in sched_models),
+            max_waiting_ms=max(m.max_waiting_ms for m in sched_models),
+            name=name,
+        )
+    return Workers(loaded, models, runners, scheduler, lm)
