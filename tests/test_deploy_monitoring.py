@@ -72,9 +72,16 @@ def problems(exprs: list[str], exported: dict[str, set[str]]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def exported(tiny_models, server_factory) -> dict[str, set[str]]:
-    srv = server_factory([{"name": "lm", "task": "generate", "path": str(tiny_models["lm"])}])
+    # A generation model and a batched (classify) one: queue wait is a batcher metric.
+    srv = server_factory(
+        [
+            {"name": "lm", "task": "generate", "path": str(tiny_models["lm"])},
+            {"name": "topics", "task": "classify", "path": str(tiny_models["topics"])},
+        ]
+    )
     with Client(srv.target) as c:
         c.generate("hello there", max_new_tokens=4)
+        c.classify(["markets fell", "the match ended"], model="topics")
         list(c.generate_stream("hello", max_new_tokens=3))
         with pytest.raises(NotFoundError):  # an error, so bitserve_requests_total has a code != OK
             c.generate("hello", model="missing")

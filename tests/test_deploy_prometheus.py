@@ -69,7 +69,12 @@ def _query(base: str, expr: str) -> list:
 
 @needs
 def test_prometheus_scrapes_a_server_and_answers_the_dashboard(tiny_models, server_factory, tmp_path):
-    srv = server_factory([{"name": "lm", "task": "generate", "path": str(tiny_models["lm"])}])
+    srv = server_factory(
+        [
+            {"name": "lm", "task": "generate", "path": str(tiny_models["lm"])},
+            {"name": "topics", "task": "classify", "path": str(tiny_models["topics"])},
+        ]
+    )
     rules = yaml.safe_load((MONITORING / "rules.yaml").read_text())
     for g in rules["groups"]:
         g["interval"] = "1s"  # evaluate within the test's few seconds
@@ -103,6 +108,7 @@ def test_prometheus_scrapes_a_server_and_answers_the_dashboard(tiny_models, serv
                 if stop.is_set():
                     return
                 c.generate(f"hello {i}", max_new_tokens=4)
+                c.classify([f"markets fell {i}", "the match ended"], model="topics")
                 if i % 5 == 0:
                     with pytest.raises(NotFoundError):
                         c.generate("hello", model="missing")
