@@ -171,3 +171,21 @@ def test_gpu_and_cpu_split_equals_the_model_on_the_gpu(tiny_models, tmp_path):
                 split.model.generate(ids, max_new_tokens=10, do_sample=False),
                 whole.model.generate(ids, max_new_tokens=10, do_sample=False),
             )
+
+
+def test_a_spread_copy_never_shares_an_engine_with_an_unspread_one(tiny_models):
+    from bitserve.registry import engine_groups
+
+    path = str(tiny_models["lm"])
+    s = build_settings(
+        config_data={
+            "models": [
+                {"name": "a", "task": "generate", "path": path},
+                {"name": "b", "task": "generate", "path": path, "max_memory": {"cpu": "1GB"}},
+                {"name": "c", "task": "generate", "path": path, "max_memory": {"cpu": 10**9}},
+                {"name": "d", "task": "generate", "path": path, "max_memory": {"cpu": "1GB"}},
+            ]
+        },
+        environ={},
+    )
+    assert engine_groups(s.models) == [[0], [1, 3], [2]]
