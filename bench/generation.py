@@ -8,7 +8,8 @@ Systems, per quantization mode and workload:
   (a) naive      one in-process `model.generate()` at a time
   (b) static B   in-process `model.generate()` over left-padded batches of B prompts; a batch
                  runs until its longest member is done (the practical limit without a server)
-  (c) bitserve N the real gRPC server (in this process) and N concurrent closed-loop clients
+  (c) bitserve N the real gRPC server (front in this process, the model in its engine process)
+                 and N concurrent closed-loop clients
                  (the real AsyncClient, in a child process), streaming (TTFT is client-side)
 Workloads: `equal` (every request 32 new tokens) and `mixed` (max_new_tokens drawn from
 8..128 with a fixed seed). Prints a markdown table and the target checks; saves the table, the
@@ -470,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or (1 if device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
+        # The server's engine process reads it at start: the same thread count as the baselines.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     modes = [m for m in args.quantize.split(",") if m]
     wl_names = [w for w in args.workloads.split(",") if w]
     skip = set(args.skip.split(","))
@@ -557,17 +560,17 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         for wl, jobs in workloads.items():
                             for n in args.clients:
-                                st = srv.engine().scheduler.stats
-                                steps0, prefills0 = st.steps, st.prefills
+                                core = srv.engine().core  # the engine process's step reports
+                                steps0 = core.steps
                                 recs, wall = pool.submit(
                                     run_clients, srv.target, MODEL_NAME, jobs, n, args.rpc == "stream", cap
                                 ).result()
                                 results.append(Result(label, wl, "bitserve", n, wall, recs))
-                                steps, prefills = st.steps - steps0, st.prefills - prefills0
+                                steps = core.steps - steps0
                                 print(
                                     f"  {label} {wl} (c) bitserve N={n}: {results[-1].tps:.0f} tok/s "
-                                    f"({steps} decode steps, {prefills} prefills, "
-                                    f"{results[-1].tokens / max(steps + prefills, 1):.1f} tokens per pass)",
+                                    f"({steps} decode steps, {results[-1].tokens / max(steps, 1):.1f} "
+                                    "tokens per step)",
                                     flush=True,
                                 )
                     finally:

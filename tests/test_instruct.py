@@ -69,6 +69,18 @@ def test_engines_on_one_checkpoint_share_one_engine_process(srv):
     assert len(srv.server.registry.cores) == 1
     pid = engine(srv, "cls").core.pid
     assert pid is not None and pid != __import__("os").getpid()
+    # ListModels says so, and the weight-memory gauge counts that one copy once.
+    with Client(srv.target) as c:
+        infos = {m.name: m for m in c.list_models()}
+    assert len({infos[n].engine for n in ("cls", "cls-nolabels", "sent", "tr")}) == 1
+    reg = srv.server.metrics.registry
+    values = [
+        reg.get_sample_value(
+            "bitserve_model_weight_memory_bytes", {"model": n, "task": infos[n].task, "quantization": "none"}
+        )
+        for n in ("cls", "cls-nolabels", "sent", "tr")
+    ]
+    assert sorted(values) == [0, 0, 0, infos["cls"].memory_bytes]
 
 
 @pytest.mark.parametrize("cache_tokens", [16384, 40])

@@ -400,3 +400,104 @@ async def test_prompts_prefilled_in_length_groups_match_solo_generate(make_engin
     for p, g in zip(PROMPTS, gens, strict=True):
         assert ids(g) == solo_greedy(loaded, p, 24), p
     assert engine.scheduler.stats.prefills > 1
+
+
+@pytest.mark.parametrize("finish", ["length-1", "length-24", "eos", "stop"])
+async def test_stream_pieces_add_up_to_the_final_text_for_every_finish(engine, loaded, finish):
+    """Joined, the streamed pieces are the final text, whatever ended the generation (the last
+    token's text used to be missing when the length limit ended it)."""
+    want = solo_greedy(loaded, PROMPTS[1], 24)
+    full = loaded.tokenizer.decode(want, skip_special_tokens=True)
+    if finish == "length-1":
+        p = SamplingParams(max_new_tokens=1)
+    elif finish == "eos":
+        engine.scheduler.lm.eos = frozenset({want[7]})
+        p = SamplingParams(max_new_tokens=24)
+    elif finish == "stop":
+        p = SamplingParams(max_new_tokens=24, stop=(full[6:9],))
+    else:
+        p = SamplingParams(max_new_tokens=24)
+    chunks = [c async for c in engine.generate_stream(PROMPTS[1], p, deadline=None)]
+    final = chunks[-1].final
+    assert final is not None
+    assert "".join(c.text for c in chunks) == final.text
+    assert final.text != "" or finish == "stop"
+    if finish == "length-1":
+        assert final.text == loaded.tokenizer.decode(want[:1], skip_special_tokens=True)
+
+
+def test_policy_admits_round_robin_across_clients_and_answers_expired():
+    from bitserve.generation.policy import Budget, Policy, Waiting
+
+    policy = Policy(Budget(max_concurrent=4, prefill_tokens=10_000))
+    heavy = [Waiting(prompt_len=5, arrived=float(i), client="heavy") for i in range(6)]
+    light = [Waiting(prompt_len=5, arrived=10.0, client="light")]
+    expired = [Waiting(prompt_len=5, arrived=0.0, deadline=11.0, client="light")]
+    waiting = heavy + light + expired
+    d = policy.schedule(waiting, [], now=12.0)
+    assert d.expired == [7]
+    # Four slots: the light client's one request gets one of them despite arriving last.
+    assert d.admit == [0, 6, 1, 2]
+
+
+def test_policy_idle_window_and_prefill_budget():
+    from bitserve.generation.policy import Budget, Policy, Waiting
+
+    policy = Policy(Budget(max_concurrent=8, prefill_tokens=100, max_waiting_s=0.05))
+    w = [Waiting(prompt_len=40, arrived=1.0), Waiting(prompt_len=40, arrived=1.01)]
+    d = policy.schedule(w, [], now=1.02)
+    assert d.admit == [] and d.wait_until == pytest.approx(1.05)  # idle: let company arrive
+    d = policy.schedule(w + [Waiting(prompt_len=40, arrived=1.04)], [], now=1.06)
+    assert d.admit == [0, 1]  # a third 40-token prompt would pad the pass to 120 > 100
+
+
+async def test_a_light_client_is_not_starved_by_a_heavy_one(make_engine):
+    """One slot; a heavy client queues 8 requests, then a light client sends 1. Admission is
+    round-robin across clients: the light request runs second, not ninth (FIFO)."""
+    from bitserve.context import current_client
+
+    engine = await make_engine(max_concurrent_sequences=1)
+    slow_steps(engine, 0.002)
+    finished: list[str] = []
+
+    async def call(client: str, i: int) -> None:
+        current_client.set(client)
+        await engine.generate([PROMPTS[i % len(PROMPTS)]], SamplingParams(max_new_tokens=4), deadline=None)
+        finished.append(f"{client}{i}")
+
+    heavy = [asyncio.create_task(call("heavy", i)) for i in range(8)]
+    await asyncio.sleep(0.01)  # the heavy requests are queued first
+    light = asyncio.create_task(call("light", 0))
+    await asyncio.gather(*heavy, light)
+    assert finished.index("light0") <= 2, finished
+
+
+def test_warp_equals_transformers_warpers_row_by_row():
+    """Each row's filtered logits equal what transformers' own warpers give for that row's
+    (temperature, top_k, top_p), in transformers' order."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from bitserve.generation.sampling import warp
+
+    torch.manual_seed(0)
+    rows = [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.5, 20, 0.6), (2.0, 1, 0.9)]
+    x = torch.randn(len(rows), 300) * 3
+    got = warp(
+        x,
+        torch.tensor([[t] for t, _, _ in rows]),
+        torch.tensor([k for _, k, _ in rows]),
+        torch.tensor([[p] for _, _, p in rows]),
+    )
+    for i, (t, k, p) in enumerate(rows):
+        want = TemperatureLogitsWarper(t)(None, x[i : i + 1].clone())
+        if k:
+            want = TopKLogitsWarper(k)(None, want)
+        if p < 1.0:
+            want = TopPLogitsWarper(p)(None, want)
+        assert torch.equal(torch.isinf(got[i]), torch.isinf(want[0])), i
+        kept = ~torch.isinf(want[0])
+        assert torch.allclose(got[i][kept], want[0][kept], atol=1e-6), i

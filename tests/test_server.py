@@ -21,7 +21,6 @@ from bitserve_client import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
 )
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over", "Once upon a time"]

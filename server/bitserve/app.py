@@ -14,12 +14,12 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
 from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 
+from . import reflection
 from .engines.base import Engine
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -58,13 +58,8 @@ class Server:
             InferenceServicer(self.settings, self.registry, self.metrics), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._grpc,
+        reflection.enable(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self._grpc
         )
         self.port = self._grpc.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:

@@ -165,5 +165,6 @@ def model_info_pb(m: ModelInfo) -> pb.ModelInfo:
         ready=m.ready,
         quality_report_json=m.quality_report_json,
         path=m.path,
+        engine=m.engine,
         device_map=m.device_map,
     )

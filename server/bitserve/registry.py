@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .engine.client import EngineClient
+from .engine.client import EngineClient, EngineMemoryCollector
 from .engines import engine_class
 from .engines.base import BatchedEngine, Engine
 from .errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -99,6 +99,7 @@ class ModelRegistry:
         self._engines: dict[str, Engine] = {}
         self._declared = {m.name: m for m in settings.models}
         self.cores: list[EngineClient] = []
+        metrics.registry.register(EngineMemoryCollector(self.cores))
         self.engine_of: dict[str, str] = {}  # model name -> engine id (models sharing weights)
         # Called with (model names, serving?) when an engine process dies or comes back.
         self.on_state: Callable[[list[str], bool], None] | None = None

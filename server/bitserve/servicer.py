@@ -17,7 +17,7 @@ import grpc
 from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
 from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 
-from . import convert
+from . import chat, convert
 from .context import current_client
 from .engines.base import ClassifyEngine, GenerateEngine, SentimentEngine, TranslateEngine
 from .errors import BitserveError
@@ -99,6 +99,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             engine = self._registry.get(Task.GENERATE, request.model, GenerateEngine)
             call.model = engine.name
             (text,) = convert.texts_from(request.texts, self._server, exactly_one=True)
+            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
+            stream = engine.generate_stream(text, params, deadline=_deadline(context))
+            try:
+                async for chunk in stream:
+                    yield convert.stream_response(engine.name, chunk)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _chat_prompt(self, request: pb.ChatRequest, engine: GenerateEngine) -> str:
+        pairs = [(m.role, m.content) for m in request.messages]
+        messages = chat.messages_from(pairs, self._server.max_text_chars)
+        # Templates are Python (jinja): rendered off the event loop, like tokenization.
+        return str(await engine.off_loop(chat.render, engine.tokenizer, messages, engine.name))
+
+    async def Chat(self, request: pb.ChatRequest, context) -> pb.ChatResponse:
+        async with self._call(context, Task.GENERATE, "Chat", request.model) as call:
+            engine = self._registry.get(Task.GENERATE, request.model, GenerateEngine)
+            call.model = engine.name
+            text = await self._chat_prompt(request, engine)
+            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
+            (gen,) = await engine.generate([text], params, deadline=_deadline(context))
+            return pb.ChatResponse(model=engine.name, generation=convert.generation_pb(gen))
+
+    async def ChatStream(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async with self._call(context, Task.GENERATE, "ChatStream", request.model) as call:
+            engine = self._registry.get(Task.GENERATE, request.model, GenerateEngine)
+            call.model = engine.name
+            text = await self._chat_prompt(request, engine)
             params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
             stream = engine.generate_stream(text, params, deadline=_deadline(context))
             try:

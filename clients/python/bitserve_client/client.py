@@ -6,12 +6,13 @@ exceptions (`bitserve_client.errors`) carrying the status code and the server's 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from . import channel as _ch
 from .errors import from_rpc_error
 from .pb.bitserve.v1 import inference_pb2 as pb
 from .pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
@@ -90,6 +91,7 @@ class ModelInfo:
     ready: bool
     path: str
     quality_report_json: str = ""
+    engine: str = ""  # models with the same engine share one copy of the weights
     extra: dict[str, Any] = field(default_factory=dict)
     device_map: dict[str, str] = field(default_factory=dict)  # module -> device when spread
 
@@ -129,6 +131,7 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
         ready=m.ready,
         path=m.path,
         quality_report_json=m.quality_report_json,
+        engine=m.engine,
         device_map=dict(m.device_map),
     )
 
@@ -173,23 +176,39 @@ def _gen_request(
     return pb.GenerateRequest(texts=texts, model=model or "", parameters=params), single
 
 
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
+Message = Mapping[str, str] | tuple[str, str]
+"""A chat message: `{"role": "user", "content": "..."}` (as in OpenAI's API) or `(role, content)`."""
+
+
+def _chat_request(messages: Sequence[Message], model: str | None, *gen_args) -> pb.ChatRequest:
+    if isinstance(messages, (str, Mapping)):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} messages")
+    pbm = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        pbm.append(pb.ChatMessage(role=role, content=content))
+    req, _ = _gen_request("", model, *gen_args)
+    return pb.ChatRequest(messages=pbm, model=model or "", parameters=req.parameters)
 
 
 class Client:
-    """Blocking client. `timeout` (seconds) becomes each call's gRPC deadline."""
+    """Blocking client. `timeout` (seconds) becomes each call's gRPC deadline.
+
+    `target`: an address, a gRPC target URI (`dns:///host:port`) or a list of addresses, balanced
+    round-robin; UNAVAILABLE is retried with backoff (`bitserve_client.channel` says how, and how
+    `service_config` replaces that)."""
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | Sequence[str] = "localhost:50051",
         *,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
+        service_config: dict[str, Any] | None = None,
     ):
-        self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = channel or grpc.insecure_channel(
+            _ch.target_of(target), options=_ch.options(service_config)
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
 
@@ -258,6 +277,73 @@ class Client:
         finally:
             call.cancel()
 
+    def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Generation:
+        """The assistant's reply to `messages`, rendered with the model's chat template on the server."""
+        req = _chat_request(
+            messages,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            logprobs,
+        )
+        return _generation(self._call(self._stub.Chat, req, timeout).generation)
+
+    def chat_stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[StreamEvent]:
+        """`chat`, streamed as `generate_stream` streams."""
+        req = _chat_request(
+            messages,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            logprobs,
+        )
+        call = self._stub.ChatStream(req, timeout=self.timeout if timeout is None else timeout)
+        try:
+            for m in call:
+                yield _event(m)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
     def classify(
         self,
         texts: str | Sequence[str],
@@ -313,12 +399,15 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | Sequence[str] = "localhost:50051",
         *,
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
+        service_config: dict[str, Any] | None = None,
     ):
-        self._channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = channel or grpc.aio.insecure_channel(
+            _ch.target_of(target), options=_ch.options(service_config)
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
 
@@ -377,6 +466,73 @@ class AsyncClient:
             prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
         )
         call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
+        try:
+            async for m in call:
+                yield _event(m)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Generation:
+        """The assistant's reply to `messages`, rendered with the model's chat template on the server."""
+        req = _chat_request(
+            messages,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            logprobs,
+        )
+        return _generation((await self._call(self._stub.Chat, req, timeout)).generation)
+
+    async def chat_stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 0.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """`chat`, streamed as `generate_stream` streams."""
+        req = _chat_request(
+            messages,
+            model,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            logprobs,
+        )
+        call = self._stub.ChatStream(req, timeout=self.timeout if timeout is None else timeout)
         try:
             async for m in call:
                 yield _event(m)

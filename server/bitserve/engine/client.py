@@ -331,3 +331,41 @@ class EngineClient(EngineLink):
         elif op == P.FAILED:
             if self._ready_fut is not None and not self._ready_fut.done():
                 self._ready_fut.set_exception(ConfigError(msg[1]))
+
+
+def resident_bytes(pid: int) -> int | None:
+    """VmRSS of a process (Linux /proc), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class EngineMemoryCollector:
+    """`bitserve_engine_resident_memory_bytes{engine}`: each engine process's RSS, read at
+    scrape time (the front's own is `process_resident_memory_bytes`)."""
+
+    def __init__(self, cores: list[EngineClient]):
+        self.cores = cores
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        g = GaugeMetricFamily(
+            "bitserve_engine_resident_memory_bytes",
+            "Resident memory of each engine process (the weights it owns and their work).",
+            labels=["engine"],
+        )
+        for core in self.cores:
+            pid = core.pid
+            rss = resident_bytes(pid) if pid is not None else None
+            if rss is not None:
+                g.add_metric([core.id], rss)
+        yield g
+
+    def describe(self) -> Any:
+        return []

@@ -117,6 +117,7 @@ class Engine(abc.ABC):
             ready=self.ready and self.core.ready,
             path=lm.path,
             quality_report_json=lm.quality_report_json,
+            engine=getattr(self.core, "id", ""),
             device_map=dict(lm.device_map),
         )
 

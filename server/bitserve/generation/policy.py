@@ -39,16 +39,18 @@ class Decision:
     wait_until: float | None = None  # nothing to do before then (idle batching window)
 
 
-def fair_order(waiting: Sequence[Waiting]) -> list[int]:
+def fair_order(waiting: Sequence[Waiting], last_served: dict[str, int] | None = None) -> list[int]:
     """Indices of `waiting` round-robin across clients, each client's own requests in arrival
-    order: a client with many queued requests cannot starve one with a few."""
+    order: a client with many queued requests cannot starve one with a few. The client served
+    longest ago (or never) goes first (`last_served`: client -> admission counter)."""
     queues: dict[str, list[int]] = {}
     for i, w in enumerate(waiting):
         queues.setdefault(w.client, []).append(i)
     if len(queues) <= 1:
         return list(range(len(waiting)))
+    served = last_served or {}
     order: list[int] = []
-    lanes = list(queues.values())
+    lanes = [queues[c] for c in sorted(queues, key=lambda c: served.get(c, -1))]
     depth = 0
     while len(order) < len(waiting):
         for lane in lanes:
@@ -59,12 +61,14 @@ def fair_order(waiting: Sequence[Waiting]) -> list[int]:
 
 
 class Policy:
-    """Admission between decode steps. Holds one piece of state: how many steps a nearly full
-    batch has held waiting requests back."""
+    """Admission between decode steps. Its state: how many steps a nearly full batch has held
+    waiting requests back, and when each client was last served (round-robin)."""
 
     def __init__(self, budget: Budget):
         self.budget = budget
         self.deferred = 0
+        self.admissions = 0
+        self.last_served: dict[str, int] = {}  # client -> admission counter when last admitted
 
     def schedule(self, waiting: Sequence[Waiting], remaining: Sequence[int], now: float) -> Decision:
         """`remaining`: per running row, the tokens it may still generate (its max_new_tokens
@@ -85,7 +89,7 @@ class Policy:
         admit: list[int] = []
         longest = 0
         views = [waiting[i] for i in live]
-        for k in fair_order(views):
+        for k in fair_order(views, self.last_served):
             if len(remaining) + len(admit) >= b.max_concurrent:
                 break
             n = views[k].prompt_len
@@ -93,6 +97,11 @@ class Policy:
                 break
             longest = max(longest, n)
             admit.append(live[k])
+            self.admissions += 1
+            self.last_served[views[k].client] = self.admissions
+        if len(self.last_served) > 10_000:  # forget the clients served longest ago
+            keep = sorted(self.last_served, key=self.last_served.__getitem__)[-5_000:]
+            self.last_served = {c: self.last_served[c] for c in keep}
         return Decision(admit=admit, expired=expired)
 
     def _join(self, running: int, remaining: Sequence[int]) -> bool:

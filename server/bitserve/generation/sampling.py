@@ -66,20 +66,7 @@ def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, lis
         ids = x.argmax(-1)
         if plan.sample_rows and plan.temps is not None:
             rows = torch.tensor(plan.sample_rows, device=x.device)
-            xs = x.index_select(0, rows) / plan.temps
-            if plan.top_k is not None:
-                k = plan.top_k.clamp(max=xs.shape[1])
-                kmax = int(k.max())
-                vals = torch.topk(xs, kmax, dim=-1).values
-                kth = vals.gather(1, (torch.where(k > 0, k, kmax) - 1)[:, None])
-                kth = torch.where((k > 0)[:, None], kth, torch.full_like(kth, -float("inf")))
-                xs = xs.masked_fill(xs < kth, -float("inf"))
-            if plan.top_p is not None:
-                sorted_x, order = torch.sort(xs, descending=False)
-                cum = sorted_x.softmax(-1).cumsum(-1)
-                remove = cum <= (1 - plan.top_p)
-                remove[:, -1] = False
-                xs = xs.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+            xs = warp(x.index_select(0, rows), plan.temps, plan.top_k, plan.top_p)
             cdf = xs.softmax(-1).cumsum(-1)
             u = (
                 torch.tensor([[batch.seqs[i].rng.random()] for i in plan.sample_rows], device=x.device)
@@ -90,3 +77,26 @@ def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, lis
     if plan.logprobs:
         lps = lsm.gather(1, ids[:, None]).squeeze(1).tolist()
     return ids, ids.tolist(), lps
+
+
+def warp(
+    x: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Temperature, then top-k (0: off), then top-p (1: off), each row by its own value:
+    the logits transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper
+    give for that row (filtered entries are -inf)."""
+    xs = x / temps
+    if top_k is not None:
+        k = top_k.clamp(max=xs.shape[1])
+        kmax = int(k.max())
+        vals = torch.topk(xs, kmax, dim=-1).values
+        kth = vals.gather(1, (torch.where(k > 0, k, kmax) - 1)[:, None])
+        kth = torch.where((k > 0)[:, None], kth, torch.full_like(kth, -float("inf")))
+        xs = xs.masked_fill(xs < kth, -float("inf"))
+    if top_p is not None:
+        sorted_x, order = torch.sort(xs, descending=False)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - top_p)
+        remove[:, -1] = False
+        xs = xs.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    return xs

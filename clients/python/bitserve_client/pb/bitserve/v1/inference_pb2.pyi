@@ -105,6 +105,32 @@ class GenerateStreamResponse(_message.Message):
     model: str
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., final: _Optional[_Union[Generation, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ChatRequest(_message.Message):
+    __slots__ = ("messages", "model", "parameters")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    model: str
+    parameters: GenerationParameters
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., model: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ...) -> None: ...
+
+class ChatResponse(_message.Message):
+    __slots__ = ("generation", "model")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    generation: Generation
+    model: str
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+
 class ClassifyRequest(_message.Message):
     __slots__ = ("texts", "model", "top_k", "candidate_labels")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -200,7 +226,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "quantization", "dtype", "device", "parameter_count", "memory_bytes", "labels", "architecture", "max_context", "ready", "quality_report_json", "path", "device_map")
+    __slots__ = ("name", "task", "quantization", "dtype", "device", "parameter_count", "memory_bytes", "labels", "architecture", "max_context", "ready", "quality_report_json", "path", "engine", "device_map")
     class DeviceMapEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +247,7 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     QUALITY_REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MAP_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: Task
@@ -235,8 +262,9 @@ class ModelInfo(_message.Message):
     ready: bool
     quality_report_json: str
     path: str
+    engine: str
     device_map: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameter_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., quality_report_json: _Optional[str] = ..., path: _Optional[str] = ..., device_map: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameter_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., quality_report_json: _Optional[str] = ..., path: _Optional[str] = ..., engine: _Optional[str] = ..., device_map: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

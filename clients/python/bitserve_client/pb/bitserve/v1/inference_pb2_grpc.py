@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2
+from bitserve_client.pb.bitserve.v1 import inference_pb2 as bitserve_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in bitserve_client/pb/bitserve/v1/inference_pb2_grpc.py depends on'
+        + ' but the generated code in bitserve/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,43 @@ class InferenceStub:
         """
         self.Generate = channel.unary_unary(
                 '/bitserve.v1.Inference/Generate',
-                request_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/bitserve.v1.Inference/GenerateStream',
-                request_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
+        self.Chat = channel.unary_unary(
+                '/bitserve.v1.Inference/Chat',
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.ChatResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/bitserve.v1.Inference/ChatStream',
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/bitserve.v1.Inference/Classify',
-                request_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.Sentiment = channel.unary_unary(
                 '/bitserve.v1.Inference/Sentiment',
-                request_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.SentimentRequest.SerializeToString,
-                response_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.SentimentResponse.FromString,
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.SentimentRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.SentimentResponse.FromString,
                 _registered_method=True)
         self.Translate = channel.unary_unary(
                 '/bitserve.v1.Inference/Translate',
-                request_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.TranslateRequest.SerializeToString,
-                response_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.TranslateResponse.FromString,
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.TranslateRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.TranslateResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/bitserve.v1.Inference/ListModels',
-                request_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
 
 
@@ -79,6 +89,23 @@ class InferenceServicer:
     def GenerateStream(self, request, context):
         """Text generation, one message per new token (or small group), then a final message.
         Exactly one text per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """Chat: one conversation (a list of role + content messages, as in OpenAI's and TGI's chat
+        APIs) rendered with the model's own chat template, then generated as Generate does. The
+        answer is the assistant's next message. FAILED_PRECONDITION when the checkpoint has no
+        chat template.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """Chat, streamed as GenerateStream streams.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,33 +144,43 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.ChatResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
-                    response_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
             ),
             'Sentiment': grpc.unary_unary_rpc_method_handler(
                     servicer.Sentiment,
-                    request_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.SentimentRequest.FromString,
-                    response_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.SentimentResponse.SerializeToString,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.SentimentRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.SentimentResponse.SerializeToString,
             ),
             'Translate': grpc.unary_unary_rpc_method_handler(
                     servicer.Translate,
-                    request_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.TranslateRequest.FromString,
-                    response_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.TranslateResponse.SerializeToString,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.TranslateRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.TranslateResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
-                    response_serializer=bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -171,8 +208,8 @@ class Inference:
             request,
             target,
             '/bitserve.v1.Inference/Generate',
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -198,8 +235,62 @@ class Inference:
             request,
             target,
             '/bitserve.v1.Inference/GenerateStream',
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            bitserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitserve.v1.Inference/Chat',
+            bitserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bitserve.v1.Inference/ChatStream',
+            bitserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -225,8 +316,8 @@ class Inference:
             request,
             target,
             '/bitserve.v1.Inference/Classify',
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+            bitserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -252,8 +343,8 @@ class Inference:
             request,
             target,
             '/bitserve.v1.Inference/Sentiment',
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.SentimentRequest.SerializeToString,
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.SentimentResponse.FromString,
+            bitserve_dot_v1_dot_inference__pb2.SentimentRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.SentimentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -279,8 +370,8 @@ class Inference:
             request,
             target,
             '/bitserve.v1.Inference/Translate',
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.TranslateRequest.SerializeToString,
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.TranslateResponse.FromString,
+            bitserve_dot_v1_dot_inference__pb2.TranslateRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.TranslateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -306,8 +397,8 @@ class Inference:
             request,
             target,
             '/bitserve.v1.Inference/ListModels',
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
-            bitserve__client_dot_pb_dot_bitserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            bitserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
