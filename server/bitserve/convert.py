@@ -213,4 +213,5 @@ def model_info_pb(m: ModelInfo, *, with_path: bool = True) -> pb.ModelInfo:
         quality_report_json=m.quality_report_json,
         path=m.path if with_path else "",
         engine=m.engine,
+        device_map=m.device_map,
     )

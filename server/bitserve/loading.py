@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,8 @@ class LoadedModel:
     quality_report_json: str = ""
     source: str = ""  # the directory the weights were read from (a GGUF file's converted cache)
     front_config: Any = None  # the front's copy of the config (it holds no model)
+    # module -> device when a device map spreads the model (max_memory); empty on one device.
+    device_map: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:
@@ -82,6 +86,7 @@ def load_front(info: dict[str, Any]) -> LoadedModel:
         quality_report_json=info["quality_report_json"],
         source=source,
         front_config=AutoConfig.from_pretrained(source),
+        device_map=dict(info.get("device_map", {})),
     )
 
 
@@ -142,14 +147,22 @@ def load_checkpoint(
     dtype: str = "auto",
     device: str = "auto",
     gguf_file: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_dir: str | None = None,
 ) -> LoadedModel:
     """Load a checkpoint with `auto_class` (an AutoModelFor* class) at the requested precision.
 
     Checkpoints saved already quantized load as they are; asking to quantize them again to a
-    different mode is a configuration error.
+    different mode is a configuration error. With `max_memory` (device "auto" only) accelerate's
+    device map spreads the layers over the devices it names, at most that much on each, and
+    offloads what does not fit to disk under `offload_dir`.
     """
     from transformers import AutoConfig
 
+    if max_memory and device != "auto":
+        raise ConfigError(
+            f"max_memory spreads the model over devices: it needs device 'auto', not {device!r}"
+        )
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source, extra = _checkpoint_source(path, gguf_file)
@@ -165,17 +178,29 @@ def load_checkpoint(
         mode = saved_mode
     else:
         mode = quantize
-        qc = quantization.bnb_config(mode, compute_dtype=torch_dtype)
+        qc = quantization.bnb_config(mode, compute_dtype=torch_dtype, offload=bool(max_memory))
         if qc is not None:
             kwargs["quantization_config"] = qc
-    if mode != "none":
+    offload_to: str | None = None
+    if max_memory:
+        offload_to = _offload_dir(offload_dir)
+        # transformers rewrites max_memory in place (sizes to bytes): hand it a copy.
+        kwargs.update(device_map="auto", max_memory=dict(max_memory), offload_folder=offload_to)
+    elif mode != "none":
         # bitsandbytes places quantized weights itself; everything on the one device.
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
     # Engines serving one checkpoint at one precision (an instruction model answering several
     # tasks) share one copy of the weights; it is freed when the last engine lets go. Only
     # unquantized weights are shared: engines run forward passes from their own threads, and
     # bitsandbytes layers mutate their state on first use, so quantized copies stay private.
-    key = (str(Path(source).resolve()), auto_class.__name__, mode, str(torch_dtype), str(dev))
+    key = (
+        str(Path(source).resolve()),
+        auto_class.__name__,
+        mode,
+        str(torch_dtype),
+        str(dev),
+        repr(sorted((str(k), v) for k, v in (max_memory or {}).items())),
+    )
     model = _SHARED_MODELS.get(key) if mode == "none" else None
     if model is None:
         log.info(
@@ -187,13 +212,28 @@ def load_checkpoint(
             dev,
         )
         model = auto_class.from_pretrained(source, **kwargs)
-        if mode == "none":
+        if offload_to is not None:
+            # The offloaded weights live as long as the model that reads them.
+            weakref.finalize(model, shutil.rmtree, offload_to, True)
+        elif mode == "none":
             model.to(dev)
         model.eval()
         if mode == "none":
             _SHARED_MODELS[key] = model
     else:
         log.info("%s: sharing the weights already loaded for another model", path)
+    device_map: dict[str, str] = {}
+    if max_memory:
+        device_map, dev = _placement(model, dev)
+        if mode != "none" and "disk" in device_map.values():
+            # bitsandbytes layers reloaded from disk by accelerate's hooks come back empty (meta)
+            # from the second forward on (int8 does not run even once without a GPU).
+            raise ConfigError(
+                f"{path}: max_memory leaves {mode} layers to be offloaded to disk ({_summary(device_map)}), "
+                "which bitsandbytes cannot run; raise max_memory (GPUs and cpu) until the model fits, "
+                "or serve it unquantized"
+            )
+        log.info("%s spread over devices: %s", path, _summary(device_map))
     tokenizer = load_tokenizer(path, gguf_file)
     report = _quality_report(Path(path))
     return LoadedModel(
@@ -209,7 +249,37 @@ def load_checkpoint(
         path=str(path),
         quality_report_json=report,
         source=source,
+        device_map=device_map,
     )
+
+
+def _offload_dir(base: str | None) -> str:
+    """A fresh directory per load: accelerate reuses an offload folder that has an index.json,
+    so a shared one could serve another model's (or an older checkpoint's) weights."""
+    from .demo import cache_dir
+
+    root = Path(base) if base else cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix="weights-", dir=root)
+
+
+def _placement(model: Any, dev: torch.device) -> tuple[dict[str, str], torch.device]:
+    """(module -> device name, the device inputs go to) of a model loaded with a device map.
+
+    Inputs go where accelerate's dispatch runs the model from: the first accelerator in the
+    map, else the CPU (layers on "cpu"/"disk" then run on the CPU).
+    """
+    hf_map = getattr(model, "hf_device_map", None) or {"": str(dev)}  # it all fit on `dev`
+    names = {m: f"cuda:{d}" if isinstance(d, int) else str(d) for m, d in hf_map.items()}
+    accelerators = [d for d in names.values() if d not in ("cpu", "disk")]
+    return names, torch.device(accelerators[0] if accelerators else "cpu")
+
+
+def _summary(device_map: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for d in device_map.values():
+        counts[d] = counts.get(d, 0) + 1
+    return ", ".join(f"{n} modules on {d}" for d, n in counts.items())
 
 
 def _parameter_count(model: Any) -> int:

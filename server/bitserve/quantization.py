@@ -17,15 +17,22 @@ MODES = ("none", "int8", "nf4", "fp4")
 HEAD_MODULES = ["lm_head", "classifier", "score", "qa_outputs"]
 
 
-def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, *, double_quant: bool = True):
-    """The `BitsAndBytesConfig` for a mode, or None for "none"."""
+def bnb_config(
+    mode: str, compute_dtype: torch.dtype = torch.float32, *, double_quant: bool = True, offload: bool = False
+):
+    """The `BitsAndBytesConfig` for a mode, or None for "none".
+
+    `offload`: the model is spread by a device map that may put layers on "cpu" or "disk".
+    """
     if mode == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     if mode == "int8":
         # LLM.int8 (vector-wise int8 with outlier decomposition).
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES, llm_int8_enable_fp32_cpu_offload=offload
+        )
     if mode in ("nf4", "fp4"):
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -33,6 +40,7 @@ def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, *, double_
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=double_quant,
             llm_int8_skip_modules=HEAD_MODULES,
+            llm_int8_enable_fp32_cpu_offload=offload,
         )
     raise ValueError(f"unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}")
 

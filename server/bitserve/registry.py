@@ -52,7 +52,8 @@ def weights_key(m: ModelSettings) -> tuple[str, ...]:
     """Models with equal keys share one engine process (one copy of the weights)."""
     cls = engine_class(m.task, resolve_backend(m))
     path = str(Path(m.path).resolve())
-    return (path, m.gguf_file or "", cls.auto_class().__name__, m.quantize, m.dtype, m.device)
+    placement = repr(sorted((str(k), str(v)) for k, v in (m.max_memory or {}).items()))
+    return (path, m.gguf_file or "", cls.auto_class().__name__, m.quantize, m.dtype, m.device, placement)
 
 
 def engine_groups(models: list[ModelSettings]) -> list[list[int]]:

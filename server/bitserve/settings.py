@@ -8,18 +8,20 @@ between nested keys, list items by index: ``BITSERVE_SERVER__PORT=6000``,
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .types import Task
 
 ENV_PREFIX = "BITSERVE_"
 QuantizeMode = Literal["none", "int8", "nf4", "fp4"]
+_SIZE = re.compile(r"\d+(\.\d+)?[KMG]i?B")  # what accelerate parses: 500MB, 1.5GiB
 
 
 class _Strict(BaseModel):
@@ -105,6 +107,18 @@ class ModelSettings(_Strict):
         "auto", description="Weights/compute dtype; auto: bfloat16 on CUDA, float32 on CPU."
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    max_memory: dict[int | str, int | str] | None = Field(
+        None,
+        description=(
+            "With device: auto, spread the model over devices with accelerate's device map, at most "
+            "this much on each: GPU index (or cuda:N) or 'cpu' -> bytes or a size ('70GiB'), e.g. "
+            "{0: 70GiB, 1: 70GiB, cpu: 200GiB}. Layers that fit nowhere are offloaded to disk "
+            "(offload_dir). Unset: the whole model on one device."
+        ),
+    )
+    offload_dir: str | None = Field(
+        None, description="Where max_memory's disk overflow goes; default: the cache directory."
+    )
     max_batch_size: int = Field(32, ge=1, description="Largest batch one forward pass takes.")
     max_batch_delay_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill before it runs.")
     max_queue_size: int = Field(
@@ -132,12 +146,37 @@ class ModelSettings(_Strict):
         default_factory=list, description="Default labels for an instruct classify model."
     )
 
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _max_memory(cls, v: Any) -> Any:
+        """Keys as accelerate wants them (GPU index int, or "cpu"); sizes checked here, not at load."""
+        if not isinstance(v, Mapping):
+            return v
+        out: dict[int | str, int | str] = {}
+        for key, size in v.items():
+            k = str(key).strip().lower().removeprefix("cuda:")
+            if not (k.isdigit() or k == "cpu"):
+                raise ValueError(f"key {key!r} must be a GPU index (0, 1, ... or cuda:N) or 'cpu'")
+            if isinstance(size, bool) or not (
+                (isinstance(size, int) and size > 0)
+                or (isinstance(size, str) and _SIZE.fullmatch(size.strip()))
+            ):
+                raise ValueError(f"{key}: {size!r} is not a size; use bytes or e.g. '500MB', '1.5GiB'")
+            out[int(k) if k.isdigit() else k] = size.strip() if isinstance(size, str) else size
+        if not out:
+            raise ValueError("give at least one device, e.g. {0: 70GiB, cpu: 100GiB}")
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> ModelSettings:
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_memory is not None and self.device != "auto":
+            raise ValueError(
+                f"max_memory spreads the model over devices: it needs device: auto, not {self.device!r}"
+            )
         return self
 
 

@@ -94,3 +94,4 @@ class ModelInfo:
     path: str
     quality_report_json: str = ""
     engine: str = ""  # the engine process holding the weights (shared by models with the same)
+    device_map: dict[str, str] = field(default_factory=dict)

@@ -94,6 +94,7 @@ class ModelInfo:
     quality_report_json: str = ""
     engine: str = ""  # models with the same engine share one copy of the weights
     extra: dict[str, Any] = field(default_factory=dict)
+    device_map: dict[str, str] = field(default_factory=dict)  # module -> device when spread
 
 
 def _logprobs(items) -> tuple[TokenLogprob, ...]:
@@ -132,6 +133,7 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
         path=m.path,
         quality_report_json=m.quality_report_json,
         engine=m.engine,
+        device_map=dict(m.device_map),
     )
 
 

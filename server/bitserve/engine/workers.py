@@ -62,6 +62,7 @@ class Workers:
             "max_context": lm.max_context,
             "checkpoint_dir": lm.source or lm.path,
             "quality_report_json": lm.quality_report_json,
+            "device_map": lm.device_map,
         }
 
 

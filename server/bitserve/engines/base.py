@@ -71,6 +71,8 @@ class Engine(abc.ABC):
             dtype=settings.dtype,
             device=settings.device,
             gguf_file=settings.gguf_file,
+            max_memory=settings.max_memory,
+            offload_dir=settings.offload_dir,
         )
 
     @classmethod
@@ -116,6 +118,7 @@ class Engine(abc.ABC):
             path=lm.path,
             quality_report_json=lm.quality_report_json,
             engine=getattr(self.core, "id", ""),
+            device_map=dict(lm.device_map),
         )
 
     def hooks(self) -> BatchHooks:

@@ -226,7 +226,14 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "quantization", "dtype", "device", "parameter_count", "memory_bytes", "labels", "architecture", "max_context", "ready", "quality_report_json", "path", "engine")
+    __slots__ = ("name", "task", "quantization", "dtype", "device", "parameter_count", "memory_bytes", "labels", "architecture", "max_context", "ready", "quality_report_json", "path", "engine", "device_map")
+    class DeviceMapEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +248,7 @@ class ModelInfo(_message.Message):
     QUALITY_REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MAP_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: Task
     quantization: str
@@ -255,7 +263,8 @@ class ModelInfo(_message.Message):
     quality_report_json: str
     path: str
     engine: str
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameter_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., quality_report_json: _Optional[str] = ..., path: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+    device_map: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameter_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., quality_report_json: _Optional[str] = ..., path: _Optional[str] = ..., engine: _Optional[str] = ..., device_map: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
