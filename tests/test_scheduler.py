@@ -330,6 +330,7 @@ async def test_generation_metrics(engine):
     assert reg.get_sample_value("bitserve_inter_token_latency_seconds_count", labels) == 10
     assert reg.get_sample_value("bitserve_batch_size_count", labels) >= 5
     assert reg.get_sample_value("bitserve_prompt_tokens_total", labels) > 0
+    assert reg.get_sample_value("bitserve_queue_wait_seconds_count", labels) == 2
     assert reg.get_sample_value("bitserve_running_sequences", labels) == 0
 
 

@@ -72,6 +72,7 @@ def stats_hook(metrics: Metrics, entries: list[ModelSettings]) -> Callable[[dict
             m.running_sequences.labels(e.name, e.task.value),
             m.queue_depth.labels(e.name, e.task.value),
             m.batch_size.labels(e.name, e.task.value),
+            m.queue_wait.labels(e.name, e.task.value),
         )
         for e in entries
     }
@@ -83,11 +84,14 @@ def stats_hook(metrics: Metrics, entries: list[ModelSettings]) -> Callable[[dict
             stats["batch"],
             stats["stepped"],
         )
-        for name, (run_g, wait_g, batch_h) in series.items():
+        waits = stats.get("queue_wait", {})
+        for name, (run_g, wait_g, batch_h, qwait_h) in series.items():
             run_g.set(running.get(name, 0))
             wait_g.set(waiting.get(name, 0))
             if name in stepped:
                 batch_h.observe(batch)
+            for w in waits.get(name, ()):
+                qwait_h.observe(w)
 
     return hook
 

@@ -98,7 +98,7 @@ class Core:
         for rid, exc in r.errors:
             self.send(P.error_to_wire(rid, exc))
         stats = self._stats()
-        if r.tokens or r.batch_size or r.prompt_tokens or stats != self._last_stats:
+        if r.tokens or r.batch_size or r.prompt_tokens or r.queue_waits or stats != self._last_stats:
             self._last_stats = stats
             self.send(
                 [
@@ -109,6 +109,7 @@ class Core:
                         "batch": r.batch_size,
                         "stepped": r.batch_models,
                         "prompt_tokens": r.prompt_tokens,
+                        "queue_wait": r.queue_waits,
                     },
                 ]
             )

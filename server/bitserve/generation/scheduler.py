@@ -42,6 +42,7 @@ class StepResult:
     batch_size: int = 0  # rows in this step's decode pass (0: none ran)
     batch_models: dict[str, int] = field(default_factory=dict)  # those rows per model
     prompt_tokens: int = 0  # prompt tokens prefilled in this step
+    queue_waits: dict[str, list[float]] = field(default_factory=dict)  # per model, of those admitted
     wait_until: float | None = None  # idle batching window: nothing to do before then
 
 
@@ -121,6 +122,8 @@ class Scheduler:
         if gone:
             self.waiting = [s for i, s in enumerate(self.waiting) if i not in gone]
         if new:
+            for s in new:
+                out.queue_waits.setdefault(s.model, []).append(now - s.arrived)
             try:
                 joined = self._prefill(new, out)
             except Exception as e:
