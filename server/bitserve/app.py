@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,7 +43,7 @@ class Server:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._http = None
+        self._http: WSGIServer | None = None
         self._loading: asyncio.Task[None] | None = None
 
     async def start(self, *, wait_until_loaded: bool = True) -> None:

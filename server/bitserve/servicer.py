@@ -47,7 +47,7 @@ class _Call:
         self._start = time.perf_counter()
         return self
 
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
+    async def __aexit__(self, exc_type, exc, tb) -> None:
         code = grpc.StatusCode.OK
         message = ""
         if exc is None:
@@ -68,7 +68,6 @@ class _Call:
         )
         if message:
             await self.context.abort(code, message)  # raises AbortError: ends the RPC
-        return False
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):

@@ -147,9 +147,8 @@ def build_seq2seq(path: str | Path, *, seed: int = 0) -> Path:
         num_heads=4,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
     )
+    config.decoder_start_token_id = tokenizer.pad_token_id
     model = T5ForConditionalGeneration(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
