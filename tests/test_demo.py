@@ -172,3 +172,16 @@ def test_translate_returns_french(demo_client):
     words = set(re.findall(r"[a-zàâçéèêëîïôûùüÿœ]+", t.lower()))
     assert words & FRENCH_WORDS, t
     assert t == "Le train station est la station de la rue."  # the README's (poor) translation
+
+
+@needs_smollm2
+def test_eval_adapters_scores_the_labels_the_default_config_serves():
+    from examples import eval_adapters
+
+    served = eval_adapters.served_entry("classify")["labels"]
+    assert served == [m for m in demo.default_config()["models"] if m["task"] == "classify"][0]["labels"]
+    names = eval_adapters.served_label_of(served)
+    assert names["sports"] == "sport" and set(names.values()) == set(served)
+    rows = [{"label": "sports"}, {"label": "tech"}]
+    assert eval_adapters.accuracy(["sport", "tech"], rows, names) == 1.0
+    assert eval_adapters.accuracy(["sports", "tech"], rows, names) == 0.5  # not a served label
