@@ -29,13 +29,13 @@ def column(key: str, title: str, fmt: str = "{}") -> dict[str, str]:
 
 
 def git_revision() -> str:
-    """HEAD's commit, with "-dirty" when tracked files outside bench/results differ from it."""
+    """HEAD's commit, with "-dirty" when tracked code differs from it (results and docs aside)."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!*.md"],
             cwd=ROOT,
             capture_output=True,
             text=True,
