@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: install proto proto-check lint typecheck test test-slow bench serve
+.PHONY: install proto proto-check lint typecheck test test-slow bench tables serve
 
 install:  ## CPU install for development (tests + demo models)
 	$(PY) -m pip install -c .ci/constraints-cpu.txt torch==2.13.0
@@ -31,6 +31,9 @@ test-slow:  ## real-data fine-tunes and other long suites
 
 bench:  ## generation benchmark on CPU (see bench/README or README)
 	$(PY) -m bench.generation
+
+tables:  ## regenerate the docs' tables from bench/results/*.json (tests/test_doc_tables.py checks them)
+	$(PY) scripts/render_tables.py
 
 serve:
 	bitserve serve

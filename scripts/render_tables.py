@@ -45,6 +45,11 @@ def _machine(m: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _revision(rev: str) -> str:
+    """A short commit id; "-dirty" kept (the run's code differed from that commit)."""
+    return rev[:12] + ("-dirty" if rev.endswith("-dirty") else "")
+
+
 def render(data: dict[str, Any], src: str) -> str:
     """The markdown for one results file: table, then its provenance."""
     cols = data["columns"]
@@ -57,7 +62,7 @@ def render(data: dict[str, Any], src: str) -> str:
     lines.append("")
     lines.append(
         f"Generated from `{src}` by `python scripts/render_tables.py`: `{data['command']}` at "
-        f"{data['git_revision'][:12]}, {data['date'][:10]}; {_machine(data['machine'])}."
+        f"{_revision(data['git_revision'])}, {data['date'][:10]}; {_machine(data['machine'])}."
     )
     lines.extend(f"{n}" if n.startswith("- ") else f"- {n}" for n in data.get("notes", []))
     return "\n".join(lines) + "\n"
@@ -70,6 +75,9 @@ def rendered(text: str, root: Path | None = None) -> tuple[str, list[str]]:
 
     def sub(m: re.Match[str]) -> str:
         src = m.group("src")
+        if not (root / src).is_file():
+            changed.append(f"{src} (missing)")
+            return m.group(0)
         body = render(json.loads((root / src).read_text()), src)
         if body != m.group("body"):
             changed.append(src)
