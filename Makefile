@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: install proto proto-check lint test test-slow bench serve
+.PHONY: install proto proto-check lint typecheck test test-slow bench tables serve
 
 install:  ## CPU install for development (tests + demo models)
 	$(PY) -m pip install -c .ci/constraints-cpu.txt torch==2.13.0
@@ -13,9 +13,15 @@ proto:  ## regenerate the committed stubs from protos/
 proto-check:  ## fail when the committed stubs drift from protos/
 	PYTHON=$(PY) bash scripts/check_protos.sh
 
-lint:
-	ruff check server clients quantize tests bench examples
-	ruff format --check server clients quantize tests bench examples
+LINT_PATHS = server clients quantize tests bench examples scripts
+TYPED_PACKAGES = server/bitserve clients/python/bitserve_client quantize/bitserve_quantize
+
+lint:  ## ruff lint + format check (what .ci/run runs)
+	ruff check $(LINT_PATHS)
+	ruff format --check $(LINT_PATHS)
+
+typecheck:  ## mypy on our packages; the generated stubs are excluded in pyproject.toml
+	$(PY) -m mypy $(TYPED_PACKAGES)
 
 test:  ## the default suite (what CI runs)
 	$(PY) -m pytest
@@ -25,6 +31,9 @@ test-slow:  ## real-data fine-tunes and other long suites
 
 bench:  ## generation benchmark on CPU (see bench/README or README)
 	$(PY) -m bench.generation
+
+tables:  ## regenerate the docs' tables from bench/results/*.json (tests/test_doc_tables.py checks them)
+	$(PY) scripts/render_tables.py
 
 serve:
 	bitserve serve

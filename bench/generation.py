@@ -12,15 +12,15 @@ Systems, per quantization mode and workload:
                  and N concurrent closed-loop clients
                  (the real AsyncClient, in a child process), streaming (TTFT is client-side)
 Workloads: `equal` (every request 32 new tokens) and `mixed` (max_new_tokens drawn from
-8..128 with a fixed seed). Prints a markdown table and the target checks; saves the table, the
-raw numbers (JSON) and a PNG plot to bench-results/.
+8..128 with a fixed seed). Prints a markdown table and the target checks; with `--save NAME`,
+writes bench/results/NAME.json (command, git revision, machine, every row and round; the docs'
+tables are rendered from it by scripts/render_tables.py) and NAME.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import random
@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ if not __package__:  # run as a script: python bench/generation.py
 
 import torch  # noqa: E402
 
+from bench import results as bench_results  # noqa: E402
 from bench._clients import Record, run_clients  # noqa: E402
 
 MODEL_NAME = "bench-lm"
@@ -301,6 +302,52 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+COLUMNS = [
+    ("mode", "mode", "{}"),
+    ("workload", "workload", "{}"),
+    ("system", "system", "{}"),
+    ("requests", "requests", "{}"),
+    ("tokens", "tokens", "{}"),
+    ("tok_s", "tok/s", "{:.0f}"),
+    ("p50_latency_ms", "p50 lat ms", "{:.1f}"),
+    ("p99_latency_ms", "p99 lat ms", "{:.1f}"),
+    ("p50_ttft_ms", "p50 TTFT ms", "{:.1f}"),
+    ("p99_ttft_ms", "p99 TTFT ms", "{:.1f}"),
+    ("x_naive", "x (a)", "{:.2f}"),
+    ("x_static", "x best (b)", "{:.2f}"),
+]
+
+
+def result_rows(results: list[Result]) -> list[dict[str, Any]]:
+    """The table's rows as numbers (None where a value does not apply)."""
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else round(x * 1000, 3)
+
+    rows = []
+    for r in results:
+        block = [x for x in results if x.mode == r.mode and x.workload == r.workload]
+        naive = next((x.tps for x in block if x.system == "naive"), None)
+        best_static = max((x.tps for x in block if x.system == "static"), default=None)
+        rows.append(
+            {
+                "mode": r.mode,
+                "workload": r.workload,
+                "system": r.label,
+                "requests": len(r.records),
+                "tokens": r.tokens,
+                "tok_s": round(r.tps, 2),
+                "p50_latency_ms": ms(r.pct("latency", 0.5)),
+                "p99_latency_ms": ms(r.pct("latency", 0.99)),
+                "p50_ttft_ms": ms(r.pct("ttft", 0.5)),
+                "p99_ttft_ms": ms(r.pct("ttft", 0.99)),
+                "x_naive": round(r.tps / naive, 4) if naive else None,
+                "x_static": round(r.tps / best_static, 4) if best_static else None,
+            }
+        )
+    return rows
+
+
 def checks(results: list[Result], clients: list[int]) -> list[str]:
     """The issue's targets, as measured in this run."""
     out = []
@@ -454,12 +501,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "median round (the JSON keeps all)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench-results")
+    p.add_argument(
+        "--save",
+        metavar="NAME",
+        default=None,
+        help="write bench/results/NAME.json (+ .png), the file the docs' tables are rendered from",
+    )
     p.add_argument("--skip", default="", help="comma list of systems to skip: naive,static,bitserve")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    command = bench_results.command_line("bench.generation", argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from bitserve.engines.generate import CausalLMGenerateEngine
@@ -508,10 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results: list[Result] = []
+    starts: list[int] = []  # where each round begins in `results`
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
     pool.submit(time.sleep, 0).result()  # start the client process now, not during a run
     try:
         for rnd in range(args.repeat):
+            starts.append(len(results))
             if args.repeat > 1:
                 print(f"round {rnd + 1}/{args.repeat}", flush=True)
             for mode in modes:
@@ -582,9 +638,6 @@ def main(argv: list[str] | None = None) -> int:
     runs = results
     if args.repeat > 1:
         results, spread = median_results(runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     md = table(results)
     notes = checks(results, args.clients)
     print()
@@ -594,27 +647,21 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"each row: the median of {args.repeat} rounds (tok/s); ranges: " + "; ".join(spread))
     for line in notes:
         print("- " + line)
-    (out / f"generation-{stamp}.md").write_text(md + "\n\n" + "\n".join("- " + x for x in notes) + "\n")
-    (out / f"generation-{stamp}.json").write_text(
-        json.dumps(
-            {
+    if args.save:
+        path = bench_results.write(
+            args.save,
+            command=command,
+            columns=[bench_results.column(*c) for c in COLUMNS],
+            rows=result_rows(results),
+            notes=[f"model: {model_desc}; device: {device}; rpc: {args.rpc}", *notes],
+            extra={
                 "args": vars(args),
-                "device": device,
-                "model": model_desc,
-                "results": [
-                    {
-                        **{k: v for k, v in asdict(r).items() if k != "records"},
-                        "records": [asdict(x) for x in r.records],
-                    }
-                    for r in runs
-                ],
+                "rounds": [result_rows(runs[a:b]) for a, b in zip(starts, [*starts[1:], len(runs)])],
             },
-            indent=1,
+            started=started,
         )
-    )
-    png = out / f"generation-{stamp}.png"
-    plot(results, png)
-    print(f"\nsaved {png} (and .md, .json)")
+        plot(results, path.with_suffix(".png"))
+        print(f"\nsaved {path} (and .png)")
     return 0
 
 

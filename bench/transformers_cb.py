@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench import results
 from bench.generation import InProcess, make_workloads
 
 
@@ -87,28 +88,50 @@ def run_bitserve(path: str, loaded, jobs) -> tuple[float, int, dict[int, list[in
     return wall, sum(len(v) for v in out.values()), out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    started = time.time()
+    ap = argparse.ArgumentParser(prog="python -m bench.transformers_cb")
     ap.add_argument("--model")
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check", type=int, default=8, help="requests checked against solo generate()")
-    args = ap.parse_args()
+    ap.add_argument("--save", metavar="NAME", help="write bench/results/NAME.json")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from bitserve.engines.generate import CausalLMGenerateEngine
     from bitserve.loading import load_checkpoint
     from bitserve.tiny import build_causal_lm
 
+    columns = [
+        results.column("workload", "workload"),
+        results.column("engine", "engine"),
+        results.column("tokens", "tokens"),
+        results.column("seconds", "seconds", "{:.2f}"),
+        results.column("tok_s", "tok/s", "{:.0f}"),
+        results.column("greedy_equal", "greedy == solo generate()"),
+    ]
+    rows: list[dict] = []
+
+    def add(**row) -> None:
+        rows.append(row)
+        cells = ["-" if row[c["key"]] is None else c["format"].format(row[c["key"]]) for c in columns]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
     tmp = tempfile.TemporaryDirectory()
     path = args.model or str(build_causal_lm(Path(tmp.name) / "lm", max_positions=512))
     loaded = load_checkpoint(path, CausalLMGenerateEngine.auto_class(), device="cpu")
-    print("| workload | engine | tokens | seconds | tok/s | greedy == solo generate() |")
-    print("|---|---|---|---|---|---|")
+    print("| " + " | ".join(c["title"] for c in columns) + " |")
+    print("|" + "---|" * len(columns))
     for wl, jobs in make_workloads(args.requests, 0).items():
         ref = {i: solo(loaded, *jobs[i]) for i in range(args.check)}
         static = InProcess(loaded).static("fp32", wl, jobs, 64, None)
-        print(
-            f"| {wl} | static generate() B=64 | {static.tokens} | {static.wall:.2f} | {static.tps:.0f} | - |"
+        add(
+            workload=wl,
+            engine="static generate() B=64",
+            tokens=static.tokens,
+            seconds=round(static.wall, 3),
+            tok_s=round(static.tps, 1),
+            greedy_equal=None,
         )
         for name, fn in (
             ("bitserve scheduler", lambda j=jobs: run_bitserve(path, loaded, j)),
@@ -117,11 +140,37 @@ def main() -> None:
             try:
                 wall, tokens, out = fn()
             except Exception as e:  # report, don't hide: this is an evaluation
-                print(f"| {wl} | {name} | - | - | - | failed: {type(e).__name__}: {e} |")
+                add(
+                    workload=wl,
+                    engine=name,
+                    tokens=None,
+                    seconds=None,
+                    tok_s=None,
+                    greedy_equal=f"failed: {e}",
+                )
                 continue
             same = sum(out[i] == ref[i] for i in ref)
-            print(f"| {wl} | {name} | {tokens} | {wall:.2f} | {tokens / wall:.0f} | {same}/{len(ref)} |")
+            add(
+                workload=wl,
+                engine=name,
+                tokens=tokens,
+                seconds=round(wall, 3),
+                tok_s=round(tokens / wall, 1),
+                greedy_equal=f"{same}/{len(ref)}",
+            )
     tmp.cleanup()
+    if args.save:
+        path_out = results.write(
+            args.save,
+            command=results.command_line("bench.transformers_cb", argv),
+            columns=columns,
+            rows=rows,
+            notes=[
+                f"in process, tiny Llama, CPU, {args.threads} torch thread(s), {args.requests} requests at once"
+            ],
+            started=started,
+        )
+        print(f"saved {path_out}")
 
 
 if __name__ == "__main__":

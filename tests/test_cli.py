@@ -29,6 +29,19 @@ def _health(port: int) -> subprocess.CompletedProcess:
     )
 
 
+def _reference_top(path, text):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        probs = torch.softmax(
+            model(**AutoTokenizer.from_pretrained(path)(text, return_tensors="pt")).logits[0], -1
+        )
+    i = int(probs.argmax())
+    return model.config.id2label[i], probs[i].item()
+
+
 def test_serve_probe_call_and_graceful_sigterm(tmp_path, tiny_models):
     port, metrics_port = _free_port(), _free_port()
     cfg = tmp_path / "bitserve.yaml"
@@ -55,11 +68,23 @@ def test_serve_probe_call_and_graceful_sigterm(tmp_path, tiny_models):
             time.sleep(0.5)
         assert r.stdout.strip() == "SERVING"
         with Client(f"127.0.0.1:{port}", timeout=30) as c:
-            assert c.classify("hello")[0].label in {"business", "sports", "politics", "tech"}
+            top = c.classify("hello")[0]
+        label, score = _reference_top(tiny_models["topics"], "hello")
+        assert top.label == label and top.score == pytest.approx(score, abs=1e-4)
         import urllib.request
 
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
-        assert b"bitserve_requests_total" in body
+        from prometheus_client.parser import text_string_to_metric_families
+
+        ok = [
+            x.value
+            for f in text_string_to_metric_families(body.decode())
+            for x in f.samples
+            if x.name == "bitserve_requests_total"
+            and x.labels.get("model") == "topics"
+            and x.labels["code"] == "OK"
+        ]
+        assert ok == [1.0], body  # exactly the one Classify call
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -13,10 +13,17 @@ import pytest
 import torch
 
 from bitserve.engines.instruct import (
+    CLASSIFY_SYSTEM,
+    CONTENT_FREE,
+    SENTIMENT_SYSTEM,
+    TRANSLATE_SYSTEM,
     InstructClassifyEngine,
     InstructSentimentEngine,
     InstructTranslateEngine,
+    classify_prompt,
     clean_translation,
+    sentiment_prompt,
+    translate_prompt,
 )
 from bitserve.metrics import Metrics
 from bitserve.settings import ModelSettings
@@ -52,6 +59,13 @@ def client(srv):
         yield c
 
 
+@pytest.fixture(scope="module")
+def ref_model(tiny_models):
+    """The tiny LM in this process: the served one lives in its engine process."""
+    s = ModelSettings(name="ref", task="classify", path=str(tiny_models["lm"]))
+    return InstructClassifyEngine.load(s).model
+
+
 def engine(srv, name):
     return srv.server.registry._engines[name]
 
@@ -83,6 +97,22 @@ def test_engines_on_one_checkpoint_share_one_engine_process(srv):
     assert sorted(values) == [0, 0, 0, infos["cls"].memory_bytes]
 
 
+def _plain_loglik(model, prompt: list[int], label: tuple[int, ...]) -> float:
+    """log P(label | prompt) from one unpadded forward pass, no KV cache."""
+    ids = torch.tensor([prompt + list(label)])
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+    return sum(lp[len(prompt) - 1 + k, t].item() for k, t in enumerate(label))
+
+
+def _reference_probs(e, model, system: str, user, text: str, labels) -> list[float]:
+    """The documented score: softmax over labels of log P(label) - log P(label | content-free text)."""
+    lids = e.label_ids(labels)
+    prompt, prior = e.chat_ids(system, user(text)), e.chat_ids(system, user(CONTENT_FREE))
+    cal = [_plain_loglik(model, prompt, lab) - _plain_loglik(model, prior, lab) for lab in lids]
+    return torch.softmax(torch.tensor(cal), 0).tolist()
+
+
 @pytest.mark.parametrize("cache_tokens", [4096, 40])
 def test_label_likelihoods_equal_a_plain_forward_pass(srv, tiny_models, monkeypatch, cache_tokens):
     """The shared-prefix KV-cache scoring gives each label's exact log-likelihood, also when the
@@ -108,12 +138,18 @@ def test_label_likelihoods_equal_a_plain_forward_pass(srv, tiny_models, monkeypa
                 assert g == pytest.approx(want, abs=1e-3)
 
 
-def test_classify_scores_are_probabilities_over_the_labels(client):
+def test_classify_scores_are_the_calibrated_label_probabilities(client, srv, ref_model):
+    e = engine(srv, "cls")
     results = client.classify(TEXTS, model="cls")
-    for r in results:
+    for text, r in zip(TEXTS, results):
         assert sorted(s.label for s in r) == sorted(LABELS)
         assert math.isclose(sum(s.score for s in r), 1.0, abs_tol=1e-4)
         assert [s.score for s in r] == sorted((s.score for s in r), reverse=True)
+        want = _reference_probs(
+            e, ref_model, CLASSIFY_SYSTEM, lambda t: classify_prompt(t, LABELS), text, LABELS
+        )
+        got = {s.label: s.score for s in r}
+        assert [got[label] for label in LABELS] == pytest.approx(want, abs=1e-3)
 
 
 def test_classify_is_deterministic_and_independent_of_the_batch(client):
@@ -127,10 +163,15 @@ def test_classify_is_deterministic_and_independent_of_the_batch(client):
 
 
 def test_zero_shot_candidate_labels_and_top_k(client):
+    every = client.classify(
+        "A new phone chip", model="cls-nolabels", candidate_labels=["cats", "dogs", "fish"]
+    )
     r = client.classify(
         "A new phone chip", model="cls-nolabels", candidate_labels=["cats", "dogs", "fish"], top_k=2
     )
-    assert len(r) == 2 and {s.label for s in r} <= {"cats", "dogs", "fish"}
+    assert sorted(s.label for s in every) == ["cats", "dogs", "fish"]
+    assert [s.label for s in r] == [s.label for s in every[:2]]
+    assert [s.score for s in r] == pytest.approx([s.score for s in every[:2]], abs=1e-5)
     r = client.classify("A new phone chip", model="cls", candidate_labels=["yes", "no"])
     assert {s.label for s in r} == {"yes", "no"}
 
@@ -142,10 +183,14 @@ def test_classify_without_labels_is_invalid_argument(client):
         client.classify("text", model="cls-nolabels", candidate_labels=["only"])
 
 
-def test_sentiment_answers_positive_or_negative(client):
-    for r in client.sentiment(TEXTS, model="sent"):
-        assert r.label in ("positive", "negative") and r.raw_label == r.label
-        assert 0.5 <= r.score <= 1.0
+def test_sentiment_is_the_more_probable_of_the_calibrated_labels(client, srv, ref_model):
+    e = engine(srv, "sent")
+    labels = ("positive", "negative")
+    for text, r in zip(TEXTS, client.sentiment(TEXTS, model="sent")):
+        want = _reference_probs(e, ref_model, SENTIMENT_SYSTEM, sentiment_prompt, text, labels)
+        best = max(range(2), key=want.__getitem__)
+        assert (r.label, r.raw_label) == (labels[best], labels[best])
+        assert r.score == pytest.approx(want[best], abs=1e-3)
 
 
 def test_concurrent_requests_share_batches(srv, client):
@@ -153,17 +198,36 @@ def test_concurrent_requests_share_batches(srv, client):
     before = e._batcher.stats.batches
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda t: client.classify(t, model="cls"), TEXTS * 2))
-    assert len(results) == 6
+    alone = [client.classify(t, model="cls") for t in TEXTS]
+    for got, want in zip(results, alone * 2):  # batched with others, each text keeps its answer
+        assert [s.label for s in got] == [s.label for s in want]
+        assert [s.score for s in got] == pytest.approx([s.score for s in want], abs=1e-4)
     assert e._batcher.stats.batches - before < 6
     assert max(e._batcher.stats.sizes) > 1
 
 
-def test_translate_returns_one_text_per_input(client):
-    out = client.translate(
-        ["the house is blue", "hello world"], model="tr", source_lang="en", target_lang="fr"
-    )
-    assert len(out) == 2 and all(isinstance(t.text, str) for t in out)
-    assert all("\n" not in t.text for t in out)  # one-line sources give one-line translations
+def _reference_translation(e, model, text: str, source: str, target: str, n: int) -> str:
+    """Greedy decoding of the translate prompt alone (no padding, no batch), cut at the first
+    end-of-turn or newline token, then cleaned."""
+    tok = e.loaded.tokenizer
+    prompt = e.chat_ids(TRANSLATE_SYSTEM, translate_prompt(text, source, target))
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    kept = []
+    for t in out[0, len(prompt) :].tolist():
+        if t == tok.eos_token_id or "\n" in tok.decode([t]):
+            break
+        kept.append(t)
+    return clean_translation(tok.decode(kept, skip_special_tokens=True), multiline=False)
+
+
+def test_translate_equals_greedy_decoding_of_each_prompt(client, srv, ref_model):
+    e = engine(srv, "tr")
+    texts = ["the house is blue", "hello world", "Good morning, how are you today?"]
+    out = client.translate(texts, model="tr", source_lang="en", target_lang="fr")  # default: 8 tokens
+    want = [_reference_translation(e, ref_model, t, "English", "French", 8) for t in texts]
+    assert [t.text for t in out] == want
+    assert any(want), "the reference must not be trivially empty"
 
 
 def test_translate_validates_languages_and_length(client):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import urllib.request
@@ -21,6 +20,7 @@ from bitserve_client import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over", "Once upon a time"]
@@ -55,12 +55,15 @@ def engine(srv, name):
 
 
 # ListModels, health, reflection ---------------------------------------------------------------
-def test_list_models_reports_quantization_and_smaller_memory(client):
+def test_list_models_reports_quantization_and_smaller_memory(client, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models["lm"]).parameters())
     models = {m.name: m for m in client.list_models()}
     assert set(models) == {"lm", "lm-int8", "lm-nf4", "topics", "topics-nf4", "tags", "sent", "t5"}
     lm = models["lm"]
     assert (lm.task, lm.quantization, lm.dtype, lm.device) == ("generate", "none", "float32", "cpu")
-    assert lm.parameter_count > 0 and lm.ready and lm.architecture == "LlamaForCausalLM"
+    assert lm.parameter_count == n_params and lm.ready and lm.architecture == "LlamaForCausalLM"
     assert models["lm-int8"].quantization == "int8" and models["lm-nf4"].quantization == "nf4"
     assert models["lm-int8"].memory_bytes < lm.memory_bytes
     assert models["lm-nf4"].memory_bytes < models["lm-int8"].memory_bytes
@@ -125,9 +128,11 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_models, monkeypatc
             for service in ("", "slow"):
                 r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                 assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            with Client(s.target, timeout=10) as c, pytest.raises(Exception) as e:
+            with (
+                Client(s.target, timeout=10) as c,
+                pytest.raises(UnavailableError, match="model 'slow' is still loading; retry shortly"),
+            ):
                 c.classify("hi", model="slow")
-            assert e.value.code == grpc.StatusCode.UNAVAILABLE and "loading" in e.value.message
             gate.set()
             s.run(s.server.wait_loaded())
             for service in ("", "slow"):
@@ -263,19 +268,55 @@ def test_greedy_generation_equals_transformers_generate(client, tiny_models):
     ]
 
 
-def test_quantized_generation_answers(client):
-    for name in ("lm-int8", "lm-nf4"):
-        g = client.generate("Hello world", model=name, max_new_tokens=5)
-        assert g.tokens >= 1 and g.finish_reason in {"length", "eos", "stop"}
+def _reference_scores(path, prompt, n, quantize):
+    """Greedy ids and each chosen token's log-probability from transformers at `quantize`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bitserve.quantization import bnb_config
+
+    tok = AutoTokenizer.from_pretrained(path)
+    q = {} if quantize == "none" else {"quantization_config": bnb_config(quantize), "device_map": {"": "cpu"}}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **q).eval()
+    enc = tok(prompt, return_tensors="pt")
+    out = model.generate(
+        **enc, max_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
+    ids = out.sequences[0, enc["input_ids"].shape[1] :].tolist()
+    return ids, [torch.log_softmax(s[0].float(), -1)[i].item() for s, i in zip(out.scores, ids)]
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantized_generation_equals_transformers_at_that_precision(client, tiny_models, mode):
+    """The served tokens and log-probabilities are those of the bitsandbytes model, not fp32's."""
+    ids, lps = _reference_scores(tiny_models["lm"], "Hello world", 8, mode)
+    _, fp32_lps = _reference_scores(tiny_models["lm"], "Hello world", 8, "none")
+    g = client.generate("Hello world", model=f"lm-{mode}", max_new_tokens=8, logprobs=True)
+    # This prompt decodes all 8 tokens without EOS at every precision.
+    assert (g.finish_reason, g.tokens) == ("length", 8)
+    assert [t.id for t in g.logprobs] == ids
+    got = [t.logprob for t in g.logprobs]
+    assert got == pytest.approx(lps, abs=2e-3)
+    # ...and quantization really happened: fp32 log-probabilities differ by more than that.
+    assert max(abs(a - b) for a, b in zip(got, fp32_lps)) > 1e-2
 
 
 def test_generate_stream_yields_tokens_then_final(client):
     events = list(client.generate_stream("Hello world", model="lm", max_new_tokens=8))
-    assert events[-1].final is not None
+    assert [e.final is None for e in events] == [True] * (len(events) - 1) + [False]
     final = events[-1].final
     assert "".join(e.text for e in events) == final.text
     unary = client.generate("Hello world", model="lm", max_new_tokens=8)
     assert final.text == unary.text and final.tokens == unary.tokens
+
+
+@pytest.mark.parametrize("n", [1, 4, 6])
+def test_stream_pieces_add_up_to_the_final_text(client, n):
+    """A stream's pieces concatenate to the final text, whatever token the length cap falls on."""
+    events = list(client.generate_stream("Hello world", model="lm", max_new_tokens=n, logprobs=True))
+    final = events[-1].final
+    assert final.finish_reason == "length" and final.tokens == n
+    assert [t.id for e in events for t in e.tokens] == [t.id for t in final.logprobs]
+    assert "".join(e.text for e in events) == final.text
 
 
 # Errors ----------------------------------------------------------------------------------------
@@ -335,21 +376,39 @@ def test_expired_deadline_does_not_run_the_model(srv, tiny_models, server_factor
 
 
 # Batching + metrics ----------------------------------------------------------------------------
-def test_concurrent_classify_calls_share_batches_and_metrics_show_it(client, srv):
+def _scrape(srv) -> dict:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+    return {f.name: f for f in text_string_to_metric_families(body)}
+
+
+def _value(fams, family, sample_name, **labels) -> float:
+    return sum(
+        s.value
+        for s in fams[family].samples
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_concurrent_classify_calls_share_batches_and_metrics_show_it(client, srv, tiny_models):
+    texts = [f"text number {i}" for i in range(32)]
+    ref, labels = _reference_probs(tiny_models["topics"], texts)
     batcher = engine(srv, "topics")._batcher
     batches_before, items_before = batcher.stats.batches, batcher.stats.items
     sizes_before = len(batcher.stats.sizes)
+    before = _scrape(srv)
     with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(lambda i: client.classify(f"text number {i}", model="topics"), range(32)))
-    assert len(results) == 32 and all(r[0].label for r in results)
+        results = list(pool.map(lambda t: client.classify(t, model="topics"), texts))
+    # Each caller gets the answer for its own text, not a batch neighbour's.
+    for res, probs in zip(results, ref):
+        got = {r.label: r.score for r in res}
+        assert [got[label] for label in labels] == pytest.approx(probs, abs=1e-4)
     batches = batcher.stats.batches - batches_before
     assert batcher.stats.items - items_before == 32
     sizes = batcher.stats.sizes[sizes_before:]
-    print(f"\n32 concurrent Classify calls -> {batches} forward passes, batch sizes {sizes}")
+    assert sum(sizes) == 32 and len(sizes) == batches
     assert batches < 32 and max(sizes) > 1
 
-    body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
-    fams = {f.name: f for f in text_string_to_metric_families(body)}
+    after = _scrape(srv)
     for name in (
         "bitserve_requests",
         "bitserve_request_duration_seconds",
@@ -360,46 +419,64 @@ def test_concurrent_classify_calls_share_batches_and_metrics_show_it(client, srv
         "bitserve_time_to_first_token_seconds",
         "bitserve_model_weight_memory_bytes",
     ):
-        assert name in fams, name
+        assert name in after, name
 
-    def value(family, sample_name, **labels):
-        return sum(
-            s.value
-            for s in fams[family].samples
-            if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
+    def delta(family, sample_name, **labels):
+        return _value(after, family, sample_name, **labels) - _value(before, family, sample_name, **labels)
 
-    assert value("bitserve_requests", "bitserve_requests_total", model="topics", code="OK") >= 32
-    assert value("bitserve_requests", "bitserve_requests_total", model="(unresolved)", code="NOT_FOUND") >= 1
-    assert value("bitserve_batch_size", "bitserve_batch_size_count", model="topics") >= batches
-    assert value("bitserve_batch_size", "bitserve_batch_size_sum", model="topics") >= 32
+    ok = {"model": "topics", "code": "OK"}
+    assert delta("bitserve_requests", "bitserve_requests_total", **ok) == 32
     assert (
-        value("bitserve_model_weight_memory_bytes", "bitserve_model_weight_memory_bytes", model="lm-nf4") > 0
+        delta("bitserve_request_duration_seconds", "bitserve_request_duration_seconds_count", model="topics")
+        == 32
     )
-    assert value("bitserve_generated_tokens", "bitserve_generated_tokens_total", model="lm") > 0
-    assert (
-        value(
-            "bitserve_time_to_first_token_seconds", "bitserve_time_to_first_token_seconds_count", model="lm"
-        )
-        > 0
-    )
-    json.dumps(sizes)
+    assert delta("bitserve_batch_size", "bitserve_batch_size_count", model="topics") == batches
+    assert delta("bitserve_batch_size", "bitserve_batch_size_sum", model="topics") == 32
+    assert _value(
+        after, "bitserve_model_weight_memory_bytes", "bitserve_model_weight_memory_bytes", model="lm-nf4"
+    ) == (engine(srv, "lm-nf4").loaded.memory_bytes)
+
+
+def test_metrics_count_errors_and_generated_tokens(client, srv):
+    before = _scrape(srv)
+    with pytest.raises(NotFoundError):
+        client.classify("x", model="nope")
+    g = client.generate("Hello world", model="lm", max_new_tokens=6)
+    after = _scrape(srv)
+
+    def delta(family, sample_name, **labels):
+        return _value(after, family, sample_name, **labels) - _value(before, family, sample_name, **labels)
+
+    # An unknown name is no label value (a client could add series without bound).
+    assert delta("bitserve_requests", "bitserve_requests_total", model="(unresolved)", code="NOT_FOUND") == 1
+    assert delta("bitserve_generated_tokens", "bitserve_generated_tokens_total", model="lm") == g.tokens
+    ttft = "bitserve_time_to_first_token_seconds"
+    assert delta(ttft, ttft + "_count", model="lm") == 1
 
 
 async def test_async_client(srv):
     from bitserve_client import AsyncClient, NotFoundError
 
+    # The sync client's answers are checked against transformers above: the async one must agree.
+    with Client(srv.target, timeout=60) as sync:
+        want = (
+            sync.classify("The team won", model="topics"),
+            sync.sentiment(["good", "bad"]),
+            sync.generate("Hello world", model="lm", max_new_tokens=6),
+            sync.translate("hello", source_lang="en", target_lang="fr"),
+            {m.name for m in sync.list_models()},
+            list(sync.generate_stream("Hello world", model="lm", max_new_tokens=6)),
+        )
     async with AsyncClient(srv.target, timeout=60) as c:
-        single = await c.classify("The team won", model="topics")
-        assert single[0].label in {"business", "sports", "politics", "tech"}
-        sent = await c.sentiment(["good", "bad"])
-        assert len(sent) == 2
+        assert await c.classify("The team won", model="topics") == want[0]
+        assert await c.sentiment(["good", "bad"]) == want[1]
         g = await c.generate("Hello world", model="lm", max_new_tokens=6)
+        assert g == want[2]
         pieces = [ev async for ev in c.generate_stream("Hello world", model="lm", max_new_tokens=6)]
-        assert pieces[-1].final is not None and pieces[-1].final.text == g.text
-        assert (await c.translate("hello", source_lang="en", target_lang="fr")).text is not None
-        assert {m.name for m in await c.list_models()} >= {"lm", "topics"}
-        with pytest.raises(NotFoundError):
+        assert pieces == want[5] and pieces[-1].final == g
+        assert await c.translate("hello", source_lang="en", target_lang="fr") == want[3]
+        assert {m.name for m in await c.list_models()} == want[4]
+        with pytest.raises(NotFoundError, match="model 'missing' is not loaded"):
             await c.generate("x", model="missing")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,7 +44,7 @@ class Server:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._http = None
+        self._http: WSGIServer | None = None
         self._loading: asyncio.Task[None] | None = None
         self.servicer: InferenceServicer | None = None
 

@@ -147,9 +147,11 @@ def build_seq2seq(path: str | Path, *, seed: int = 0) -> Path:
         num_heads=4,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
     )
+    config.decoder_start_token_id = tokenizer.pad_token_id
+    # transformers 5's T5Config always ties the embeddings and reads a `tie_word_embeddings=False`
+    # kwarg as "do not scale decoder outputs"; say that directly (the checkpoint stays as built).
+    config.scale_decoder_outputs = False
     model = T5ForConditionalGeneration(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
