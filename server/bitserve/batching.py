@@ -15,7 +15,7 @@ import collections
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -54,7 +54,7 @@ class BatcherStats:
 class DynamicBatcher(Generic[I, O]):
     def __init__(
         self,
-        process: Callable[[list[I]], Sequence[O]],
+        process: Callable[[list[I]], Sequence[O]] | Callable[[list[I]], Awaitable[Sequence[O]]],
         *,
         max_batch_size: int,
         max_batch_delay_ms: float,

@@ -124,7 +124,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _call(self, context, task: Task, method: str) -> _Call:
         return _Call(self, context, task, method)
 
-    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse | None:
         async with self._call(context, Task.GENERATE, "Generate") as call:
             name = call.begin(request)
             engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
@@ -134,6 +134,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
             gens = await engine.generate(texts, params, deadline=_deadline(context))
             return convert.generate_response(engine.name, gens)
+        return None  # the caller left (cancelled, deadline): nothing to answer
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context
@@ -157,18 +158,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # Templates are Python (jinja): rendered off the event loop, like tokenization.
         return str(await engine.off_loop(chat.render, engine.tokenizer, messages, engine.name))
 
-    async def Chat(self, request: pb.ChatRequest, context) -> pb.ChatResponse:
-        async with self._call(context, Task.GENERATE, "Chat", request.model) as call:
-            engine = self._registry.get(Task.GENERATE, request.model, GenerateEngine)
+    async def Chat(self, request: pb.ChatRequest, context) -> pb.ChatResponse | None:
+        async with self._call(context, Task.GENERATE, "Chat") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
             call.model = engine.name
             text = await self._chat_prompt(request, engine)
             params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
             (gen,) = await engine.generate([text], params, deadline=_deadline(context))
             return pb.ChatResponse(model=engine.name, generation=convert.generation_pb(gen))
+        return None  # the caller left (cancelled, deadline): nothing to answer
 
     async def ChatStream(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async with self._call(context, Task.GENERATE, "ChatStream", request.model) as call:
-            engine = self._registry.get(Task.GENERATE, request.model, GenerateEngine)
+        async with self._call(context, Task.GENERATE, "ChatStream") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
             call.model = engine.name
             text = await self._chat_prompt(request, engine)
             params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
@@ -179,7 +183,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
 
-    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse | None:
         async with self._call(context, Task.CLASSIFY, "Classify") as call:
             name = call.begin(request)
             labels = convert.candidate_labels_from(request.candidate_labels, self._server)
@@ -194,8 +198,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 deadline=_deadline(context),
             )
             return convert.classify_response(engine.name, results, engine.multi_label)
+        return None  # the caller left (cancelled, deadline): nothing to answer
 
-    async def Sentiment(self, request: pb.SentimentRequest, context) -> pb.SentimentResponse:
+    async def Sentiment(self, request: pb.SentimentRequest, context) -> pb.SentimentResponse | None:
         async with self._call(context, Task.SENTIMENT, "Sentiment") as call:
             name = call.begin(request)
             engine = self._registry.get(Task.SENTIMENT, name, SentimentEngine)
@@ -204,8 +209,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
             results = await engine.sentiment(texts, deadline=_deadline(context))
             return convert.sentiment_response(engine.name, results)
+        return None  # the caller left (cancelled, deadline): nothing to answer
 
-    async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
+    async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse | None:
         async with self._call(context, Task.TRANSLATE, "Translate") as call:
             name = call.begin(request)
             source = convert.language_from("source_lang", request.source_lang)
@@ -222,6 +228,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 deadline=_deadline(context),
             )
             return convert.translate_response(engine.name, results)
+        return None  # the caller left (cancelled, deadline): nothing to answer
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(

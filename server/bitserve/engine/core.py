@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with torch.inference_mode():
-            core = Core(workers, lambda msg: push.send(P.pack(msg), copy=False))
+
+            def send(msg: list[Any]) -> None:
+                push.send(P.pack(msg), copy=False)
+
+            core = Core(workers, send)
             core.serve(_zmq_recv(pull), lambda: os.getppid() == parent)
     finally:
         push.close(linger=5000)

@@ -62,6 +62,10 @@ class _InstructEngine:
 
     backend = "instruct"
     uses_scheduler = True
+    # Provided by the Engine this mixes into.
+    loaded: LoadedModel
+    name: str
+    max_input_tokens: int
 
     @classmethod
     def auto_class(cls) -> Any:

@@ -147,6 +147,8 @@ class CausalLM:
             from transformers import DynamicCache
 
             rows = DynamicCache(config=self.model.config)
+            src: Any
+            dst: Any
             for src, dst in zip(cache.layers, rows.layers, strict=True):
                 dst.device = src.keys.device
                 dst.keys = src.keys.index_select(0, index)
