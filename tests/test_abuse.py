@@ -74,6 +74,14 @@ def G(texts=("Hello",), model="lm", **params):
     return pb.GenerateRequest(texts=list(texts), model=model, parameters=pb.GenerationParameters(**params))
 
 
+def CH(messages=(("user", "Hello"),), model="lm", **params):
+    return pb.ChatRequest(
+        messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+        model=model,
+        parameters=pb.GenerationParameters(**params),
+    )
+
+
 def C(texts=("Hello",), model="topics", **kw):
     return pb.ClassifyRequest(texts=list(texts), model=model, **kw)
 
@@ -93,6 +101,18 @@ LONG_PROMPT = "word " * 300  # within max_text_chars, over the tiny models' 128-
 
 # (method, request, code, text the message must contain: the field or limit to fix)
 CASES = [
+    # Chat / ChatStream (the tiny "lm" has no chat template: FAILED_PRECONDITION once valid)
+    ("Chat", CH(messages=()), IA, "messages: at least one message"),
+    ("Chat", CH(messages=(("robot", "hi"),)), IA, "messages[0].role"),
+    ("Chat", CH(messages=(("user", "hi"), ("assistant", "   "))), IA, "messages[1].content"),
+    ("Chat", CH(messages=(("user", "x" * 5000),)), IA, "messages"),
+    ("Chat", CH(model="nope"), NF, "model 'nope'"),
+    ("Chat", CH(model="topics"), FP, "serves task 'classify'"),
+    ("Chat", CH(), FP, "no chat template"),
+    ("ChatStream", CH(messages=()), IA, "messages: at least one message"),
+    ("ChatStream", CH(messages=(("", "hi"),)), IA, "messages[0].role"),
+    ("ChatStream", CH(model="sent"), FP, "serves task 'sentiment'"),
+    ("ChatStream", CH(), FP, "no chat template"),
     # Generate
     ("Generate", G(texts=()), IA, "texts"),
     ("Generate", G(texts=("",)), IA, "texts[0]"),
@@ -182,7 +202,7 @@ def invoke(channel, method: str, request, timeout: float = 60):
     raw = isinstance(request, bytes)
     kw = {} if raw else {"request_serializer": type(request).SerializeToString}
     path = f"/bitserve.v1.Inference/{method}"
-    if method == "GenerateStream":
+    if method.endswith("Stream"):
         return list(channel.unary_stream(path, **kw)(request, timeout=timeout))
     return channel.unary_unary(path, **kw)(request, timeout=timeout)
 
@@ -271,6 +291,19 @@ REQUESTS = {
         source_lang=st.sampled_from(["en", "fr", "de"]) | st.sampled_from(["", "xx"]) | st.text(max_size=40),
         target_lang=st.sampled_from(["en", "fr", "de"]) | st.sampled_from(["", "xx"]) | st.text(max_size=40),
         max_new_tokens=_new_tokens,
+    ),
+    "Chat": st.builds(
+        pb.ChatRequest,
+        messages=st.lists(
+            st.builds(
+                pb.ChatMessage,
+                role=st.sampled_from(["user", "system", "assistant", "", "x"]),
+                content=st.text(max_size=60),
+            ),
+            max_size=4,
+        ),
+        model=_model("lm", ""),
+        parameters=_params,
     ),
     "ListModels": st.just(pb.ListModelsRequest()),
     # Arbitrary bytes: mostly undecodable, sometimes a valid message by accident.
