@@ -12,14 +12,11 @@ message (receiver side, wall clock / messages) and messages per second, and save
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
 import tempfile
 import time
-from pathlib import Path
 
-from bench.serve_memory import machine, revision
+from bench.results import column, command_line, write
 
 
 def step_message(rows: int) -> list:
@@ -95,34 +92,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--messages", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--save", default="ipc", help="bench/results/NAME.json")
     args = ap.parse_args(argv)
     runs: dict[str, list[float]] = {"zmq+msgpack": [], "mp.Pipe+pickle": []}
     for _ in range(args.rounds):  # interleaved: noise hits both alike
         runs["zmq+msgpack"].append(bench_zmq(args.rows, args.messages))
         runs["mp.Pipe+pickle"].append(bench_pipe(args.rows, args.messages))
-    out = {}
+    rows = []
     for name, xs in runs.items():
         us = sorted(x * 1e6 for x in xs)
-        out[name] = {
-            "us_per_message_median": round(us[len(us) // 2], 2),
-            "us_per_message_range": [round(us[0], 2), round(us[-1], 2)],
-        }
-        print(
-            f"{name:16s} {out[name]['us_per_message_median']:7.2f} us/message (range {us[0]:.2f}-{us[-1]:.2f}), {args.rows}-row step messages"
+        rows.append(
+            {
+                "transport": name,
+                "rows": args.rows,
+                "us_median": us[len(us) // 2],
+                "us_min": us[0],
+                "us_max": us[-1],
+                "rounds": len(us),
+            }
         )
-    result = {
-        "command": f"python -m bench.ipc --rows {args.rows} --messages {args.messages} --rounds {args.rounds}",
-        "revision": revision(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine(),
-        "load_average": os.getloadavg(),
-        "results": out,
-    }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"ipc-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
-        json.dumps(result, indent=2) + "\n"
+        print(f"{name:16s} {us[len(us) // 2]:7.2f} us/message (range {us[0]:.2f}-{us[-1]:.2f})")
+    path = write(
+        args.save,
+        command=command_line("bench.ipc"),
+        columns=[
+            column("transport", "transport"),
+            column("rows", "rows per step message"),
+            column("us_median", "us per message, median", "{:.1f}"),
+            column("us_min", "min", "{:.1f}"),
+            column("us_max", "max", "{:.1f}"),
+            column("rounds", "rounds (interleaved)"),
+        ],
+        rows=rows,
+        notes=[f"{args.messages} messages per round, received and decoded by the parent process"],
     )
+    print(f"saved {path}")
     return 0
 
 

@@ -10,9 +10,7 @@ process from /proc. Prints and saves JSON with the command, revision, date and m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -40,37 +38,9 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def machine() -> dict[str, object]:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serve_memory")
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--save", default="serve-memory", help="bench/results/NAME.json")
     args = ap.parse_args(argv)
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -108,23 +78,24 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.wait(60)
     total = sum(rss.values())
-    result = {
-        "command": "python -m bench.serve_memory",
-        "revision": revision(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine(),
-        "config": "default (SmolLM2-135M-Instruct, four models, quantize none)",
-        "ready_s": round(ready_s, 1),
-        "rss_bytes": rss,
-        "total_rss_bytes": total,
-    }
-    print(json.dumps(result, indent=2))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"serve-memory-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
-        json.dumps(result, indent=2) + "\n"
+    from bench.results import column, command_line, write
+
+    rows = [{"process": name, "rss_mb": b / 1e6} for name, b in rss.items()]
+    rows.append({"process": "total", "rss_mb": total / 1e6})
+    path = write(
+        args.save,
+        command=command_line("bench.serve_memory"),
+        columns=[
+            column("process", "process"),
+            column("rss_mb", "resident memory after warm-up, MB", "{:.0f}"),
+        ],
+        rows=rows,
+        notes=[
+            "default config: SmolLM2-135M-Instruct for all four tasks, quantize none (538 MB of fp32 weights)",
+            f"command to SERVING: {ready_s:.1f} s; then one request per model, 1 s idle, /proc VmRSS",
+        ],
     )
-    print(f"total RSS after warm-up: {total / 1e9:.2f} GB over {len(rss)} processes")
+    print(f"total RSS after warm-up: {total / 1e9:.2f} GB over {len(rss)} processes; saved {path}")
     return 0
 
 

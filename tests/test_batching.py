@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bitserve.batching import DynamicBatcher
-from bitserve.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from bitserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
 
 class Recorder:
@@ -79,10 +79,19 @@ async def test_error_reaches_every_waiting_request():
 
 async def test_full_queue_is_refused_with_resource_exhausted():
     rec = Recorder()
-    b = make(rec, max_queue_size=3)
-    with pytest.raises(ResourceExhausted, match="queue is full"):
+    rec.gate.clear()  # hold the worker inside the first batch: the queue fills up
+    b = make(rec, max_queue_size=3, max_batch_size=1, max_batch_delay_ms=0)
+    first = asyncio.ensure_future(b.submit([1]))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(b.submit([2, 3]))
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match=r"queue is full \(2 texts waiting, limit 3\); retry later"):
+        await b.submit([4, 5])
+    # More texts than the queue can ever hold: no retry could help, so INVALID_ARGUMENT.
+    with pytest.raises(InvalidArgument, match="4 texts is more than model 't' can ever queue"):
         await b.submit([1, 2, 3, 4])
-    assert await b.submit([1, 2, 3]) == [10, 20, 30]
+    rec.gate.set()
+    assert await first == [10] and await queued == [20, 30]
     await b.stop()
 
 

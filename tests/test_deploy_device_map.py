@@ -98,16 +98,16 @@ def test_max_memory_settings_normalize_keys_and_reject_what_accelerate_would():
     )
     assert s.models[0].max_memory == {0: "70GiB", 1: "1.5GB", "cpu": 1000, 2: "20GiB"}
     cases = {
-        "models.0: Value error, max_memory spreads the model over devices: it needs device: auto, not 'cpu'": _model(
+        "models.0: max_memory spreads the model over devices: it needs device: auto, not 'cpu'": _model(
             device="cpu", max_memory={"cpu": "1GB"}
         ),
-        "models.0.max_memory: Value error, key 'gpu0' must be a GPU index (0, 1, ... or cuda:N) or 'cpu'": _model(
+        "models.0.max_memory: key 'gpu0' must be a GPU index (0, 1, ... or cuda:N) or 'cpu'": _model(
             max_memory={"gpu0": "1GB"}
         ),
-        "models.0.max_memory: Value error, cpu: 'lots' is not a size; use bytes or e.g. '500MB', '1.5GiB'": _model(
+        "models.0.max_memory: cpu: 'lots' is not a size; use bytes or e.g. '500MB', '1.5GiB'": _model(
             max_memory={"cpu": "lots"}
         ),
-        "models.0.max_memory: Value error, 0: '2TB' is not a size": _model(max_memory={0: "2TB"}),
+        "models.0.max_memory: 0: '2TB' is not a size": _model(max_memory={0: "2TB"}),
     }
     for message, model in cases.items():
         with pytest.raises(ConfigError) as err:

@@ -208,13 +208,13 @@ def test_cancelled_streams_are_cancelled_never_internal(srv, caplog, n):
     eng = srv.server.registry._engines["lm"]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (
-        eng.scheduler.running
+        eng.core.running
         or requests_total(srv, method="GenerateStream", code="CANCELLED") - before["CANCELLED"] < n
     ):
         time.sleep(0.05)
     assert requests_total(srv, method="GenerateStream", code="INTERNAL") == before["INTERNAL"]
     assert requests_total(srv, method="GenerateStream", code="CANCELLED") - before["CANCELLED"] == n
-    assert eng.scheduler.running == 0
+    assert eng.core.running == 0
     fams = metric_families(srv)
     for gauge in ("bitserve_running_sequences", "bitserve_queue_depth"):
         values = [s.value for s in fams[gauge].samples if s.labels.get("model") == "lm"]
