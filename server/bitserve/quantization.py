@@ -6,6 +6,7 @@ in bitserve knows bitsandbytes internals.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,22 +18,33 @@ MODES = ("none", "int8", "nf4", "fp4")
 HEAD_MODULES = ["lm_head", "classifier", "score", "qa_outputs"]
 
 
-def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, *, double_quant: bool = True):
-    """The `BitsAndBytesConfig` for a mode, or None for "none"."""
+def bnb_config(
+    mode: str,
+    compute_dtype: torch.dtype = torch.float32,
+    *,
+    double_quant: bool = True,
+    skip_modules: Sequence[str] = (),
+):
+    """The `BitsAndBytesConfig` for a mode, or None for "none".
+
+    `skip_modules` (module names, matched as by transformers: a name contained in the module's
+    dotted path) stay unquantized, beside the task heads.
+    """
     if mode == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    skip = HEAD_MODULES + [m for m in skip_modules if m not in HEAD_MODULES]
     if mode == "int8":
         # LLM.int8 (vector-wise int8 with outlier decomposition).
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if mode in ("nf4", "fp4"):
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=mode,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=double_quant,
-            llm_int8_skip_modules=HEAD_MODULES,
+            llm_int8_skip_modules=skip,
         )
     raise ValueError(f"unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}")
 
