@@ -92,6 +92,11 @@ def report(opts: ReportOptions) -> dict[str, Any]:
     dataset = data.read(opts.data)
     task.validate(dataset)
     modes = _modes_for(config, opts.modes, opts.model)
+    if quantization.mode_of(config) != "none" and not opts.quant.is_default:
+        raise OptionError(
+            f"{opts.model}: checkpoint is saved quantized; its quantization options are fixed "
+            "(drop --compute-dtype/--no-double-quant/--skip-modules)"
+        )
     results = [
         evaluate(
             opts.model,

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from bitserve.loading import load_checkpoint
 from bitserve_quantize import tasks
 from bitserve_quantize.cli import main
+from bitserve_quantize.errors import OptionError
 from bitserve_quantize.export import ExportOptions, export
 from bitserve_quantize.report import QuantOptions, ReportOptions, load, report
 
@@ -88,6 +89,9 @@ def test_export_saves_the_options_the_server_then_uses(tiny_models, tmp_path, lm
     served = load_checkpoint(str(out), AutoModelForCausalLM, device="cpu").model
     assert SKIP not in _layers(served) and _layers(served)
     assert not any(m.weight.quant_state.nested for m in _layers(served).values())
+    # A saved quantized checkpoint cannot be re-reported with other options: said, not ignored.
+    with pytest.raises(OptionError, match="its quantization options are fixed"):
+        report(ReportOptions(model=str(out), data=str(lm_data), device="cpu", skip_modules=(SKIP,)))
 
 
 def test_cli_flags(tiny_models, tmp_path, lm_data, capsys):
