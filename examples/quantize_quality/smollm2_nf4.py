@@ -59,7 +59,9 @@ def sensitivity(path: str, texts: list[str], max_length: int) -> list[tuple[str,
         for m in linears:
             q, state = F.quantize_4bit(m.weight.data, quant_type="nf4", compress_statistics=True)
             m.weight.data = F.dequantize_4bit(q, state).to(m.weight.dtype)
-        found.append((f"model.layers.{i}.", loss() - base))
+        # No trailing dot: transformers matches skip patterns as regexes from the start of the
+        # module path up to a boundary, so "model.layers.2." would also match layers 20-29.
+        found.append((f"model.layers.{i}", loss() - base))
         for m, w in zip(linears, saved, strict=True):
             m.weight.data = w
     return sorted(found, key=lambda e: -e[1])
