@@ -27,8 +27,9 @@ def bnb_config(
 ):
     """The `BitsAndBytesConfig` for a mode, or None for "none".
 
-    `skip_modules` (module names, matched as by transformers: a name contained in the module's
-    dotted path) stay unquantized, beside the task heads.
+    `skip_modules` stay unquantized, beside the task heads. transformers matches each as a
+    regex from the start of a module's path up to a module boundary, or as a suffix:
+    "model.layers.3" is all of layer 3 ("model.layers.3." would also match layers 30-39).
     """
     if mode == "none":
         return None
