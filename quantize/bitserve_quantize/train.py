@@ -2,7 +2,7 @@
 
 Master weights are always fp32; autocast runs the forward pass in the lower precision, and fp16
 adds a GradScaler (bf16 has fp32's range and needs none). QLoRA loads the base in NF4 with
-double quantization and bf16 compute, prepares it for k-bit training and trains LoRA adapters
+double quantization, computing in the --precision dtype, prepares it for k-bit training and trains LoRA adapters
 (plus the task head for classifiers). One code path serves one process and DDP under
 `torchrun` / `accelerate launch`.
 """
