@@ -18,8 +18,8 @@ from typing import Any
 from bitserve.quantization import MODES
 
 from .errors import QuantizeError
-from .export import ExportOptions, export
-from .report import ReportOptions, report
+from .export import MERGE_BASES, ExportOptions, export
+from .report import COMPUTE_DTYPES, ReportOptions, report
 from .tasks import TASKS
 from .train import METHODS, PRECISIONS, SCHEDULES, FinetuneOptions, finetune
 
@@ -32,6 +32,27 @@ def _modes(value: str) -> tuple[str, ...]:
     if bad or not modes:
         raise argparse.ArgumentTypeError(f"modes must be a comma list of {', '.join(MODES)}; got {value!r}")
     return modes
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+def _quant_flags(p: argparse.ArgumentParser) -> None:
+    """How int8/nf4/fp4 are applied; the defaults are the server's."""
+    p.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default="auto",
+        help="4-bit matmul dtype (auto: load dtype)",
+    )
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="4-bit: fp32 scales")
+    p.add_argument(
+        "--skip-modules",
+        type=_names,
+        default=(),
+        help="comma list of module names kept unquantized (e.g. model.layers.0.mlp.down_proj)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="report data (default: the fine-tune's held-out eval.jsonl)")
     e.add_argument("--no-report", dest="report", action="store_false")
     e.add_argument("--batch-size", type=int, default=ExportOptions.batch_size)
-    e.add_argument("--max-length", type=int, default=ExportOptions.max_length)
+    e.add_argument(
+        "--max-length", type=int, default=ExportOptions.max_length, help="default: the fine-tune's"
+    )
     e.add_argument("--device", default=ExportOptions.device)
+    e.add_argument(
+        "--merge-base",
+        choices=MERGE_BASES,
+        default=ExportOptions.merge_base,
+        help="merge LoRA into the fp32 base or the dequantized NF4 base (auto: dequantized for QLoRA)",
+    )
+    _quant_flags(e)
     e.set_defaults(run=_export)
 
     r = sub.add_parser("report", help="score one checkpoint at each precision: quality.json + chart")
@@ -103,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-length", type=int, default=ReportOptions.max_length)
     r.add_argument("--device", default=ReportOptions.device)
     r.add_argument("--no-chart", dest="chart", action="store_false")
+    _quant_flags(r)
     r.set_defaults(run=_report)
     return p
 
@@ -121,6 +152,8 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_parameters": res.trainable_parameters,
         "total_parameters": res.total_parameters,
         "peak_memory_bytes": res.peak_memory_bytes,
+        "eval_peak_memory_bytes": res.eval_peak_memory_bytes,
+        "skipped_steps": res.skipped_steps,
         "resumed_from": res.resumed_from,
     }
 

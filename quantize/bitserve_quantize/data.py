@@ -125,17 +125,41 @@ def require_columns(dataset: Dataset, alternatives: Sequence[Sequence[str]]) -> 
     return tuple(chosen)
 
 
-def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """A reproducible (train, held-out) split; the held-out part has at least one record."""
+def split(
+    dataset: Dataset, fraction: float, seed: int, *, stratify: str | None = None
+) -> tuple[Dataset, Dataset]:
+    """A reproducible (train, held-out) split; the held-out part has at least one record.
+
+    With `stratify` (a column, e.g. "label") each value is split on its own, so the held-out
+    part has the data's class mix and a value seen once always stays in training (a class the
+    model never trained on could not be scored).
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"eval split must be in (0, 1), got {fraction}")
     if len(dataset) < 2:
         raise DataError(dataset.path, f"{len(dataset)} record(s): too few to hold out an eval split")
-    order = list(range(len(dataset)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(order) * fraction))
-    held = sorted(order[:n_eval])
-    kept = sorted(order[n_eval:])
+    rng = random.Random(seed)
+    if stratify is None:
+        groups = [list(range(len(dataset)))]
+    else:
+        by_value: dict[str, list[int]] = {}
+        for i, r in enumerate(dataset.records):
+            by_value.setdefault(r.text(stratify), []).append(i)
+        groups = [by_value[v] for v in sorted(by_value)]
+    held_idx: list[int] = []
+    for group in groups:
+        order = list(group)
+        rng.shuffle(order)
+        n_eval = round(len(order) * fraction)
+        if stratify is not None:
+            n_eval = min(n_eval, len(order) - 1)
+        held_idx += order[:n_eval]
+    if not held_idx:  # tiny data: hold out one record from the largest group that can spare it
+        group = max(groups, key=len)
+        held_idx = [group[rng.randrange(len(group))]]
+    held = sorted(held_idx)
+    chosen = set(held)
+    kept = [i for i in range(len(dataset)) if i not in chosen]
     return (
         Dataset(dataset.path, [dataset.records[i] for i in kept]),
         Dataset(dataset.path + f" (held-out {fraction:g})", [dataset.records[i] for i in held]),

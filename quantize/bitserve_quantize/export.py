@@ -1,8 +1,10 @@
 """Export: merge LoRA adapters into the base, quantize, save a checkpoint the server loads as is.
 
-Merging into a 4-bit base would need dequantizing it, so the base is always reloaded in fp32,
-the adapter applied and merged there, and the merged model quantized at the end by loading it
-through `bitserve.loading.load_checkpoint` (the server's own path) and saving that. The output
+The adapter is merged into a float base: the fp32 checkpoint, or (the default for a QLoRA
+fine-tune) the NF4 weights it was trained against, dequantized, so the merged model is the
+trained one. A QLoRA export also reports the as-trained model (NF4 base + adapter) beside the
+merge. The merged model is quantized at the end by loading it through
+`bitserve.loading.load_checkpoint` (the server's own path) and saving that. The output
 directory is built beside the destination and renamed into place when complete.
 """
 
@@ -29,6 +31,8 @@ from .versions import versions
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MERGE_BASES = ("auto", "fp32", "dequantized")
+AS_TRAINED = "qlora-as-trained"  # the report row of the NF4 base + adapter
 
 
 @dataclass
@@ -41,8 +45,16 @@ class ExportOptions:
     data: str | None = None  # report data; default: the fine-tune's held-out eval.jsonl
     report: bool = True
     batch_size: int = 32
-    max_length: int = 256
+    max_length: int | None = None  # default: the fine-tune's, so both evals see the same inputs
     device: str = "auto"
+    merge_base: str = "auto"  # fp32 | dequantized (NF4 weights, as QLoRA trained) | auto
+    compute_dtype: str = "auto"  # 4-bit matmul dtype saved in the export's config
+    double_quant: bool = True
+    skip_modules: tuple[str, ...] = ()  # kept unquantized in the export, beside the task heads
+
+    @property
+    def quant(self) -> report.QuantOptions:
+        return report.QuantOptions(self.compute_dtype, self.double_quant, tuple(self.skip_modules))
 
 
 @dataclass
@@ -58,7 +70,12 @@ def export(opts: ExportOptions) -> dict[str, Any]:
 
     if opts.quantize not in quantization.MODES:
         raise OptionError(f"--quantize must be one of {', '.join(quantization.MODES)}, not {opts.quantize!r}")
+    if opts.merge_base not in MERGE_BASES:
+        raise OptionError(f"--merge-base must be one of {', '.join(MERGE_BASES)}, not {opts.merge_base!r}")
+    opts.quant.check()
     src = _resolve(opts)
+    merge_base = _merge_base(opts, src)
+    max_length = opts.max_length or (src.finetune.get("options") or {}).get("max_length") or 256
     config = AutoConfig.from_pretrained(src.base)
     if quantization.mode_of(config) != "none":
         raise CheckpointError(
@@ -71,13 +88,13 @@ def export(opts: ExportOptions) -> dict[str, Any]:
     for d in (staging, tmp):
         shutil.rmtree(d, ignore_errors=True)
     try:
-        _merge(src, task, staging)
+        _merge(src, task, staging, merge_base)
         if opts.quantize == "none":
             shutil.copytree(staging, tmp)
         else:
-            _quantize(staging, task, opts.quantize, tmp, opts.device)
-        quality = _report(opts, src, task, staging, tmp)
-        manifest = _manifest(opts, src, task, quality)
+            _quantize(staging, task, opts.quantize, tmp, opts.device, opts.quant)
+        quality = _report(opts, src, task, staging, tmp, max_length)
+        manifest = _manifest(opts, src, task, quality, merge_base, max_length)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _replace(tmp, out)
     finally:
@@ -118,15 +135,63 @@ def _resolve(opts: ExportOptions) -> _Source:
     return _Source(str(base), str(adapter), finetune, str(tok))
 
 
-def _merge(src: _Source, task: tasks.Task, dest: Path) -> None:
-    """fp32 base (+ adapter, merged) saved as safetensors in `dest`."""
-    from bitserve.loading import load_tokenizer
+def _merge_base(opts: ExportOptions, src: _Source) -> str:
+    qlora = src.finetune.get("method") == "qlora"
+    if opts.merge_base == "auto":
+        return "dequantized" if qlora and src.adapter else "fp32"
+    if opts.merge_base == "dequantized" and not src.adapter:
+        raise OptionError("--merge-base dequantized needs a LoRA adapter to merge")
+    return opts.merge_base
+
+
+def _base_kwargs(src: _Source, task: tasks.Task) -> dict[str, Any]:
+    """from_pretrained arguments that rebuild the fine-tune's base: its label set, its pad id."""
+    from transformers import AutoConfig
 
     labels = src.finetune.get("labels")
     kwargs = task.model_kwargs(labels)
     if labels:
         kwargs["ignore_mismatched_sizes"] = True
-    model = task.auto_class.from_pretrained(src.base, dtype=torch.float32, **kwargs)
+    if isinstance(task, tasks.ClassifyTask) and AutoConfig.from_pretrained(src.base).pad_token_id is None:
+        from bitserve.loading import load_tokenizer
+
+        kwargs["pad_token_id"] = task.prepare_tokenizer(load_tokenizer(src.tokenizer_dir)).pad_token_id
+    return kwargs
+
+
+def load_base(src: _Source, task: tasks.Task, base: str, compute: torch.dtype = torch.float32) -> Any:
+    """The fine-tune's base: fp32 weights, or the NF4 weights QLoRA trained against ("nf4", with
+    the same double quantization), or those dequantized to fp32 ("dequantized")."""
+    kwargs = _base_kwargs(src, task)
+    if base == "fp32":
+        return task.auto_class.from_pretrained(src.base, dtype=torch.float32, **kwargs)
+    qc = quantization.bnb_config("nf4", compute, double_quant=True)
+    model = task.auto_class.from_pretrained(
+        src.base, quantization_config=qc, device_map={"": "cpu"}, dtype=torch.float32, **kwargs
+    )
+    if base == "nf4":
+        return model
+    model = model.dequantize(dtype=torch.float32)
+    # Loading quantized leaves these behind; the merged checkpoint is a plain fp32 one.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.is_quantized = False
+    model.hf_quantizer = None
+    return model.float()
+
+
+def load_as_trained(src: _Source, task: tasks.Task, compute: torch.dtype = torch.float32) -> Any:
+    """NF4 base + the LoRA adapter, unmerged: the model a QLoRA fine-tune trained."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(src, task, "nf4", compute), src.adapter).eval()
+
+
+def _merge(src: _Source, task: tasks.Task, dest: Path, base: str = "fp32") -> None:
+    """fp32 or dequantized-NF4 base (+ adapter, merged) saved as safetensors in `dest`."""
+    from bitserve.loading import load_tokenizer
+
+    model = load_base(src, task, base)
     if src.adapter:
         from peft import PeftModel
 
@@ -135,18 +200,19 @@ def _merge(src: _Source, task: tasks.Task, dest: Path) -> None:
     load_tokenizer(src.tokenizer_dir).save_pretrained(dest)
 
 
-def _quantize(merged: Path, task: tasks.Task, mode: str, dest: Path, device: str) -> None:
-    from bitserve.loading import load_checkpoint
-
-    loaded = load_checkpoint(str(merged), task.auto_class, quantize=mode, dtype="auto", device=device)
+def _quantize(
+    merged: Path, task: tasks.Task, mode: str, dest: Path, device: str, quant: report.QuantOptions
+) -> None:
+    loaded = report.load(str(merged), task, mode, device, quant)
     loaded.model.save_pretrained(dest, safe_serialization=True)
     loaded.tokenizer.save_pretrained(dest)
 
 
 def _report(
-    opts: ExportOptions, src: _Source, task: tasks.Task, merged: Path, exported: Path
+    opts: ExportOptions, src: _Source, task: tasks.Task, merged: Path, exported: Path, max_length: int
 ) -> dict[str, Any]:
-    """quality.json beside the checkpoint: the unquantized merge and the export, same data."""
+    """quality.json beside the checkpoint: the unquantized merge and the export, same data (and
+    for QLoRA the as-trained model, NF4 base + adapter)."""
     candidates = (
         [opts.data] if opts.data else [str(Path(d) / EVAL_FILE) for d in (src.adapter, src.base) if d]
     )
@@ -163,6 +229,8 @@ def _report(
     dataset = data.read(path)
     task.validate(dataset)
     rows = []
+    if src.adapter and src.finetune.get("method") == "qlora":
+        rows.append(_as_trained_row(src, task, dataset, opts.batch_size, max_length))
     if opts.quantize != "none":
         rows.append(
             report.evaluate(
@@ -171,7 +239,7 @@ def _report(
                 dataset,
                 "none",
                 batch_size=opts.batch_size,
-                max_length=opts.max_length,
+                max_length=max_length,
                 device=opts.device,
             )
         )
@@ -182,14 +250,48 @@ def _report(
             dataset,
             opts.quantize,
             batch_size=opts.batch_size,
-            max_length=opts.max_length,
+            max_length=max_length,
             device=opts.device,
         )
     )
     doc = report.document(task, str(exported), dataset, rows)
+    doc["max_length"] = max_length
     doc["model"] = str(Path(opts.output).resolve())
     report.write(exported, doc)
     return doc
+
+
+def _as_trained_row(
+    src: _Source, task: tasks.Task, dataset: data.Dataset, batch_size: int, max_length: int
+) -> dict[str, Any]:
+    """The QLoRA model as trained (NF4 base + adapter, unmerged), scored like the other rows.
+
+    Computed in fp32 on CPU like the "none" row, so the rows differ by weights only.
+    """
+    import contextlib
+
+    from bitserve.loading import load_tokenizer
+
+    model = load_as_trained(src, task)
+    tokenizer = task.prepare_tokenizer(load_tokenizer(src.tokenizer_dir))
+    tokenizer.padding_side = "right"
+    scored = task.evaluate(
+        model,
+        tokenizer,
+        dataset,
+        batch_size=batch_size,
+        max_length=max_length,
+        autocast=contextlib.nullcontext,
+    )
+    return {
+        "quantize": AS_TRAINED,
+        **{k: round(v, 6) for k, v in scored.metrics.items()},
+        "memory_bytes": int(model.get_memory_footprint()),
+        "examples_per_s": round(scored.examples_per_s, 3),
+        "seconds": round(scored.seconds, 3),
+        "device": "cpu",
+        "dtype": "float32",
+    }
 
 
 def _memory_only(path: Path, task: tasks.Task, mode: str, device: str) -> dict[str, Any]:
@@ -199,8 +301,16 @@ def _memory_only(path: Path, task: tasks.Task, mode: str, device: str) -> dict[s
     return {"quantize": mode, "memory_bytes": loaded.memory_bytes, "examples_per_s": 0.0}
 
 
-def _manifest(opts: ExportOptions, src: _Source, task: tasks.Task, quality: dict[str, Any]) -> dict[str, Any]:
+def _manifest(
+    opts: ExportOptions,
+    src: _Source,
+    task: tasks.Task,
+    quality: dict[str, Any],
+    merge_base: str,
+    max_length: int,
+) -> dict[str, Any]:
     ft = src.finetune
+    ft_opts = ft.get("options") or {}
     return {
         "kind": "bitserve-export",
         "task": task.name,
@@ -209,9 +319,18 @@ def _manifest(opts: ExportOptions, src: _Source, task: tasks.Task, quality: dict
         "method": ft.get("method", "none"),
         "precision": ft.get("precision"),
         "quantize": opts.quantize,
+        "quantize_options": opts.quant.describe() if opts.quantize != "none" else None,
         "labels": ft.get("labels"),
         "data_sha256": ft.get("data_sha256"),
+        "merge_base": merge_base if src.adapter else None,
         "finetune_metrics": ft.get("eval_metrics", {}),
+        # The fine-tune's eval and the quality rows are measured apart; say how each was taken.
+        "finetune_eval": {
+            "max_length": ft_opts.get("max_length"),
+            "autocast": ft.get("precision"),
+            "examples": ft.get("eval_examples"),
+        },
+        "quality_eval": {"max_length": max_length, "autocast": "none (each row's dtype)"},
         "quality": {
             r["quantize"]: {k: v for k, v in r.items() if k != "quantize"} for r in quality["results"]
         },

@@ -29,6 +29,35 @@ QUALITY = "quality.json"
 CHART = "quality.png"
 
 
+COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How a mode is applied, beyond the mode itself (the server's defaults when unchanged)."""
+
+    compute_dtype: str = "auto"  # 4-bit matmul dtype; auto: the load dtype (fp32 CPU, bf16 CUDA)
+    double_quant: bool = True  # 4-bit: quantize the block scales too
+    skip_modules: tuple[str, ...] = ()  # kept unquantized, beside the task heads
+
+    @property
+    def is_default(self) -> bool:
+        return self == QuantOptions()
+
+    def check(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise OptionError(
+                f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {self.compute_dtype!r}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "compute_dtype": self.compute_dtype,
+            "double_quant": self.double_quant,
+            "skip_modules": list(self.skip_modules),
+        }
+
+
 @dataclass
 class ReportOptions:
     model: str
@@ -40,6 +69,13 @@ class ReportOptions:
     max_length: int = 256
     device: str = "auto"
     chart: bool = True
+    compute_dtype: str = "auto"
+    double_quant: bool = True
+    skip_modules: tuple[str, ...] = ()
+
+    @property
+    def quant(self) -> QuantOptions:
+        return QuantOptions(self.compute_dtype, self.double_quant, tuple(self.skip_modules))
 
 
 def report(opts: ReportOptions) -> dict[str, Any]:
@@ -50,11 +86,17 @@ def report(opts: ReportOptions) -> dict[str, Any]:
             raise OptionError(
                 f"--quantize: unknown mode {m!r}; expected some of {', '.join(quantization.MODES)}"
             )
+    opts.quant.check()
     config = AutoConfig.from_pretrained(opts.model)
     task = resolve_task(opts.task, config, opts.model)
     dataset = data.read(opts.data)
     task.validate(dataset)
     modes = _modes_for(config, opts.modes, opts.model)
+    if quantization.mode_of(config) != "none" and not opts.quant.is_default:
+        raise OptionError(
+            f"{opts.model}: checkpoint is saved quantized; its quantization options are fixed "
+            "(drop --compute-dtype/--no-double-quant/--skip-modules)"
+        )
     results = [
         evaluate(
             opts.model,
@@ -64,10 +106,12 @@ def report(opts: ReportOptions) -> dict[str, Any]:
             batch_size=opts.batch_size,
             max_length=opts.max_length,
             device=opts.device,
+            quant=opts.quant,
         )
         for m in modes
     ]
     doc = document(task, opts.model, dataset, results)
+    doc["max_length"] = opts.max_length
     write(Path(opts.output or opts.model), doc, chart=opts.chart)
     return doc
 
@@ -100,11 +144,11 @@ def evaluate(
     batch_size: int,
     max_length: int,
     device: str = "auto",
+    quant: QuantOptions | None = None,
 ) -> dict[str, Any]:
     """Load `path` at `mode` as the server would and score it on `dataset`."""
-    from bitserve.loading import load_checkpoint
-
-    loaded = load_checkpoint(path, task.auto_class, quantize=mode, dtype="auto", device=device)
+    quant = quant or QuantOptions()
+    loaded = load(path, task, mode, device, quant)
     tokenizer = task.prepare_tokenizer(loaded.tokenizer)
     tokenizer.padding_side = "right"
     scored = task.evaluate(
@@ -124,9 +168,50 @@ def evaluate(
         "seconds": round(scored.seconds, 3),
         "device": loaded.device.type,
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        "max_length": max_length,
     }
+    if mode != "none" and not quant.is_default:
+        row.update(quant.describe())
     del loaded
     return row
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    device: Any
+    dtype: Any
+    memory_bytes: int
+
+
+def load(path: str, task: tasks.Task, mode: str, device: str, quant: QuantOptions) -> Loaded:
+    """The checkpoint at `mode`: through the server's loader for the server's defaults; with
+    other quantization options, the same load with those options in the bitsandbytes config."""
+    from bitserve.loading import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
+
+    if mode == "none" or quant.is_default or quantization.mode_of(_config(path)) != "none":
+        lm = load_checkpoint(path, task.auto_class, quantize=mode, dtype="auto", device=device)
+        return Loaded(lm.model, lm.tokenizer, lm.device, lm.dtype, lm.memory_bytes)
+    import torch
+
+    dev = resolve_device(device)
+    dtype = resolve_dtype("auto", dev)
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    compute = named.get(quant.compute_dtype, dtype)
+    qc = quantization.bnb_config(
+        mode, compute, double_quant=quant.double_quant, skip_modules=quant.skip_modules
+    )
+    place = dev.index if dev.type == "cuda" and dev.index is not None else str(dev)
+    model = task.auto_class.from_pretrained(path, dtype=dtype, quantization_config=qc, device_map={"": place})
+    model.eval()
+    return Loaded(model, load_tokenizer(path), dev, dtype, int(model.get_memory_footprint()))
+
+
+def _config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
 
 
 def document(

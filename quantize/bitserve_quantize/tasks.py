@@ -38,6 +38,9 @@ class Task:
     columns: ClassVar[tuple[tuple[str, ...], ...]]
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
+    # Heads of other tasks this task may replace: a causal LM fine-tuned as a classifier gets a
+    # new classification head on the same decoder.
+    replaces: ClassVar[tuple[str, ...]] = ()
 
     @property
     def auto_class(self) -> Any:
@@ -50,7 +53,7 @@ class Task:
         archs = list(getattr(config, "architectures", None) or [])
         all_heads = {h for t in TASKS.values() for h in t.heads}
         declared = [a for a in archs if any(a.endswith(h) for h in all_heads)]
-        if declared and not any(a.endswith(h) for a in declared for h in self.heads):
+        if declared and not any(a.endswith(h) for a in declared for h in self.heads + self.replaces):
             other = next(t.name for t in TASKS.values() if any(declared[0].endswith(h) for h in t.heads))
             raise TaskMismatch(
                 f"{path}: checkpoint is a {declared[0]} ({other} task); it cannot be used for --task {self.name}"
@@ -95,6 +98,10 @@ class Task:
         """How many targets (tokens or examples) the batch's mean loss averages over."""
         return int((batch["labels"] != -100).sum())
 
+    def cut(self, record: Record, tokenizer: Any, max_length: int) -> bool:
+        """Whether `max_length` cuts off part of what the record teaches (its completion)."""
+        return False
+
     # --- scoring ------------------------------------------------------------------------
     def evaluate(
         self,
@@ -118,6 +125,26 @@ def _device_of(model: Any) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
+def _timed(batches: list[Any], run: Callable[[Any], None], warm_up: Callable[[Any], None]) -> float:
+    """Seconds to `run` every (already tokenized) batch, after one untimed `warm_up` pass.
+
+    The first call on a device pays one-off costs (CUDA context, kernel selection, bitsandbytes
+    state); without a warm-up the first mode of a report would look slower than it is.
+    """
+    if batches:
+        with torch.no_grad():
+            warm_up(batches[0])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            run(b)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _truncate(ids: list[int], max_length: int) -> list[int]:
     return ids[:max_length]
 
@@ -136,9 +163,15 @@ class GenerateTask(Task):
         if "completion" in record.fields and "prompt" in record.fields:
             prompt = tokenizer(record.text("prompt"))["input_ids"]
             completion = tokenizer(record.text("completion"), add_special_tokens=False)["input_ids"] + eos
-            ids = _truncate(prompt + completion, max_length)
+            # The completion is what is learned: the prompt gives way first, from the left (its
+            # end is the context nearest the answer). One prompt token always stays, since the
+            # first position is never a target.
+            keep = min(len(completion), max(max_length - 1, 0))
+            completion = completion[:keep]
+            prompt = prompt[-(max_length - keep) :] if max_length > keep else []
+            ids = prompt + completion
             # Loss on the completion only: the prompt is context, not a target.
-            labels = _truncate([-100] * len(prompt) + completion, max_length)
+            labels = [-100] * len(prompt) + completion
         else:
             ids = _truncate(tokenizer(record.text("text"))["input_ids"] + eos, max_length)
             labels = list(ids)
@@ -147,28 +180,41 @@ class GenerateTask(Task):
     def count_targets(self, batch):
         return int((batch["labels"][:, 1:] != -100).sum())  # the loss shifts labels by one
 
+    def cut(self, record, tokenizer, max_length):
+        """Whether `max_length` cuts the completion (and its EOS) of a prompt/completion record."""
+        if "completion" not in record.fields or "prompt" not in record.fields:
+            return False
+        n = len(tokenizer(record.text("completion"), add_special_tokens=False)["input_ids"]) + 1
+        return n > max_length - 1
+
     def evaluate(self, model, tokenizer, dataset, *, batch_size, max_length, autocast):
         device = _device_of(model)
         feats = [self.encode(r, tokenizer, model.config, max_length) for r in dataset.records]
-        nll, tokens = 0.0, 0
-        start = time.perf_counter()
-        with torch.no_grad():
-            for chunk in _batches(feats, batch_size):
-                batch = {k: v.to(device) for k, v in self.collate(chunk, tokenizer.pad_token_id).items()}
-                labels = batch.pop("labels")
-                with autocast():
-                    logits = model(**batch).logits
-                shift_logits = logits[:, :-1].float()
-                shift_labels = labels[:, 1:]
-                nll += torch.nn.functional.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.size(-1)),
-                    shift_labels.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                ).item()
-                tokens += int((shift_labels != -100).sum())
-        seconds = time.perf_counter() - start
-        loss = nll / max(tokens, 1)
+        batches = [
+            {k: v.to(device) for k, v in self.collate(chunk, tokenizer.pad_token_id).items()}
+            for chunk in _batches(feats, batch_size)
+        ]
+        sums = {"nll": 0.0, "tokens": 0}
+
+        def forward(batch):
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with autocast():
+                return model(**inputs).logits
+
+        def score(batch):
+            shift_logits = forward(batch)[:, :-1].float()
+            shift_labels = batch["labels"][:, 1:]
+            sums["nll"] += torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            ).item()
+            sums["tokens"] += int((shift_labels != -100).sum())
+
+        seconds = _timed(batches, score, forward)
+        tokens = int(sums["tokens"])
+        loss = sums["nll"] / max(tokens, 1)
         return Scored(
             {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens_per_s": tokens / seconds},
             len(feats),
@@ -181,6 +227,7 @@ class ClassifyTask(Task):
     auto_class_name = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
     heads = ("ForSequenceClassification",)
+    replaces = ("ForCausalLM",)
     columns = (("text", "label"),)
     primary_metric = "accuracy"
 
@@ -217,16 +264,18 @@ class ClassifyTask(Task):
         self.check_labels(dataset, model.config.label2id)
         device = _device_of(model)
         feats = [self.encode(r, tokenizer, model.config, max_length) for r in dataset.records]
-        gold: list[int] = []
+        batches = [
+            {k: v.to(device) for k, v in self.collate(chunk, tokenizer.pad_token_id).items()}
+            for chunk in _batches(feats, batch_size)
+        ]
+        gold: list[int] = [g for b in batches for g in b["labels"].tolist()]
         pred: list[int] = []
-        start = time.perf_counter()
-        with torch.no_grad():
-            for chunk in _batches(feats, batch_size):
-                batch = {k: v.to(device) for k, v in self.collate(chunk, tokenizer.pad_token_id).items()}
-                gold += batch.pop("labels").tolist()
-                with autocast():
-                    pred += model(**batch).logits.argmax(-1).tolist()
-        seconds = time.perf_counter() - start
+
+        def forward(batch):
+            with autocast():
+                return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+        seconds = _timed(batches, lambda b: pred.extend(forward(b).argmax(-1).tolist()), forward)
         return Scored(
             {"accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred)}, len(feats), seconds
         )
@@ -266,20 +315,26 @@ class TranslateTask(Task):
         device = _device_of(model)
         hyps: list[str] = []
         refs = [r.text("target") for r in dataset.records]
-        start = time.perf_counter()
-        with torch.no_grad():
-            for chunk in _batches(dataset.records, batch_size):
-                enc = tokenizer(
-                    [r.text("source") for r in chunk],
-                    truncation=True,
-                    max_length=max_length,
-                    padding=True,
-                    return_tensors="pt",
-                ).to(device)
-                with autocast():
-                    out = model.generate(**enc, max_new_tokens=max_length, do_sample=False, num_beams=1)
-                hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
-        seconds = time.perf_counter() - start
+        # Tokenized before the clock starts: the throughput is the model's, not the tokenizer's.
+        batches = [
+            tokenizer(
+                [r.text("source") for r in chunk],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            for chunk in _batches(dataset.records, batch_size)
+        ]
+        outputs: list[torch.Tensor] = []
+
+        def generate(enc):
+            with autocast():
+                return model.generate(**enc, max_new_tokens=max_length, do_sample=False, num_beams=1)
+
+        seconds = _timed(batches, lambda enc: outputs.append(generate(enc)), generate)
+        for out in outputs:
+            hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
         return Scored(
             {
                 "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,

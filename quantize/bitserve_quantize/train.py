@@ -2,7 +2,7 @@
 
 Master weights are always fp32; autocast runs the forward pass in the lower precision, and fp16
 adds a GradScaler (bf16 has fp32's range and needs none). QLoRA loads the base in NF4 with
-double quantization and bf16 compute, prepares it for k-bit training and trains LoRA adapters
+double quantization, computing in the --precision dtype, prepares it for k-bit training and trains LoRA adapters
 (plus the task head for classifiers). One code path serves one process and DDP under
 `torchrun` / `accelerate launch`.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import checkpoints, data, distributed, tasks
-from .errors import CheckpointError, OptionError
+from .errors import CheckpointError, DataError, OptionError
 from .versions import versions
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,13 @@ class FinetuneResult:
     eval_metrics: dict[str, float]
     trainable_parameters: int
     total_parameters: int
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # training only: read before eval
     resumed_from: int | None
     labels: list[str] | None
     seconds: float
     manifest: dict[str, Any] = field(default_factory=dict)
+    eval_peak_memory_bytes: int = 0
+    skipped_steps: int = 0  # optimizer steps GradScaler skipped (inf/NaN gradients under fp16)
 
     @property
     def final_loss(self) -> float:
@@ -129,6 +131,7 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
     from bitserve.loading import load_tokenizer
 
     started = time.perf_counter()
+    reset_peak_memory(world.device)
     _seed_everything(opts.seed)
     if not Path(opts.model).exists():
         raise CheckpointError(f"{opts.model}: no such checkpoint")
@@ -141,12 +144,12 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
     tokenizer = task.prepare_tokenizer(load_tokenizer(opts.model))
     tokenizer.padding_side = "right"
 
-    model = build_model(opts, task, labels, world.device)
+    model = build_model(opts, task, labels, world.device, pad_token_id=tokenizer.pad_token_id)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)
     log.info("%s fine-tune of %s: %d of %d parameters trainable", opts.method, opts.model, trainable, total)
 
-    features = [task.encode(r, tokenizer, model.config, opts.max_length) for r in train_set.records]
+    features = _features(task, train_set, tokenizer, model.config, opts.max_length)
     per_step = opts.batch_size * world.size * opts.grad_accum
     steps_per_epoch = max(1, len(features) // per_step)
     total_steps = opts.max_steps or opts.epochs * steps_per_epoch
@@ -163,7 +166,7 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
     scaler = torch.amp.GradScaler(world.device.type, enabled=opts.precision == "fp16")
     autocast = autocast_factory(world.device, opts.precision)
 
-    start_step, resumed_from, losses = 0, None, []
+    start_step, resumed_from, losses, skipped = 0, None, [], 0
     if opts.resume:
         resumed = checkpoints.load_latest(
             out, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, world=world
@@ -172,7 +175,8 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
             log.warning("--resume: no finished checkpoint under %s; starting at step 0", out)
         else:
             start_step = resumed_from = resumed.step
-            losses = json.loads((resumed.path / checkpoints.TRAINER_STATE).read_text()).get("losses", [])
+            state = json.loads((resumed.path / checkpoints.TRAINER_STATE).read_text())
+            losses, skipped = state.get("losses", []), state.get("skipped_steps", 0)
             log.info("resumed from %s (step %d of %d)", resumed.path, start_step, total_steps)
     if start_step > total_steps:
         raise CheckpointError(f"{out}: checkpoint step {start_step} is past the last step {total_steps}")
@@ -215,7 +219,7 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
             # Gradients are all-reduced once per optimizer step, not per micro-batch.
             sync = a == opts.grad_accum - 1 or not world.distributed
             with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast():
-                loss = wrapped(**batch).loss
+                loss = micro_batch_loss(wrapped, batch, counts[a])
             scaler.scale(loss * (weight * world.size)).backward()
             step_loss += loss.item() * weight
         scaler.unscale_(optimizer)
@@ -223,9 +227,15 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
             torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], opts.max_grad_norm
             )
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        # GradScaler skips the optimizer step on inf/NaN gradients and lowers its scale; the
+        # schedule follows the steps actually taken.
+        if scaler.is_enabled() and scaler.get_scale() < scale:
+            skipped += 1
+        else:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = world.sum(step_loss)
         losses.append(step_loss)
@@ -241,14 +251,21 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
                 scheduler=scheduler,
                 scaler=scaler,
                 world=world,
-                trainer_state={"losses": losses, "total_steps": total_steps},
+                trainer_state={"losses": losses, "total_steps": total_steps, "skipped_steps": skipped},
                 keep=opts.keep,
             )
     bar.close()
+    if skipped:
+        log.warning("%d of %d optimizer steps skipped by the fp16 GradScaler", skipped, total_steps)
+    # Training memory is read before eval: eval holds an fp32 copy of the logits, which is not
+    # what the method costs to train.
+    train_peak = peak_memory(world.device)
 
     model.eval()
     metrics: dict[str, float] = {}
+    eval_peak = 0
     if world.is_main and eval_set is not None:
+        reset_peak_memory(world.device)
         scored = task.evaluate(
             model,
             tokenizer,
@@ -258,6 +275,7 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
             autocast=autocast,
         )
         metrics = scored.metrics
+        eval_peak = peak_memory(world.device)
         log.info("eval on %d held-out examples: %s", scored.examples, _fmt(metrics))
     result = FinetuneResult(
         output=out,
@@ -266,31 +284,53 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
         eval_metrics=metrics,
         trainable_parameters=trainable,
         total_parameters=total,
-        peak_memory_bytes=peak_memory(world.device),
+        peak_memory_bytes=train_peak,
         resumed_from=resumed_from,
         labels=labels,
         seconds=time.perf_counter() - started,
+        eval_peak_memory_bytes=eval_peak,
+        skipped_steps=skipped,
     )
     if world.is_main:
         result.manifest = _save_final(opts, task, model, tokenizer, train_set, eval_set, result, world)
-    world.barrier()
+    # Not a collective on the training backend: rank 0's eval and save may outlast NCCL's
+    # watchdog, so the other ranks wait on a CPU group with a long timeout.
+    world.wait_for_main()
     return result
 
 
 def build_model(
-    opts: FinetuneOptions, task: tasks.Task, labels: list[str] | None, device: torch.device
+    opts: FinetuneOptions,
+    task: tasks.Task,
+    labels: list[str] | None,
+    device: torch.device,
+    *,
+    pad_token_id: int | None = None,
 ) -> Any:
     """The model to train: fp32 master weights, or an NF4 base for QLoRA; LoRA-wrapped if asked."""
+    from transformers import AutoConfig
+
     from bitserve.quantization import bnb_config
 
     kwargs = task.model_kwargs(labels)
+    config = AutoConfig.from_pretrained(opts.model)
+    fresh_head = False
     if labels:
-        kwargs["ignore_mismatched_sizes"] = True  # a new label set means a new head
+        kwargs["ignore_mismatched_sizes"] = True  # a new label count means a new head
+        fresh_head = not keeps_head(config, labels)
+    if getattr(config, "pad_token_id", None) is None and isinstance(task, tasks.ClassifyTask):
+        # A decoder classifier pools at the last non-pad token and refuses batches without a pad
+        # id in its config; many Llama-family configs have none (the tokenizer's pad is EOS).
+        if pad_token_id is None:
+            from bitserve.loading import load_tokenizer
+
+            pad_token_id = task.prepare_tokenizer(load_tokenizer(opts.model)).pad_token_id
+        kwargs["pad_token_id"] = pad_token_id
     gc_kwargs = {"use_reentrant": False}
     if opts.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        compute = torch.float16 if opts.precision == "fp16" else torch.bfloat16
+        compute = _DTYPES[opts.precision]
         # bnb_config keeps the task head in float: it is trained (modules_to_save); 4-bit weights cannot be.
         qc = bnb_config("nf4", compute, double_quant=True)
         model = task.auto_class.from_pretrained(
@@ -307,6 +347,9 @@ def build_model(
         )
     else:
         model = task.auto_class.from_pretrained(opts.model, dtype=torch.float32, **kwargs).to(device)
+    if fresh_head:
+        reinit_head(model)
+    if opts.method != "qlora":
         if opts.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             if opts.method == "lora":
@@ -337,23 +380,66 @@ def _load_data(opts: FinetuneOptions, task: tasks.Task) -> tuple[data.Dataset, d
         eval_set = data.read(opts.eval)
         task.validate(eval_set)
     elif opts.eval_split > 0:
-        train_set, eval_set = data.split(train_set, opts.eval_split, opts.seed)
+        stratify = "label" if "label" in task.columns[0] else None
+        train_set, eval_set = data.split(train_set, opts.eval_split, opts.seed, stratify=stratify)
     else:
         eval_set = None
     return train_set, eval_set
 
 
 def _label_names(task: tasks.Task, config: Any, train_set: data.Dataset) -> list[str] | None:
-    """Keep the checkpoint's named labels when the data fits them; else the data's, sorted."""
+    """Keep the checkpoint's named labels when the data fits them; else the data's, in order
+    (numbers by value: "2" before "10")."""
     if "label" not in task.columns[0]:
         return None
-    seen = sorted({r.text("label") for r in train_set.records})
-    id2label = getattr(config, "id2label", None) or {}
-    existing = [id2label[i] for i in sorted(id2label)]
+    seen = sorted({r.text("label") for r in train_set.records}, key=_label_key)
+    existing = _existing_labels(config)
     generic = all(re.fullmatch(r"LABEL_\d+", name) for name in existing)
     if existing and not generic and set(seen) <= set(existing):
         return existing
     return seen
+
+
+def _label_key(name: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)
+
+
+def _existing_labels(config: Any) -> list[str]:
+    id2label = getattr(config, "id2label", None) or {}
+    return [id2label[i] for i in sorted(id2label)]
+
+
+def keeps_head(config: Any, labels: list[str]) -> bool:
+    """Whether the checkpoint's head rows already mean `labels`, in order.
+
+    True for the checkpoint's own names and for generic `LABEL_i` names with labels "0".."n-1"
+    (row i is label i). Otherwise the head was trained for other labels: reusing its rows would
+    tie a new label to an unrelated old one, so the head starts afresh.
+    """
+    existing = _existing_labels(config)
+    if existing == labels:
+        return True
+    generic = [f"LABEL_{i}" for i in range(len(labels))]
+    return existing == generic and labels == [str(i) for i in range(len(labels))]
+
+
+def reinit_head(model: Any) -> None:
+    """Re-initialise the classification head (the modules that map hidden states to labels)."""
+    from bitserve.quantization import HEAD_MODULES
+
+    std = getattr(model.config, "initializer_range", None) or 0.02
+    with torch.no_grad():
+        for name, module in model.named_children():
+            if name not in HEAD_MODULES:
+                continue
+            for m in module.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.normal_(0.0, std)
+                    if m.bias is not None:
+                        m.bias.zero_()
 
 
 def _global_batch(n: int, step: int, steps_per_epoch: int, size: int, seed: int) -> list[int]:
@@ -405,6 +491,8 @@ def _save_final(
         "trainable_parameters": result.trainable_parameters,
         "total_parameters": result.total_parameters,
         "peak_memory_bytes": result.peak_memory_bytes,
+        "eval_peak_memory_bytes": result.eval_peak_memory_bytes,
+        "skipped_steps": result.skipped_steps,
         "world_size": world.size,
         "device": world.device.type,
         "seconds": round(result.seconds, 2),
@@ -424,10 +512,64 @@ def _save_final(
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
+    """Peak bytes since the last `reset_peak_memory`: the CUDA allocator peak on GPU; on CPU the
+    process's peak RSS (which cannot be reset: a process-lifetime high-water mark)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def parameter_count(model: Any) -> int:
+    """Logical parameter count: a 4-bit weight stores two values per byte (`Params4bit.numel()`
+    counts bytes), so it counts twice."""
+    return sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+
+
+def micro_batch_loss(model: Any, batch: dict[str, torch.Tensor], targets: int) -> torch.Tensor:
+    """The micro-batch's mean loss; 0 (with zero gradients, still through every parameter, as
+    DDP needs) for a batch with no targets, whose mean would be 0/0 = NaN."""
+    out = model(**batch)
+    if targets == 0:
+        return out.logits.sum() * 0.0
+    return out.loss
+
+
+def _features(
+    task: tasks.Task, dataset: data.Dataset, tokenizer: Any, config: Any, max_length: int
+) -> list[dict[str, Any]]:
+    """Encoded training examples; those with nothing to learn within `max_length` are dropped,
+    and both drops and cut completions are counted in a warning."""
+    features, dropped, cut = [], 0, 0
+    for r in dataset.records:
+        f = task.encode(r, tokenizer, config, max_length)
+        one = task.collate([f], tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        if task.count_targets(one) == 0:
+            dropped += 1
+            continue
+        cut += task.cut(r, tokenizer, max_length)
+        features.append(f)
+    n = len(dataset)
+    if not features:
+        raise DataError(
+            dataset.path, f"0 of {n} examples have a target token within --max-length {max_length}"
+        )
+    if dropped:
+        log.warning(
+            "%d of %d examples have no target token within --max-length %d: dropped", dropped, n, max_length
+        )
+    if cut:
+        log.warning(
+            "%d of %d examples: the completion is cut at --max-length %d (its end and EOS are not learned)",
+            cut,
+            n,
+            max_length,
+        )
+    return features
 
 
 def _seed_everything(seed: int) -> None:

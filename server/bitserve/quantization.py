@@ -6,6 +6,7 @@ in bitserve knows bitsandbytes internals.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,20 +19,29 @@ HEAD_MODULES = ["lm_head", "classifier", "score", "qa_outputs"]
 
 
 def bnb_config(
-    mode: str, compute_dtype: torch.dtype = torch.float32, *, double_quant: bool = True, offload: bool = False
+    mode: str,
+    compute_dtype: torch.dtype = torch.float32,
+    *,
+    double_quant: bool = True,
+    skip_modules: Sequence[str] = (),
+    offload: bool = False,
 ):
     """The `BitsAndBytesConfig` for a mode, or None for "none".
 
+    `skip_modules` stay unquantized, beside the task heads. transformers matches each as a
+    regex from the start of a module's path up to a module boundary, or as a suffix:
+    "model.layers.3" is all of layer 3 ("model.layers.3." would also match layers 30-39).
     `offload`: the model is spread by a device map that may put layers on "cpu" or "disk".
     """
     if mode == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    skip = HEAD_MODULES + [m for m in skip_modules if m not in HEAD_MODULES]
     if mode == "int8":
         # LLM.int8 (vector-wise int8 with outlier decomposition).
         return BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES, llm_int8_enable_fp32_cpu_offload=offload
+            load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_enable_fp32_cpu_offload=offload
         )
     if mode in ("nf4", "fp4"):
         return BitsAndBytesConfig(
@@ -39,7 +49,7 @@ def bnb_config(
             bnb_4bit_quant_type=mode,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=double_quant,
-            llm_int8_skip_modules=HEAD_MODULES,
+            llm_int8_skip_modules=skip,
             llm_int8_enable_fp32_cpu_offload=offload,
         )
     raise ValueError(f"unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bitserve_quantize.export import ExportOptions, export
+from bitserve_quantize.export import AS_TRAINED, ExportOptions, export
 from bitserve_quantize.train import finetune
 
 from .conftest import options, topic_rows, write_jsonl
@@ -46,4 +46,5 @@ def test_exported_checkpoint_serves_through_the_client(exported, server_factory,
         info = next(m for m in c.list_models() if m.name == f"ft-{mode}")
     assert info.quantization == mode
     quality = json.loads(info.quality_report_json)
-    assert [r["quantize"] for r in quality["results"]] == ["none", mode]
+    # A QLoRA export reports the model as trained (NF4 base + adapter) beside the merge.
+    assert [r["quantize"] for r in quality["results"]] == [AS_TRAINED, "none", mode]

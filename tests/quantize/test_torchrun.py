@@ -10,8 +10,20 @@ import sys
 import pytest
 
 
+def child_pythonpath() -> str:
+    """This process's import path, absolute: children run in another directory, and a relative
+    PYTHONPATH there would import an installed copy of the code instead of the one under test."""
+    return os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
+
+
 def _run(argv: list[str], cwd) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": child_pythonpath(),
+    }
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -1,0 +1,85 @@
+"""Small versions of the worked cases (run with -m slow): each asserts the direction of its result."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from bitserve_quantize.export import ExportOptions, export
+from bitserve_quantize.report import ReportOptions, report
+from bitserve_quantize.train import finetune
+
+from .conftest import options, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _prepare():
+    spec = importlib.util.spec_from_file_location(
+        "mt_prepare", ROOT / "examples/translate_gettext/prepare.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_case_b_gettext_dataset_holds_out_whole_catalogs_and_qlora_lowers_held_out_loss(
+    tiny_models, tmp_path
+):
+    prep = _prepare()
+    if not list((prep.LOCALE_DIR / "fr" / "LC_MESSAGES").glob("*.mo")):
+        pytest.skip("no French gettext catalogs on this machine")
+    train, test = prep.build("fr", prep.LOCALE_DIR, 0.2, 0, 80, 4)
+    train_cats, test_cats = {r["catalog"] for r in train}, {r["catalog"] for r in test}
+    assert train and test and not train_cats & test_cats
+    assert not any(c.startswith("iso_") for c in train_cats | test_cats)
+    assert all(prep.WORD.search(prep.PLACEHOLDER.sub(" ", r["source"])) for r in train + test)
+    assert not prep.keep("%s: %d", "%s : %d", 80) and not prep.keep("OK", "OK", 80)
+
+    cols = ("prompt", "completion")
+    tr = write_jsonl(tmp_path / "train.jsonl", [{k: r[k] for k in cols} for r in train[:64]])
+    te = write_jsonl(tmp_path / "test.jsonl", [{k: r[k] for k in cols} for r in test[:24]])
+    before = report(
+        ReportOptions(
+            model=str(tiny_models["lm"]),
+            data=str(te),
+            modes=("none",),
+            output=str(tmp_path / "r0"),
+            device="cpu",
+            chart=False,
+            max_length=64,
+        )
+    )["results"][0]["perplexity"]
+    finetune(
+        options(
+            tiny_models["lm"],
+            "generate",
+            tr,
+            tmp_path / "ft",
+            method="qlora",
+            lr=2e-2,
+            max_steps=16,
+            batch_size=8,
+            max_length=64,
+            lora_r=16,
+        )
+    )
+    manifest = export(
+        ExportOptions(
+            model=str(tmp_path / "ft"),
+            output=str(tmp_path / "exp"),
+            quantize="nf4",
+            data=str(te),
+            device="cpu",
+        )
+    )
+    q = manifest["quality"]
+    # Fine-tuning on other packages' strings lowers perplexity on held-out packages' strings,
+    # for the model as trained, its merge, and the nf4 export.
+    assert q["qlora-as-trained"]["perplexity"] < before
+    assert q["none"]["perplexity"] < before and q["nf4"]["perplexity"] < before
+    assert json.loads((tmp_path / "exp" / "manifest.json").read_text())["merge_base"] == "dequantized"

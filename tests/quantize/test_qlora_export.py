@@ -1,0 +1,80 @@
+"""A QLoRA export is the model that was trained: the adapter merges into the NF4 weights it was
+trained against (dequantized), and the report shows the as-trained model beside the merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from bitserve.loading import load_tokenizer
+from bitserve_quantize import tasks
+from bitserve_quantize.export import AS_TRAINED, ExportOptions, _resolve, export, load_as_trained
+from bitserve_quantize.train import finetune
+
+from .conftest import options, topic_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def qlora_classifier(tiny_models, tmp_path_factory):
+    d = tmp_path_factory.mktemp("qlora")
+    data = write_jsonl(d / "train.jsonl", topic_rows(40))
+    finetune(
+        options(
+            tiny_models["topics"],
+            "classify",
+            data,
+            d / "out",
+            method="qlora",
+            lr=2e-2,
+            eval_split=0.25,
+            max_steps=4,
+            max_length=24,
+        )
+    )
+    return d / "out"
+
+
+def _logits(model, tokenizer, texts):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits.float()
+
+
+def test_dequantized_merge_is_the_trained_model_and_fp32_merge_is_not(qlora_classifier, tmp_path):
+    texts = [r["text"] for r in topic_rows(24, seed=5)]
+    tok = load_tokenizer(str(qlora_classifier))
+    src = _resolve(ExportOptions(model=str(qlora_classifier), output=str(tmp_path / "x")))
+    trained = _logits(load_as_trained(src, tasks.get("classify")), tok, texts)
+    merged = {}
+    for base in ("dequantized", "fp32"):
+        out = tmp_path / base
+        manifest = export(
+            ExportOptions(
+                model=str(qlora_classifier), output=str(out), merge_base=base, device="cpu", report=False
+            )
+        )
+        assert manifest["merge_base"] == base
+        model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+        merged[base] = _logits(model, tok, texts)
+    err_deq = (merged["dequantized"] - trained).abs().max().item()
+    err_fp32 = (merged["fp32"] - trained).abs().max().item()
+    assert err_deq < 1e-4, err_deq
+    assert err_fp32 > 50 * max(err_deq, 1e-6), (err_fp32, err_deq)
+
+
+def test_qlora_export_reports_the_as_trained_model_and_labels_both_evals(qlora_classifier, tmp_path):
+    manifest = export(
+        ExportOptions(model=str(qlora_classifier), output=str(tmp_path / "e"), quantize="nf4", device="cpu")
+    )
+    assert manifest["merge_base"] == "dequantized"  # the default for a QLoRA fine-tune
+    assert list(manifest["quality"]) == [AS_TRAINED, "none", "nf4"]
+    # The merged fp32 model scores what the as-trained model scores: the same function.
+    assert manifest["quality"]["none"]["accuracy"] == manifest["quality"][AS_TRAINED]["accuracy"]
+    # The fine-tune's eval and the export's are taken on the same inputs, and say how.
+    assert manifest["finetune_eval"] == {"max_length": 24, "autocast": "fp32", "examples": 10}
+    assert manifest["quality_eval"]["max_length"] == 24
+    quality = json.loads((tmp_path / "e" / "quality.json").read_text())
+    assert quality["max_length"] == 24
