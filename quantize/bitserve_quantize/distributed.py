@@ -88,7 +88,10 @@ def setup(device: str = "auto", *, timeout: _dt.timedelta | None = None) -> Worl
     wait_group = None
     if size > 1:
         if not dist.is_initialized():
-            kwargs = {"timeout": timeout} if timeout is not None else {}
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            if timeout is not None:
+                dist.init_process_group(backend=backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend)
         wait_group = dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN)
     return World(rank=rank, size=size, local_rank=local_rank, device=dev, _wait_group=wait_group)

@@ -24,6 +24,7 @@ from bitserve import quantization
 
 from . import data, report, tasks
 from .errors import CheckpointError, DataError, OptionError
+from .report import QuantOptions
 from .train import EVAL_FILE
 from .train import MANIFEST as FINETUNE_MANIFEST
 from .versions import versions
@@ -53,8 +54,8 @@ class ExportOptions:
     skip_modules: tuple[str, ...] = ()  # kept unquantized in the export, beside the task heads
 
     @property
-    def quant(self) -> report.QuantOptions:
-        return report.QuantOptions(self.compute_dtype, self.double_quant, tuple(self.skip_modules))
+    def quant(self) -> QuantOptions:
+        return QuantOptions(self.compute_dtype, self.double_quant, tuple(self.skip_modules))
 
 
 @dataclass
@@ -184,6 +185,7 @@ def load_as_trained(src: _Source, task: tasks.Task, compute: torch.dtype = torch
     """NF4 base + the LoRA adapter, unmerged: the model a QLoRA fine-tune trained."""
     from peft import PeftModel
 
+    assert src.adapter is not None, "the as-trained model needs an adapter"
     return PeftModel.from_pretrained(load_base(src, task, "nf4", compute), src.adapter).eval()
 
 
