@@ -473,7 +473,10 @@ async def test_async_client(srv):
         g = await c.generate("Hello world", model="lm", max_new_tokens=6)
         assert g == want[2]
         pieces = [ev async for ev in c.generate_stream("Hello world", model="lm", max_new_tokens=6)]
-        assert pieces == want[5] and pieces[-1].final == g
+        # Piece boundaries depend on timing (a slower reader gets tokens grouped); what they add
+        # up to and the final result do not.
+        assert "".join(p.text for p in pieces) == "".join(p.text for p in want[5]) == g.text
+        assert pieces[-1].final == want[5][-1].final == g
         assert await c.translate("hello", source_lang="en", target_lang="fr") == want[3]
         assert {m.name for m in await c.list_models()} == want[4]
         with pytest.raises(NotFoundError, match="model 'missing' is not loaded"):
