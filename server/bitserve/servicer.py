@@ -8,9 +8,10 @@ the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
@@ -24,7 +25,7 @@ from .errors import BitserveError, Unavailable, clip_message
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .settings import Settings
-from .types import Task
+from .types import SamplingParams, Task
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,18 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 # Label value for requests whose `model` names no configured model: client-chosen strings must
 # not become label values (each would add series without bound). Not a valid model name.
 UNRESOLVED_MODEL = "(unresolved)"
+
+
+async def _stream(
+    engine: GenerateEngine, text: str, params: SamplingParams, context: grpc.aio.ServicerContext
+) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
+    """A generation's chunks as stream messages; closing it ends the generation on the engine."""
+    stream = engine.generate_stream(text, params, deadline=_deadline(context))
+    try:
+        async for chunk in stream:
+            yield convert.stream_response(engine.name, chunk)
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 class _Call:
@@ -148,12 +161,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.model = engine.name
             (text,) = convert.texts_from(request.texts, self._server, exactly_one=True)
             params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
-            stream = engine.generate_stream(text, params, deadline=_deadline(context))
-            try:
-                async for chunk in stream:
-                    yield convert.stream_response(engine.name, chunk)
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+            async with contextlib.aclosing(_stream(engine, text, params, context)) as messages:
+                async for message in messages:
+                    yield message
 
     async def _chat_prompt(self, request: pb.ChatRequest, engine: GenerateEngine) -> str:
         pairs = [(m.role, m.content) for m in request.messages]
@@ -179,12 +189,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.model = engine.name
             text = await self._chat_prompt(request, engine)
             params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
-            stream = engine.generate_stream(text, params, deadline=_deadline(context))
-            try:
-                async for chunk in stream:
-                    yield convert.stream_response(engine.name, chunk)
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+            async with contextlib.aclosing(_stream(engine, text, params, context)) as messages:
+                async for message in messages:
+                    yield message
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse | None:
         async with self._call(context, Task.CLASSIFY, "Classify") as call:
