@@ -49,7 +49,7 @@ MODEL_NAME = "bench-lm"
 
 # Llama shapes for --random-model (random weights: speed, not quality, is measured).
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {},  # bitserve.tiny.build_causal_lm
+    "tiny": {},  # bitserve.models.tiny.build_causal_lm
     "smollm2-135m": dict(
         hidden_size=576,
         intermediate_size=1536,
@@ -75,7 +75,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # checkpoint & workloads --------------------------------------------------------------------------
 def build_random_model(kind: str, root: Path, device: str) -> Path:
-    from bitserve.tiny import build_causal_lm, build_tokenizer
+    from bitserve.models.tiny import build_causal_lm, build_tokenizer
 
     path = root / kind
     if kind == "tiny":
@@ -103,7 +103,7 @@ def build_random_model(kind: str, root: Path, device: str) -> Path:
 
 
 def make_prompts(n: int, seed: int) -> list[str]:
-    from bitserve.tiny import CORPUS
+    from bitserve.models.tiny import CORPUS
 
     rng = random.Random(seed)
     out = []
@@ -247,7 +247,7 @@ class InProcessServer:
     """The real bitserve server on its own event-loop thread, port 0."""
 
     def __init__(self, model_cfg: dict[str, Any]):
-        from bitserve.app import Server
+        from bitserve.api.server import Server
         from bitserve.settings import build_settings
 
         settings = build_settings(
@@ -516,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     command = bench_results.command_line("bench.generation", argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from bitserve.engines.generate import CausalLMGenerateEngine
-    from bitserve.loading import load_checkpoint
+    from bitserve.frontend.generate import CausalLMGenerateEngine
+    from bitserve.models.loading import load_checkpoint
 
     device = args.device
     if device == "auto":

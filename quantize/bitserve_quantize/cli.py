@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from bitserve.quantization import MODES
+from bitserve.models.quantization import MODES
 
 from .errors import QuantizeError
 from .export import MERGE_BASES, ExportOptions, export

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bitserve.loading import resolve_device
+from bitserve.models.loading import resolve_device
 
 from .errors import OptionError
 

@@ -4,7 +4,7 @@ The adapter is merged into a float base: the fp32 checkpoint, or (the default fo
 fine-tune) the NF4 weights it was trained against, dequantized, so the merged model is the
 trained one. A QLoRA export also reports the as-trained model (NF4 base + adapter) beside the
 merge. The merged model is quantized at the end by loading it through
-`bitserve.loading.load_checkpoint` (the server's own path) and saving that. The output
+`bitserve.models.loading.load_checkpoint` (the server's own path) and saving that. The output
 directory is built beside the destination and renamed into place when complete.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bitserve import quantization
+from bitserve.models import quantization
 
 from . import data, report, tasks
 from .errors import CheckpointError, DataError, OptionError
@@ -154,7 +154,7 @@ def _base_kwargs(src: _Source, task: tasks.Task) -> dict[str, Any]:
     if labels:
         kwargs["ignore_mismatched_sizes"] = True
     if isinstance(task, tasks.ClassifyTask) and AutoConfig.from_pretrained(src.base).pad_token_id is None:
-        from bitserve.loading import load_tokenizer
+        from bitserve.models.loading import load_tokenizer
 
         kwargs["pad_token_id"] = task.prepare_tokenizer(load_tokenizer(src.tokenizer_dir)).pad_token_id
     return kwargs
@@ -191,7 +191,7 @@ def load_as_trained(src: _Source, task: tasks.Task, compute: torch.dtype = torch
 
 def _merge(src: _Source, task: tasks.Task, dest: Path, base: str = "fp32") -> None:
     """fp32 or dequantized-NF4 base (+ adapter, merged) saved as safetensors in `dest`."""
-    from bitserve.loading import load_tokenizer
+    from bitserve.models.loading import load_tokenizer
 
     model = load_base(src, task, base)
     if src.adapter:
@@ -272,7 +272,7 @@ def _as_trained_row(
     """
     import contextlib
 
-    from bitserve.loading import load_tokenizer
+    from bitserve.models.loading import load_tokenizer
 
     model = load_as_trained(src, task)
     tokenizer = task.prepare_tokenizer(load_tokenizer(src.tokenizer_dir))
@@ -297,7 +297,7 @@ def _as_trained_row(
 
 
 def _memory_only(path: Path, task: tasks.Task, mode: str, device: str) -> dict[str, Any]:
-    from bitserve.loading import load_checkpoint
+    from bitserve.models.loading import load_checkpoint
 
     loaded = load_checkpoint(str(path), task.auto_class, quantize=mode, device=device)
     return {"quantize": mode, "memory_bytes": loaded.memory_bytes, "examples_per_s": 0.0}

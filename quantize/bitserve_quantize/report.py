@@ -1,6 +1,6 @@
 """Quality report: one checkpoint, the same data, each precision.
 
-For every quantization mode the checkpoint is loaded through `bitserve.loading.load_checkpoint`
+For every quantization mode the checkpoint is loaded through `bitserve.models.loading.load_checkpoint`
 (exactly as the server loads it), scored with the task's metric, and measured for weight memory
 and throughput. The result is `quality.json` (which the server shows in ListModels) and a PNG
 chart beside it.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitserve import quantization
+from bitserve.models import quantization
 
 from . import data, tasks
 from .errors import OptionError
@@ -188,7 +188,7 @@ class Loaded:
 def load(path: str, task: tasks.Task, mode: str, device: str, quant: QuantOptions) -> Loaded:
     """The checkpoint at `mode`: through the server's loader for the server's defaults; with
     other quantization options, the same load with those options in the bitsandbytes config."""
-    from bitserve.loading import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
+    from bitserve.models.loading import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
 
     if mode == "none" or quant.is_default or quantization.mode_of(_config(path)) != "none":
         lm = load_checkpoint(path, task.auto_class, quantize=mode, dtype="auto", device=device)

@@ -128,7 +128,7 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
 def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distributed.World) -> FinetuneResult:
     from transformers import AutoConfig, get_scheduler
 
-    from bitserve.loading import load_tokenizer
+    from bitserve.models.loading import load_tokenizer
 
     started = time.perf_counter()
     reset_peak_memory(world.device)
@@ -310,7 +310,7 @@ def build_model(
     """The model to train: fp32 master weights, or an NF4 base for QLoRA; LoRA-wrapped if asked."""
     from transformers import AutoConfig
 
-    from bitserve.quantization import bnb_config
+    from bitserve.models.quantization import bnb_config
 
     kwargs = task.model_kwargs(labels)
     config = AutoConfig.from_pretrained(opts.model)
@@ -322,7 +322,7 @@ def build_model(
         # A decoder classifier pools at the last non-pad token and refuses batches without a pad
         # id in its config; many Llama-family configs have none (the tokenizer's pad is EOS).
         if pad_token_id is None:
-            from bitserve.loading import load_tokenizer
+            from bitserve.models.loading import load_tokenizer
 
             pad_token_id = task.prepare_tokenizer(load_tokenizer(opts.model)).pad_token_id
         kwargs["pad_token_id"] = pad_token_id
@@ -428,7 +428,7 @@ def keeps_head(config: Any, labels: list[str]) -> bool:
 
 def reinit_head(model: Any) -> None:
     """Re-initialise the classification head (the modules that map hidden states to labels)."""
-    from bitserve.quantization import HEAD_MODULES
+    from bitserve.models.quantization import HEAD_MODULES
 
     std = getattr(model.config, "initializer_range", None) or 0.02
     with torch.no_grad():

@@ -10,8 +10,8 @@ import signal
 import sys
 from typing import Any
 
-from .errors import ConfigError
-from .settings import build_settings
+from bitserve.errors import ConfigError
+from bitserve.settings import build_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +83,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _default_config() -> Any:
     """The embedded default config, after checking that its model packages are installed."""
-    from . import demo  # prepares the real-weight demo models (see README)
+    from bitserve.models import demo  # prepares the real-weight demo models (see README)
 
     return demo.default_config()
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(settings) -> None:
-    from .app import Server
+    from bitserve.api.server import Server
 
     server = Server(settings)
     stop = asyncio.Event()

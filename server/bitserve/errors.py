@@ -1,12 +1,11 @@
-"""Typed errors that carry a gRPC status code.
+"""Typed errors that carry a status code name (a `grpc.StatusCode` member's name).
 
-Raised anywhere below the servicer; mapped to a gRPC status in exactly one place
-(`servicer._Call.__aexit__`). Anything else becomes INTERNAL, logged with context.
+Transport-free, so the engine process imports no grpc: raised anywhere below the servicer (and
+sent across the process boundary by name), mapped to a gRPC status in exactly one place
+(`api.servicer._Call.__aexit__`). Anything else becomes INTERNAL, logged with context.
 """
 
 from __future__ import annotations
-
-import grpc
 
 # Client input that a status message may quote (a model name) is refused beyond this length: a 1 MB name
 # must not become a 1 MB status message (it would overflow the client's metadata limit).
@@ -22,7 +21,7 @@ def clip_message(message: str) -> str:
 
 
 class BitserveError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -30,31 +29,31 @@ class BitserveError(Exception):
 
 
 class InvalidArgument(BitserveError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class NotFound(BitserveError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class FailedPrecondition(BitserveError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(BitserveError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class DeadlineExceeded(BitserveError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 class Unavailable(BitserveError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class Cancelled(BitserveError):
-    code = grpc.StatusCode.CANCELLED
+    code = "CANCELLED"
 
 
 class ConfigError(Exception):

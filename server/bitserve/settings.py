@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .types import Task
+from bitserve.errors import ConfigError
+from bitserve.types import Task
 
 ENV_PREFIX = "BITSERVE_"
 QuantizeMode = Literal["none", "int8", "nf4", "fp4"]

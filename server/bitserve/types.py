@@ -95,3 +95,17 @@ class ModelInfo:
     quality_report_json: str = ""
     engine: str = ""  # the engine process holding the weights (shared by models with the same)
     device_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationRequest:
+    """What the front sends for one prompt (plain data; crosses the process boundary)."""
+
+    rid: int
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_ids: tuple[int, ...] = ()  # token ids that end the answer (besides the model's EOS)
+    deadline: float | None = None  # time.monotonic() value (one clock for all processes)
+    client: str = ""  # who asked: admission is fair across clients

@@ -120,7 +120,7 @@ def _timed_events(monkeypatch, task):
 def test_report_warms_up_and_times_no_tokenization(tiny_models, tmp_path, monkeypatch):
     from transformers import AutoModelForSeq2SeqLM
 
-    from bitserve.loading import load_tokenizer
+    from bitserve.models.loading import load_tokenizer
     from bitserve_quantize import data
 
     task = tasks.get("translate")
@@ -155,7 +155,7 @@ def test_report_warms_up_and_times_no_tokenization(tiny_models, tmp_path, monkey
 
 @pytest.mark.parametrize("name", ["classify", "generate"])
 def test_classify_and_generate_eval_warm_up_before_timing(tiny_models, tmp_path, monkeypatch, name):
-    from bitserve.loading import load_checkpoint, load_tokenizer
+    from bitserve.models.loading import load_checkpoint, load_tokenizer
     from bitserve_quantize import data
 
     task = tasks.get(name)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from bitserve.loading import load_checkpoint
+from bitserve.models.loading import load_checkpoint
 from bitserve_quantize.export import ExportOptions, export
 from bitserve_quantize.report import ReportOptions, report
 from bitserve_quantize.train import finetune

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bitserve.tiny import build_classifier
+from bitserve.models.tiny import build_classifier
 from bitserve_quantize import data, tasks
 from bitserve_quantize.train import _label_names, build_model, finetune
 

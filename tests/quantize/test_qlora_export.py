@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from bitserve.loading import load_tokenizer
+from bitserve.models.loading import load_tokenizer
 from bitserve_quantize import tasks
 from bitserve_quantize.export import AS_TRAINED, ExportOptions, _resolve, export, load_as_trained
 from bitserve_quantize.train import finetune

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bitserve.loading import load_checkpoint
+from bitserve.models.loading import load_checkpoint
 from bitserve_quantize import tasks
 from bitserve_quantize.cli import main
 from bitserve_quantize.errors import OptionError

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from bitserve.loading import load_tokenizer
+from bitserve.models.loading import load_tokenizer
 from bitserve_quantize import data, tasks
 from bitserve_quantize.errors import DataError
 from bitserve_quantize.train import finetune

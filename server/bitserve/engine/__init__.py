@@ -1,7 +1,3 @@
-"""The process boundary: engine core processes own the weights and their scheduler; the front
-(gRPC process) talks to each through an `EngineClient`.
-
-protocol (the messages, plain data) - client (front half: spawn, submit, receive, restart) -
-core (the engine process: receive, schedule, run, send) - workers (what a core runs for each
-model it serves).
-"""
+"""The engine process: owns one copy of the weights. `core` (process main and loop), `workers`
+(what it runs per model), `sched/` (policy and step loop), `worker/` (batch, KV cache, model
+runner, sampler), `heads/` (encoder task heads). Imports no grpc."""

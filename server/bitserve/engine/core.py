@@ -22,8 +22,8 @@ from typing import Any
 
 import zmq
 
-from . import protocol as P
-from .workers import Workers, build_workers
+from bitserve.engine.workers import Workers, build_workers
+from bitserve.ipc import protocol as P
 
 log = logging.getLogger("bitserve.engine.core")
 

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Protocol
+from typing import Any
 
-from ..errors import InvalidArgument
-from ..generation.runner import CausalLM
-from ..generation.scheduler import Scheduler
-from ..loading import LoadedModel
-from ..settings import ModelSettings
+from bitserve.engine.heads import BatchRunner, model_half
+from bitserve.engine.sched.scheduler import Scheduler
+from bitserve.engine.worker.model_runner import CausalLM
+from bitserve.errors import InvalidArgument
+from bitserve.models.backends import resolve_backend
+from bitserve.models.loading import LoadedModel, load_checkpoint
+from bitserve.settings import ModelSettings
 
 log = logging.getLogger(__name__)
-
-
-class BatchRunner(Protocol):
-    def run_batch(self, items: list[Any]) -> list[Any]: ...
 
 
 class Workers:
@@ -66,29 +64,35 @@ class Workers:
         }
 
 
-def build_workers(spec: dict[str, Any]) -> Workers:
-    from ..engines import engine_class
-    from ..registry import resolve_backend
+def load(settings: ModelSettings) -> LoadedModel:
+    """The checkpoint of `settings`, loaded with the model class its task and backend need."""
+    return load_checkpoint(
+        settings.path,
+        model_half(settings.task, resolve_backend(settings)).model_class(),
+        quantize=settings.quantize,
+        dtype=settings.dtype,
+        device=settings.device,
+        gguf_file=settings.gguf_file,
+        max_memory=settings.max_memory,
+        offload_dir=settings.offload_dir,
+    )
 
+
+def build_workers(spec: dict[str, Any]) -> Workers:
     models = [ModelSettings(**m) for m in spec["models"]]
-    first = models[0]
-    loaded = engine_class(first.task, resolve_backend(first)).load(first)
-    return workers_for(loaded, models, spec["engine"])
+    return workers_for(load(models[0]), models, spec["engine"])
 
 
 def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "engine") -> Workers:
     """The workers for `models`, all served from the already loaded `loaded`."""
-    from ..engines import engine_class
-    from ..registry import resolve_backend
-
     runners: dict[str, BatchRunner] = {}
     sched_models: list[ModelSettings] = []
     for m in models:
-        cls = engine_class(m.task, resolve_backend(m))
-        if cls.uses_scheduler:
+        half = model_half(m.task, resolve_backend(m))
+        if half.runner is None:
             sched_models.append(m)
         else:
-            runners[m.name] = cls.runner(m, loaded)
+            runners[m.name] = half.runner(loaded)
     scheduler = lm = None
     if sched_models:
         lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device)

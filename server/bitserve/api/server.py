@@ -1,0 +1,156 @@
+"""gRPC server assembly: servicer, health, reflection, metrics endpoint, lifecycle.
+
+Start-up order suits Kubernetes: the port binds first and health answers NOT_SERVING (overall
+and per model) while weights load; each model turns SERVING when ready, and the overall status
+once all are. On stop, health turns NOT_SERVING (the port stays open, so probes see it), new inference calls
+get UNAVAILABLE, accepted ones get `grace_period_s` to finish, then engines drain and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from prometheus_client import start_http_server
+
+from bitserve.api import reflection, security, undecodable
+from bitserve.api.servicer import InferenceServicer
+from bitserve.frontend.base import Engine
+from bitserve.frontend.registry import ModelRegistry
+from bitserve.metrics import Metrics
+from bitserve.settings import Settings
+from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
+from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(settings, self.metrics)
+        self.health = HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http: WSGIServer | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self.servicer: InferenceServicer | None = None
+
+    async def start(self, *, wait_until_loaded: bool = True) -> None:
+        s = self.settings.server
+        tokens = security.load_tokens(s)
+        credentials = security.server_credentials(s)
+        self._grpc = grpc.aio.server(
+            interceptors=[security.TokenAuth(tokens, protect_health=s.auth_health)] if tokens else None,
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.servicer = InferenceServicer(self.settings, self.registry, self.metrics)
+        undecodable.add_servicer(pb_grpc.add_InferenceServicer_to_server, self.servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        if s.reflection:
+            reflection.enable(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self._grpc
+            )
+        address = f"{s.host}:{s.port}"
+        if credentials is not None:
+            self.port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {s.host}:{s.port}")
+        if s.metrics_port >= 0:
+            self._http, _ = start_http_server(
+                s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._http.server_port
+        for name in ("", SERVICE_NAME, *(m.name for m in self.settings.models)):
+            await self.health.set(name, _NOT_SERVING)
+        await self._grpc.start()
+        log.info(
+            "gRPC listening on %s:%d (%s%s); metrics on %s:%s",
+            s.host,
+            self.port,
+            "TLS" if credentials else "plaintext",
+            ", bearer tokens required" if tokens else "",
+            s.metrics_host or s.host,
+            self.metrics_port,
+        )
+        self._loading = asyncio.get_running_loop().create_task(self._load())
+        if wait_until_loaded:
+            await self._loading
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def ready(engine: Engine) -> None:
+            loop.create_task(self.health.set(engine.name, _SERVING))
+
+        def engine_state(names: list[str], serving: bool) -> None:
+            # An engine process died (NOT_SERVING until it is back) or came back.
+            async def update() -> None:
+                status = _SERVING if serving else _NOT_SERVING
+                for name in names:
+                    await self.health.set(name, status)
+                everything = serving and all(c.ready for c in self.registry.cores)
+                for name in ("", SERVICE_NAME):
+                    await self.health.set(name, _SERVING if everything else _NOT_SERVING)
+
+            loop.create_task(update())
+
+        self.registry.on_state = engine_state
+
+        await self.registry.load_all(on_loaded=ready)
+        for name in (*(m.name for m in self.settings.models), "", SERVICE_NAME):
+            await self.health.set(name, _SERVING)
+        log.info("all %d models serving", len(self.settings.models))
+
+    async def wait_loaded(self) -> None:
+        if self._loading is not None:
+            await self._loading
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain, then stop. The listener stays open through the grace period so that a load
+        balancer sees health NOT_SERVING and new inference calls get UNAVAILABLE, while accepted
+        calls finish; it closes once none is left, or when the grace period ends."""
+        grace = self.settings.server.grace_period_s if grace is None else grace
+        end = time.monotonic() + grace
+        await self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            self.servicer.draining = True
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        while self.servicer is not None and self.servicer.inflight > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if self._grpc is not None:
+            await self._grpc.stop(max(end - time.monotonic(), 0.0))
+        await self.registry.stop_all()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; a model that fails to load ends serving with its error."""
+        waiter = asyncio.ensure_future(stop.wait())
+        pending = {waiter} | ({self._loading} if self._loading is not None else set())
+        while waiter in pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not waiter and task.exception() is not None:
+                    waiter.cancel()
+                    raise task.exception()  # type: ignore[misc]

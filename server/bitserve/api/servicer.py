@@ -1,0 +1,249 @@
+"""Thin RPC methods: validate/convert -> registry -> engine -> convert.
+
+Errors are mapped to gRPC statuses in one place (`_Call.__aexit__`): typed `BitserveError`s keep
+their code and message; anything else is logged with context and becomes INTERNAL. Either way
+the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import grpc
+
+from bitserve.api import convert
+from bitserve.errors import BitserveError, Unavailable, clip_message
+from bitserve.frontend import chat
+from bitserve.frontend.base import ClassifyEngine, GenerateEngine, SentimentEngine, TranslateEngine
+from bitserve.frontend.context import current_client
+from bitserve.frontend.registry import ModelRegistry
+from bitserve.metrics import Metrics
+from bitserve.settings import Settings
+from bitserve.types import SamplingParams, Task
+from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
+from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEADLINE_SLACK_S = 0.05
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+# Label value for requests whose `model` names no configured model: client-chosen strings must
+# not become label values (each would add series without bound). Not a valid model name.
+UNRESOLVED_MODEL = "(unresolved)"
+
+
+async def _stream(
+    engine: GenerateEngine, text: str, params: SamplingParams, context: grpc.aio.ServicerContext
+) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
+    """A generation's chunks as stream messages; closing it ends the generation on the engine."""
+    stream = engine.generate_stream(text, params, deadline=_deadline(context))
+    try:
+        async for chunk in stream:
+            yield convert.stream_response(engine.name, chunk)
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+class _Call:
+    """Per-RPC bookkeeping: admission, status mapping, request counter and duration histogram."""
+
+    def __init__(
+        self, servicer: InferenceServicer, context: grpc.aio.ServicerContext, task: Task, method: str
+    ):
+        self.servicer, self.context, self.task, self.method = servicer, context, task, method
+        self.model = UNRESOLVED_MODEL  # replaced by the resolved engine's name
+        self._start = 0.0
+
+    async def __aenter__(self) -> _Call:
+        self._start = time.perf_counter()
+        self.servicer._inflight += 1
+        md = dict(self.context.invocation_metadata() or ())
+        current_client.set(str(md.get("x-client-id") or self.context.peer() or ""))
+        return self
+
+    def begin(self, request) -> str:
+        """Checks made before any work: shutdown, the byte budget, the model name."""
+        if self.servicer.draining:
+            raise Unavailable("server is shutting down; retry on another replica")
+        convert.check_request_size(request, self.servicer._server)
+        name = convert.model_name_from(request.model)
+        if name in self.servicer._declared:
+            self.model = name
+        return name
+
+    def _expired(self) -> bool:
+        # grpc's own deadline cancel can reach the handler a hair before its clock reads 0.
+        remaining = self.context.time_remaining()
+        return remaining is not None and remaining <= DEADLINE_SLACK_S
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        self.servicer._inflight -= 1
+        code = grpc.StatusCode.OK
+        message = ""
+        if exc is None:
+            pass
+        elif isinstance(exc, BitserveError):
+            code, message = grpc.StatusCode[exc.code], clip_message(exc.message)
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # GeneratorExit: grpc closed a stream whose caller left.
+            code = grpc.StatusCode.CANCELLED
+        elif isinstance(exc, grpc.aio.AbortError):
+            code = self.context.code() or grpc.StatusCode.UNKNOWN
+        elif self.context.cancelled():
+            log.debug("%s on model %r ended after its caller left", self.method, self.model, exc_info=exc)
+        else:
+            log.error("%s on model %r failed", self.method, self.model, exc_info=exc)
+            code = grpc.StatusCode.INTERNAL
+            message = clip_message(f"internal error in {self.method}: {type(exc).__name__}: {exc}")
+        gone = exc is not None and (self.context.cancelled() or isinstance(exc, GeneratorExit))
+        if gone or (code == grpc.StatusCode.CANCELLED and self._expired()):
+            # The caller cancelled or its deadline passed: nobody reads a status now, and aborting
+            # a finished RPC fails inside grpc. Count what happened; end quietly.
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if self._expired() else grpc.StatusCode.CANCELLED
+            message = ""
+        metrics = self.servicer._metrics
+        metrics.requests.labels(self.model, self.task.value, self.method, code.name).inc()
+        metrics.request_duration.labels(self.model, self.task.value, self.method, code.name).observe(
+            time.perf_counter() - self._start
+        )
+        if message:
+            await self.context.abort(code, message)  # raises AbortError: ends the RPC
+        # A caller that left needs no error raised to grpc (it would log it); cancellation itself
+        # propagates, as asyncio expects.
+        return gone and not isinstance(exc, (asyncio.CancelledError, GeneratorExit))
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics):
+        self._server = settings.server
+        self._registry = registry
+        self._metrics = metrics
+        self._declared = {m.name for m in settings.models}
+        self._inflight = 0
+        self.draining = False  # set at shutdown: new inference calls get UNAVAILABLE
+
+    @property
+    def inflight(self) -> int:
+        """Inference calls accepted and not yet answered."""
+        return self._inflight
+
+    def _call(self, context, task: Task, method: str) -> _Call:
+        return _Call(self, context, task, method)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse | None:
+        async with self._call(context, Task.GENERATE, "Generate") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
+            call.model = engine.name
+            texts = convert.texts_from(request.texts, self._server)
+            convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
+            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
+            gens = await engine.generate(texts, params, deadline=_deadline(context))
+            return convert.generate_response(engine.name, gens)
+        return None  # the caller left (cancelled, deadline): nothing to answer
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async with self._call(context, Task.GENERATE, "GenerateStream") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
+            call.model = engine.name
+            (text,) = convert.texts_from(request.texts, self._server, exactly_one=True)
+            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
+            async with contextlib.aclosing(_stream(engine, text, params, context)) as messages:
+                async for message in messages:
+                    yield message
+
+    async def _chat_prompt(self, request: pb.ChatRequest, engine: GenerateEngine) -> str:
+        pairs = [(m.role, m.content) for m in request.messages]
+        messages = chat.messages_from(pairs, self._server.max_text_chars)
+        # Templates are Python (jinja): rendered off the event loop, like tokenization.
+        return str(await engine.off_loop(chat.render, engine.tokenizer, messages, engine.name))
+
+    async def Chat(self, request: pb.ChatRequest, context) -> pb.ChatResponse | None:
+        async with self._call(context, Task.GENERATE, "Chat") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
+            call.model = engine.name
+            text = await self._chat_prompt(request, engine)
+            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
+            (gen,) = await engine.generate([text], params, deadline=_deadline(context))
+            return pb.ChatResponse(model=engine.name, generation=convert.generation_pb(gen))
+        return None  # the caller left (cancelled, deadline): nothing to answer
+
+    async def ChatStream(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async with self._call(context, Task.GENERATE, "ChatStream") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
+            call.model = engine.name
+            text = await self._chat_prompt(request, engine)
+            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
+            async with contextlib.aclosing(_stream(engine, text, params, context)) as messages:
+                async for message in messages:
+                    yield message
+
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse | None:
+        async with self._call(context, Task.CLASSIFY, "Classify") as call:
+            name = call.begin(request)
+            labels = convert.candidate_labels_from(request.candidate_labels, self._server)
+            engine = self._registry.get(Task.CLASSIFY, name, ClassifyEngine)
+            call.model = engine.name
+            texts = convert.texts_from(request.texts, self._server)
+            convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
+            results = await engine.classify(
+                texts,
+                top_k=request.top_k or None,
+                candidate_labels=labels,
+                deadline=_deadline(context),
+            )
+            return convert.classify_response(engine.name, results, engine.multi_label)
+        return None  # the caller left (cancelled, deadline): nothing to answer
+
+    async def Sentiment(self, request: pb.SentimentRequest, context) -> pb.SentimentResponse | None:
+        async with self._call(context, Task.SENTIMENT, "Sentiment") as call:
+            name = call.begin(request)
+            engine = self._registry.get(Task.SENTIMENT, name, SentimentEngine)
+            call.model = engine.name
+            texts = convert.texts_from(request.texts, self._server)
+            convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
+            results = await engine.sentiment(texts, deadline=_deadline(context))
+            return convert.sentiment_response(engine.name, results)
+        return None  # the caller left (cancelled, deadline): nothing to answer
+
+    async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse | None:
+        async with self._call(context, Task.TRANSLATE, "Translate") as call:
+            name = call.begin(request)
+            source = convert.language_from("source_lang", request.source_lang)
+            target = convert.language_from("target_lang", request.target_lang)
+            engine = self._registry.get(Task.TRANSLATE, name, TranslateEngine)
+            call.model = engine.name
+            texts = convert.texts_from(request.texts, self._server)
+            convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
+            results = await engine.translate(
+                texts,
+                source_lang=source,
+                target_lang=target,
+                max_new_tokens=request.max_new_tokens or None,
+                deadline=_deadline(context),
+            )
+            return convert.translate_response(engine.name, results)
+        return None  # the caller left (cancelled, deadline): nothing to answer
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                convert.model_info_pb(e.info(), with_path=self._server.expose_model_paths)
+                for e in self._registry.engines()
+            ]
+        )

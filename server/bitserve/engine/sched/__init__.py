@@ -1,0 +1,1 @@
+"""Generation scheduling: the pure admission policy and the step loop."""

@@ -1,0 +1,203 @@
+"""The generation step loop: admit (policy), prefill, decode, sample, retire.
+
+`Scheduler.step()` runs one iteration and returns what happened as plain data - one token per
+running row and the requests that ended in an error - for the engine process to send to the
+front. Waiting requests join the running batch between steps (`Batch.concatenate`); finished,
+cancelled and expired rows leave it (`Batch.filter`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bitserve.engine.sched.policy import Budget, Policy, Waiting, length_groups
+from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker.batch import Batch
+from bitserve.engine.worker.model_runner import CausalLM
+from bitserve.engine.worker.sampler import select_tokens
+from bitserve.errors import DeadlineExceeded
+from bitserve.types import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+# The fixed cost of one forward pass, in padded prompt tokens: admitted prompts are prefilled
+# in passes of similar lengths when the padding saved is worth more passes. On CPU a pass costs
+# ~1 ms of Python, ~150 padded tokens of a small model; on a GPU the launch overhead buys
+# thousands (rough: it only has to keep a GPU from splitting where padding is cheap).
+PREFILL_PASS_TOKENS = {"cpu": 256}
+PREFILL_PASS_TOKENS_DEFAULT = 8192
+
+# (rid, token id, logprob or None, finish reason or None)
+TokenOut = tuple[int, int, float | None, str | None]
+
+
+@dataclass
+class StepResult:
+    tokens: list[TokenOut] = field(default_factory=list)
+    errors: list[tuple[int, BaseException]] = field(default_factory=list)
+    batch_size: int = 0  # rows in this step's decode pass (0: none ran)
+    batch_models: dict[str, int] = field(default_factory=dict)  # those rows per model
+    prompt_tokens: int = 0  # prompt tokens prefilled in this step
+    queue_waits: dict[str, list[float]] = field(default_factory=dict)  # per model, of those admitted
+    wait_until: float | None = None  # idle batching window: nothing to do before then
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefills: int = 0
+    max_running: int = 0
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        lm: CausalLM,
+        *,
+        max_concurrent: int,
+        prefill_token_budget: int,
+        max_waiting_ms: float,
+        name: str = "generate",
+    ):
+        self.lm = lm
+        self.name = name
+        self.policy = Policy(Budget(max_concurrent, prefill_token_budget, max_waiting_ms / 1000.0))
+        self.waiting: list[Sequence] = []
+        self.batch: Batch | None = None
+        self.stats = SchedulerStats()
+        self._pass_tokens = PREFILL_PASS_TOKENS.get(lm.device.type, PREFILL_PASS_TOKENS_DEFAULT)
+        # After a prefill the step ends (its first tokens go out at once); the next one decodes
+        # every row before anything else is admitted.
+        self._decode_next = False
+
+    # requests --------------------------------------------------------------------------------
+    def add(self, req: GenerationRequest, arrived: float | None = None) -> None:
+        self.waiting.append(Sequence(req, arrived))
+
+    def abort(self, rids: set[int]) -> None:
+        """Forget these requests: waiting ones at once, running ones at the next step."""
+        if not rids:
+            return
+        self.waiting = [s for s in self.waiting if s.rid not in rids]
+        if self.batch is not None:
+            for s in self.batch.seqs:
+                if s.rid in rids:
+                    s.cancelled = True
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.batch.seqs if self.batch is not None else []
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.batch is not None
+
+    # one iteration ---------------------------------------------------------------------------
+    def step(self, now: float | None = None) -> StepResult:
+        now = time.monotonic() if now is None else now
+        out = StepResult()
+        if self._decode_next and self.batch is not None:
+            self._decode_next = False
+            self._decode(out)
+            return out
+        running = self.running
+        decision = self.policy.schedule(
+            [Waiting(len(s.prompt_ids), s.arrived, s.deadline, s.client) for s in self.waiting],
+            [s.max_new_tokens - len(s.token_ids) for s in running],
+            now,
+        )
+        for i in decision.expired:
+            out.errors.append(
+                (
+                    self.waiting[i].rid,
+                    DeadlineExceeded("deadline expired while queued; the model was not run"),
+                )
+            )
+        new = [self.waiting[i] for i in decision.admit]
+        gone = set(decision.expired) | set(decision.admit)
+        if gone:
+            self.waiting = [s for i, s in enumerate(self.waiting) if i not in gone]
+        if new:
+            for s in new:
+                out.queue_waits.setdefault(s.model, []).append(now - s.arrived)
+            try:
+                joined = self._prefill(new, out)
+            except Exception as e:
+                log.exception("prefill of %d sequences failed in %s", len(new), self.name)
+                out.errors.extend((s.rid, e) for s in new)
+                joined = None
+            if joined is not None:
+                self.batch = Batch.concatenate([self.batch, joined]) if self.batch is not None else joined
+            self._decode_next = True
+            return out
+        if self.batch is None:
+            out.wait_until = decision.wait_until
+            return out
+        self._decode(out)
+        return out
+
+    def _decode(self, out: StepResult) -> None:
+        batch = self.batch
+        assert batch is not None
+        self.stats.max_running = max(self.stats.max_running, len(batch))
+        try:
+            logits = self.lm.decode(batch)
+            self.stats.steps += 1
+            self.stats.batch_sizes[len(batch)] += 1
+            out.batch_size = len(batch)
+            out.batch_models = dict(collections.Counter(s.model for s in batch.seqs))
+            self.batch = self._advance(batch, logits, out, now=time.monotonic())
+        except Exception as e:
+            log.exception("decode step of %d sequences failed in %s", len(batch), self.name)
+            out.errors.extend((s.rid, e) for s in batch.seqs if not s.cancelled)
+            self.batch = None
+
+    def _prefill(self, seqs: list[Sequence], out: StepResult) -> Batch | None:
+        groups = length_groups([len(s.prompt_ids) for s in seqs], self._pass_tokens)
+        parts = [self.lm.prefill([seqs[i] for i in g]) for g in groups]
+        self.stats.prefills += len(parts)
+        out.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        if len(parts) == 1:
+            batch, logits = parts[0]
+        else:
+            # Rows (and so logits) in the order of the parts, as concatenate lays them out.
+            batch = Batch.concatenate([b for b, _ in parts])
+            logits = torch.cat([lg for _, lg in parts])
+        return self._advance(batch, logits, out, now=time.monotonic())
+
+    def _advance(self, batch: Batch, logits: torch.Tensor, out: StepResult, *, now: float) -> Batch | None:
+        """Append one token per row; retire finished, cancelled and expired rows."""
+        ids_t, ids, lps = select_tokens(logits, batch)
+        eos = self.lm.eos
+        keep: list[int] = []
+        for i, (s, t) in enumerate(zip(batch.seqs, ids, strict=True)):
+            if s.cancelled:
+                continue
+            s.token_ids.append(t)
+            if t in eos:
+                s.finish = "eos"
+            elif t in s.stop_ids:
+                s.finish = "stop"
+            elif len(s.token_ids) >= s.max_new_tokens:
+                s.finish = "length"
+            elif s.deadline is not None and now >= s.deadline:
+                out.errors.append((s.rid, DeadlineExceeded("deadline expired during generation")))
+                continue
+            lp = lps[i] if lps is not None and s.params.logprobs else None
+            out.tokens.append((s.rid, t, lp, s.finish))
+            if s.finish is None:
+                keep.append(i)
+        kept = batch.filter(keep)
+        if kept is not None:
+            if kept is batch:
+                kept.next_ids = ids_t
+            else:
+                kept.next_ids = ids_t.index_select(0, torch.tensor(keep, device=ids_t.device))
+            if kept.seen is not None:
+                kept.seen[torch.arange(len(kept), device=kept.seen.device), kept.next_ids] = True
+        return kept

@@ -1,0 +1,180 @@
+"""The model side of generation: prefill, one decode step, and label scoring. Owns no policy."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker.batch import Batch, seen_of
+from bitserve.engine.worker.kv_cache import new_cache
+
+# Label scoring copies the prompt's KV cache once per (prompt, label) row it scores; rows are
+# scored in chunks so that at most this many cached prompt tokens exist at once (memory grows
+# with the labels' tokens, not labels x prompt).
+SCORE_CACHE_TOKENS = 4096
+
+
+class CausalLM:
+    """Forward passes of one loaded causal LM."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device):
+        self.model = model
+        self.device = device
+        self.pad_id = tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        eos: set[int] = set()
+        gc = getattr(model, "generation_config", None)
+        for v in (getattr(gc, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(v, int):
+                eos.add(v)
+            elif isinstance(v, (list, tuple)):
+                eos.update(int(x) for x in v)
+        self.eos = frozenset(eos)
+        self.vocab = int(model.get_output_embeddings().weight.shape[0])
+        # transformers renamed `past_key_values` to `cache` (5.2x); speak whichever it knows.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # A decode step's mask is only the padding mask: with SDPA we hand the model the 4-D
+        # [B, 1, 1, past] view of ours instead of letting it rebuild one from 2-D every step
+        # (~10% of a step on a small model). Not for sliding-window or other attention kinds,
+        # whose masks differ per layer or in format.
+        cfg = model.config
+        self._mask_4d = getattr(cfg, "_attn_implementation", None) == "sdpa" and not any(
+            getattr(cfg, k, None) for k in ("sliding_window", "attention_chunk_size")
+        )
+
+    # generation ------------------------------------------------------------------------------
+    def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
+        """A batch of `seqs` with their prompts in the cache, and each prompt's next-token logits."""
+        dev = self.device
+        longest = max(len(s.prompt_ids) for s in seqs)
+        rows = [[self.pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in seqs]
+        input_ids = torch.tensor(rows, device=dev)
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=dev)
+        mask = None
+        if any(len(s.prompt_ids) != longest for s in seqs):
+            mask = torch.arange(longest, device=dev)[None, :] >= (longest - lengths)[:, None]
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            position_ids = torch.arange(longest, device=dev).expand(len(seqs), -1)
+        cache = new_cache(self.model)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
+        seen = None
+        if any(s.penalty is not None for s in seqs):
+            seen = seen_of(seqs, self.vocab, dev)
+        batch = Batch(seqs, cache, mask, lengths, input_ids[:, -1], seen)
+        return batch, out.logits[:, -1, :]
+
+    def decode(self, batch: Batch) -> torch.Tensor:
+        """One step for every row: logits of the next token, [B, V]."""
+        mask = batch.mask
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(batch), 1)], 1)
+        out = self.model(
+            input_ids=batch.next_ids[:, None],
+            attention_mask=mask[:, None, None, :] if mask is not None and self._mask_4d else mask,
+            position_ids=batch.positions[:, None],
+            use_cache=True,
+            **{self._cache_kw: batch.cache},
+        )
+        batch.mask = mask
+        batch.positions = batch.positions + 1
+        return out.logits[:, -1, :]
+
+    # label scoring ---------------------------------------------------------------------------
+    def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[float]]:
+        """Per prompt, the summed log-probability of each of its continuations after it.
+
+        One pass over the left-padded prompts fills a cache; each (prompt, continuation) row
+        then reuses its prompt's cache, scored in chunks of at most SCORE_CACHE_TOKENS cached
+        tokens, so a request with many labels costs label tokens, not labels x prompt.
+        """
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache(self.model)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        pairs = [(r, c) for r, conts in enumerate(continuations) for c in conts]
+        totals: list[float] = []
+        chunk = max(1, SCORE_CACHE_TOKENS // max(width, 1))
+        for start in range(0, len(pairs), chunk):
+            totals.extend(self._score_pairs(pairs[start : start + chunk], cache, first, mask, pos))
+        result, k = [], 0
+        for conts in continuations:
+            result.append(totals[k : k + len(conts)])
+            k += len(conts)
+        return result
+
+    def _score_pairs(
+        self,
+        pairs: list[tuple[int, list[int]]],
+        cache: Any,
+        first: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+    ) -> list[float]:
+        dev = self.device
+        index = torch.tensor([r for r, _ in pairs], device=dev)
+        totals = first[index, torch.tensor([c[0] for _, c in pairs], device=dev)]
+        width = max(len(c) for _, c in pairs)
+        if width > 1:
+            # This chunk's own copy of the prompt rows it needs (the shared cache stays intact).
+            from transformers import DynamicCache
+
+            rows = DynamicCache(config=self.model.config)
+            src: Any
+            dst: Any
+            for src, dst in zip(cache.layers, rows.layers, strict=True):
+                dst.device = src.keys.device
+                dst.keys = src.keys.index_select(0, index)
+                dst.values = src.values.index_select(0, index)
+                dst.is_initialized = True
+            cont = torch.full((len(pairs), width - 1), self.pad_id, dtype=torch.long)
+            target = torch.zeros((len(pairs), width - 1), dtype=torch.long)
+            valid = torch.zeros((len(pairs), width - 1), dtype=torch.bool)
+            for i, (_, c) in enumerate(pairs):
+                n = len(c) - 1
+                if n:
+                    cont[i, :n] = torch.tensor(c[:-1])
+                    target[i, :n] = torch.tensor(c[1:])
+                    valid[i, :n] = True
+            cont, target, valid = cont.to(dev), target.to(dev), valid.to(dev)
+            # Right padding after a continuation cannot affect its own (earlier) positions.
+            cmask = torch.cat([mask[index], torch.ones_like(cont)], dim=1)
+            cpos = pos[index, -1:] + 1 + torch.arange(width - 1, device=dev)
+            logits = self.model(
+                input_ids=cont,
+                attention_mask=cmask,
+                position_ids=cpos,
+                use_cache=True,
+                **{self._cache_kw: rows},
+            ).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            totals = totals + (tok_lp * valid).sum(dim=1)
+        return totals.cpu().tolist()

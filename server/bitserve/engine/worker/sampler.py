@@ -1,0 +1,102 @@
+"""Per-row token choice: each row by its own parameters, in transformers' processor order
+(repetition penalty, temperature, top-k, top-p); logprobs are of the model's own distribution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker.batch import Batch
+
+
+@dataclass
+class Plan:
+    """Per-batch sampling layout, recomputed only when the batch changes."""
+
+    plain_greedy: bool  # argmax of raw logits for every row
+    sample_rows: list[int]
+    temps: torch.Tensor | None
+    top_k: torch.Tensor | None  # 0: off
+    top_p: torch.Tensor | None  # 1: off
+    penalties: torch.Tensor | None  # [B, 1]
+    logprobs: bool
+
+
+def make_plan(seqs: list[Sequence], dev: torch.device) -> Plan:
+    sample_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    penalized = any(s.penalty is not None for s in seqs)
+    logprobs = any(s.params.logprobs for s in seqs)
+    temps = top_k = top_p = None
+    if sample_rows:
+        ps = [seqs[i].params for i in sample_rows]
+        temps = torch.tensor([[p.temperature] for p in ps], device=dev)
+        if any(p.top_k > 0 for p in ps):
+            top_k = torch.tensor([p.top_k for p in ps], device=dev)
+        if any(p.top_p < 1.0 for p in ps):
+            top_p = torch.tensor([[p.top_p] for p in ps], device=dev)
+    penalties = torch.tensor([[s.penalty or 1.0] for s in seqs], device=dev) if penalized else None
+    return Plan(
+        plain_greedy=not sample_rows and not penalized,
+        sample_rows=sample_rows,
+        temps=temps,
+        top_k=top_k,
+        top_p=top_p,
+        penalties=penalties,
+        logprobs=logprobs,
+    )
+
+
+def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, list[int], list[float] | None]:
+    """Next token per row, each by its own sampling parameters (transformers' processor order:
+    repetition penalty, temperature, top-k, top-p). Logprobs are of the model's distribution."""
+    plan = batch.plan()
+    logits = logits.float()
+    lps = None
+    if plan.logprobs:
+        lsm = torch.log_softmax(logits, -1)
+    if plan.plain_greedy:
+        ids = logits.argmax(-1)
+    else:
+        x = logits
+        if plan.penalties is not None and batch.seen is not None:
+            pen = torch.where(x < 0, x * plan.penalties, x / plan.penalties)
+            x = torch.where(batch.seen[:, : x.shape[1]], pen, x)
+        ids = x.argmax(-1)
+        if plan.sample_rows and plan.temps is not None:
+            rows = torch.tensor(plan.sample_rows, device=x.device)
+            xs = warp(x.index_select(0, rows), plan.temps, plan.top_k, plan.top_p)
+            cdf = xs.softmax(-1).cumsum(-1)
+            u = (
+                torch.tensor([[batch.seqs[i].rng.random()] for i in plan.sample_rows], device=x.device)
+                * cdf[:, -1:]
+            )
+            picked = torch.searchsorted(cdf, u).clamp(max=xs.shape[1] - 1).squeeze(1)
+            ids = ids.index_copy(0, rows, picked)
+    if plan.logprobs:
+        lps = lsm.gather(1, ids[:, None]).squeeze(1).tolist()
+    return ids, ids.tolist(), lps
+
+
+def warp(
+    x: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Temperature, then top-k (0: off), then top-p (1: off), each row by its own value:
+    the logits transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper
+    give for that row (filtered entries are -inf)."""
+    xs = x / temps
+    if top_k is not None:
+        k = top_k.clamp(max=xs.shape[1])
+        kmax = int(k.max())
+        vals = torch.topk(xs, kmax, dim=-1).values
+        kth = vals.gather(1, (torch.where(k > 0, k, kmax) - 1)[:, None])
+        kth = torch.where((k > 0)[:, None], kth, torch.full_like(kth, -float("inf")))
+        xs = xs.masked_fill(xs < kth, -float("inf"))
+    if top_p is not None:
+        sorted_x, order = torch.sort(xs, descending=False)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - top_p)
+        remove[:, -1] = False
+        xs = xs.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    return xs

@@ -1,0 +1,259 @@
+"""The engine interface: one small interface per task, and a registry keyed by task/backend.
+
+An engine is the front half of one served model: it validates and tokenizes (off the event
+loop), sends the work to the engine process that owns the weights (`self.core`), and turns what
+comes back into results. The model half lives in the engine process (`bitserve.engine.heads`:
+a task head's runner, or the shared generation scheduler). The servicer
+resolves the engine for a request through `registry.ModelRegistry` and calls the one task
+method below; it never sees torch.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from bitserve.errors import InvalidArgument
+from bitserve.frontend.batching import BatchHooks, DynamicBatcher
+from bitserve.metrics import Metrics
+from bitserve.models.loading import LoadedModel
+from bitserve.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from bitserve.ipc.client import EngineClient
+
+from bitserve.types import (
+    Generation,
+    LabelScore,
+    ModelInfo,
+    SamplingParams,
+    SentimentResult,
+    StreamChunk,
+    Task,
+    Translation,
+)
+
+
+class Engine(abc.ABC):
+    task: ClassVar[Task]
+    backend: ClassVar[str] = "head"
+    # True: the engine process serves this model with its shared generation scheduler (a
+    # causal LM); False: with `runner(...)`, batches of this engine's items.
+    uses_scheduler: ClassVar[bool] = False
+
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: EngineClient):
+        """`loaded`: the front's view of the checkpoint (tokenizer and config, no weights)."""
+        self.settings = settings
+        self.loaded = loaded
+        self.metrics = metrics
+        self.core = core
+        self.name = settings.name
+        self.ready = False
+        # Tokenization runs here, never on the event loop; one thread per engine, since a fast
+        # tokenizer must not be used from two threads at once.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{settings.name}")
+        self.max_input_tokens = min(settings.max_input_tokens or loaded.max_context, loaded.max_context)
+
+    async def start(self) -> None:
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._tokenize_pool.shutdown(wait=False)
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` on this engine's tokenization thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (front side: encode, chat templates, decode)."""
+        return self.loaded.tokenizer
+
+    @property
+    def labels(self) -> list[str]:
+        return []
+
+    def info(self) -> ModelInfo:
+        lm = self.loaded
+        return ModelInfo(
+            name=self.name,
+            task=self.task,
+            quantization=lm.quantization,
+            dtype=str(lm.dtype).removeprefix("torch."),
+            device=str(lm.device),
+            parameter_count=lm.parameter_count,
+            memory_bytes=lm.memory_bytes,
+            labels=self.labels,
+            architecture=lm.architecture,
+            max_context=self.max_input_tokens,
+            ready=self.ready and self.core.ready,
+            path=lm.path,
+            quality_report_json=lm.quality_report_json,
+            engine=getattr(self.core, "id", ""),
+            device_map=dict(lm.device_map),
+        )
+
+    def hooks(self) -> BatchHooks:
+        return _MetricHooks(self.metrics, self.name, self.task.value)
+
+    def resolve_max_new_tokens(self, requested: int | None) -> int:
+        """A request's max_new_tokens (0/None: the model's default), checked against its limit."""
+        n = requested or self.settings.default_max_new_tokens
+        limit = self.settings.max_new_tokens_limit
+        if n > limit:
+            raise InvalidArgument(
+                f"max_new_tokens must be <= {limit} (model {self.name!r} generates at most {limit} "
+                f"new tokens per request), got {n}"
+            )
+        return n
+
+    async def tokenize_checked(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids per text (off the event loop); INVALID_ARGUMENT naming the text when one
+        is over the limit."""
+        ids = await self.off_loop(encode, self.loaded.tokenizer, list(texts), add_special_tokens)
+        for i, t in enumerate(ids):
+            if len(t) > self.max_input_tokens:
+                raise InvalidArgument(
+                    f"texts[{i}] is {len(t)} tokens; model {self.name!r} accepts at most "
+                    f"{self.max_input_tokens} input tokens"
+                )
+        return ids
+
+
+def encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of `texts`, as `tokenizer(texts)["input_ids"]` gives them.
+
+    For fast tokenizers in their plain state (no padding/truncation set on the Rust backend) this
+    calls the backend's `encode_batch` directly: the transformers wrapper around it costs most of
+    the time, and the Rust call releases the GIL while it works.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and backend.padding is None and backend.truncation is None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+class BatchedEngine(Engine):
+    """An engine whose model work goes through one DynamicBatcher: `process_batch` gets the
+    items of many requests at once and returns one result per item (by default: the engine
+    process runs them with this model's `runner`)."""
+
+    def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: EngineClient):
+        super().__init__(settings, loaded, metrics, core)
+        self._batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+            self.process_batch,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_ms=settings.max_batch_delay_ms,
+            max_queue_size=settings.max_queue_size,
+            name=settings.name,
+            hooks=self.hooks(),
+        )
+
+    async def process_batch(self, batch: list[Any]) -> list[Any]:
+        from bitserve.ipc import protocol
+
+        return list(await self.core.call(protocol.BATCH, self.name, batch))
+
+    async def start(self) -> None:
+        self._batcher.start()
+        await super().start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self._batcher.stop()
+
+
+class ClassifyEngine(Engine):
+    task = Task.CLASSIFY
+    multi_label: bool = False
+
+    @abc.abstractmethod
+    async def classify(
+        self,
+        texts: list[str],
+        *,
+        top_k: int | None,
+        candidate_labels: list[str],
+        deadline: float | None,
+    ) -> list[list[LabelScore]]: ...
+
+
+class SentimentEngine(Engine):
+    task = Task.SENTIMENT
+
+    @abc.abstractmethod
+    async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]: ...
+
+
+class TranslateEngine(Engine):
+    task = Task.TRANSLATE
+
+    @abc.abstractmethod
+    async def translate(
+        self,
+        texts: list[str],
+        *,
+        source_lang: str | None,
+        target_lang: str | None,
+        max_new_tokens: int | None,
+        deadline: float | None,
+    ) -> list[Translation]: ...
+
+
+class GenerateEngine(Engine):
+    task = Task.GENERATE
+
+    @abc.abstractmethod
+    async def generate(
+        self, texts: list[str], params: SamplingParams, *, deadline: float | None
+    ) -> list[Generation]: ...
+
+    @abc.abstractmethod
+    def generate_stream(
+        self, text: str, params: SamplingParams, *, deadline: float | None
+    ) -> AsyncIterator[StreamChunk]: ...
+
+
+class _MetricHooks(BatchHooks):
+    def __init__(self, metrics: Metrics, model: str, task: str):
+        self._batch = metrics.batch_size.labels(model, task)
+        self._wait = metrics.queue_wait.labels(model, task)
+        self._depth = metrics.queue_depth.labels(model, task)
+
+    def on_batch(self, size: int) -> None:
+        self._batch.observe(size)
+
+    def on_queue_wait(self, seconds: float) -> None:
+        self._wait.observe(seconds)
+
+    def on_queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+
+# registry -------------------------------------------------------------------------------------
+EngineFactory = type[Engine]
+_ENGINES: dict[tuple[Task, str], EngineFactory] = {}
+
+
+def register(cls: EngineFactory) -> EngineFactory:
+    """Class decorator: make an engine available for (its task, its backend)."""
+    _ENGINES[(cls.task, cls.backend)] = cls
+    return cls
+
+
+def engine_class(task: Task, backend: str) -> EngineFactory:
+    try:
+        return _ENGINES[(task, backend)]
+    except KeyError:
+        known = sorted(f"{t.value}/{b}" for t, b in _ENGINES)
+        raise InvalidArgument(
+            f"no engine serves task {task.value!r} with backend {backend!r}; known: {known}"
+        ) from None
+
+
+def registered() -> dict[tuple[Task, str], EngineFactory]:
+    return dict(_ENGINES)

@@ -1,0 +1,98 @@
+"""Messages between the front and an engine core process: msgpack-encoded lists of plain data.
+
+front -> core:  [GENERATE, rid, request dict]   a generation request (token ids, sampling)
+                [SCORE, rid, prompts, conts]    label scoring: log-likelihood of continuations
+                [BATCH, rid, model, items]      one batch for a model with its own task head
+                [ABORT, [rid, ...]]             the callers are gone: drop these requests
+                [SHUTDOWN]                      finish what is accepted, then exit
+core -> front:  [READY, info]                   weights loaded: what was loaded, per model
+                [FAILED, message]               loading failed (the process then exits)
+                [TOKENS, [[rid, token, logprob, finish], ...], stats]  one generation step
+                [RESULT, rid, result]           a SCORE or BATCH answer
+                [ERROR, rid, code, message]     a request failed (code: a grpc.StatusCode name)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from bitserve import errors
+from bitserve.types import GenerationRequest, SamplingParams
+
+GENERATE, SCORE, BATCH, ABORT, SHUTDOWN = "gen", "score", "batch", "abort", "shutdown"
+READY, FAILED, TOKENS, RESULT, ERROR = "ready", "failed", "tokens", "result", "error"
+
+
+def pack(msg: list[Any]) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def unpack(data: bytes) -> list[Any]:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def request_to_wire(r: GenerationRequest) -> dict[str, Any]:
+    p = r.params
+    return {
+        "model": r.model,
+        "prompt": r.prompt_ids,
+        "max_new_tokens": r.max_new_tokens,
+        "temperature": p.temperature,
+        "top_k": p.top_k,
+        "top_p": p.top_p,
+        "repetition_penalty": p.repetition_penalty,
+        "seed": p.seed,
+        "logprobs": p.logprobs,
+        "stop_ids": list(r.stop_ids),
+        "deadline": r.deadline,
+        "client": r.client,
+    }
+
+
+def request_from_wire(rid: int, d: dict[str, Any]) -> GenerationRequest:
+    params = SamplingParams(
+        max_new_tokens=d["max_new_tokens"],
+        temperature=d["temperature"],
+        top_k=d["top_k"],
+        top_p=d["top_p"],
+        repetition_penalty=d["repetition_penalty"],
+        seed=d["seed"],
+        logprobs=d["logprobs"],
+    )
+    return GenerationRequest(
+        rid=rid,
+        model=d["model"],
+        prompt_ids=list(d["prompt"]),
+        params=params,
+        max_new_tokens=d["max_new_tokens"],
+        stop_ids=tuple(d["stop_ids"]),
+        deadline=d["deadline"],
+        client=d.get("client", ""),
+    )
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.FailedPrecondition,
+        errors.ResourceExhausted,
+        errors.DeadlineExceeded,
+        errors.Unavailable,
+        errors.Cancelled,
+    )
+}
+
+
+def error_to_wire(rid: int, exc: BaseException) -> list[Any]:
+    if isinstance(exc, errors.BitserveError):
+        return [ERROR, rid, exc.code, exc.message]
+    return [ERROR, rid, "INTERNAL", f"{type(exc).__name__}: {exc}"]
+
+
+def error_from_wire(code: str, message: str) -> errors.BitserveError:
+    cls = _BY_CODE.get(code, errors.BitserveError)
+    return cls(message)

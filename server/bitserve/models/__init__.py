@@ -1,0 +1,1 @@
+"""Loading checkpoints (safetensors, GGUF via a cache), quantization configs, tiny test models."""
