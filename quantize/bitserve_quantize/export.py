@@ -25,7 +25,7 @@ from bitserve.models import quantization
 from . import data, report, tasks
 from .errors import CheckpointError, DataError, OptionError
 from .report import QuantOptions
-from .train import EVAL_FILE
+from .train import EVAL_FILE, as_trained_4bit
 from .train import MANIFEST as FINETUNE_MANIFEST
 from .versions import versions
 
@@ -171,7 +171,7 @@ def load_base(src: _Source, task: tasks.Task, base: str, compute: torch.dtype = 
         src.base, quantization_config=qc, device_map={"": "cpu"}, dtype=torch.float32, **kwargs
     )
     if base == "nf4":
-        return model
+        return as_trained_4bit(model)
     model = model.dequantize(dtype=torch.float32)
     # Loading quantized leaves these behind; the merged checkpoint is a plain fp32 one.
     model.config.quantization_config = None

@@ -299,6 +299,25 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
     return result
 
 
+def as_trained_4bit(model: Any) -> Any:
+    """Keep `model`'s 4-bit layers on the kernels training runs, in eval mode too.
+
+    On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit` switches in eval mode without grad to
+    an inference kernel that rounds activations, NF4 code values, block scales and outputs to
+    bf16, whatever the compute dtype (bitsandbytes 0.50 `backends/cpu/ops.py: gemv_4bit`).
+    Training always dequantizes and multiplies in the compute dtype, so an eval on that kernel
+    scores another function than the one trained: on the tiny test classifier (largest logit
+    5.7) its logits differ from the dequantized merge by 3.3e-3 there, by 9.5e-7 on the
+    training kernels (tests/quantize/test_qlora_export.py). The switch is read per layer.
+    """
+    import bitsandbytes.nn as bnn
+
+    for module in model.modules():
+        if isinstance(module, bnn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def build_model(
     opts: FinetuneOptions,
     task: tasks.Task,
@@ -341,7 +360,7 @@ def build_model(
             **kwargs,
         )
         model = prepare_model_for_kbit_training(
-            model,
+            as_trained_4bit(model),
             use_gradient_checkpointing=opts.gradient_checkpointing,
             gradient_checkpointing_kwargs=gc_kwargs,
         )

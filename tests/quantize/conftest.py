@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 from bitserve_quantize.train import FinetuneOptions
+
+from . import bnb_cpu_path
 
 TOPICS = {
     "sports": ["match", "goal", "team", "won", "football", "coach"],
@@ -31,6 +34,20 @@ def topic_rows(n: int, seed: int = 0) -> list[dict]:
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
     return rows
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bnb_cpu():
+    """`BITSERVE_TEST_BNB_CPU=avx512bf16`: in-process 4-bit layers take bitsandbytes' AVX512-BF16
+    inference path on this CPU, as on a CPU that has it (bnb_cpu_path.py)."""
+    path = os.environ.get(bnb_cpu_path.ENV, "")
+    if path not in ("", bnb_cpu_path.PATH):
+        raise pytest.UsageError(f"{bnb_cpu_path.ENV}={path!r}: expected {bnb_cpu_path.PATH!r} or unset")
+    if not path:
+        yield None
+        return
+    with bnb_cpu_path.emulate():
+        yield path
 
 
 @pytest.fixture

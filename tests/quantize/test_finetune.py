@@ -136,8 +136,9 @@ def test_resume_after_interruption_continues_from_the_checkpoint(
         options(tiny_models["topics"], "classify", topics_data, tmp_path / "b", resume=True, **kw)
     )
     assert resumed.resumed_from == 4
-    # Model, optimizer, scheduler and RNG (dropout) restored: the same losses as the straight run.
-    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    # Model, optimizer, scheduler and RNG (dropout) restored: the same losses as the straight run,
+    # bit for bit (the same operations in the same order on the same kernels).
+    assert resumed.losses == straight.losses
 
 
 def test_interrupted_checkpoint_write_keeps_finished_ones(tiny_models, tmp_path, topics_data, monkeypatch):
@@ -187,7 +188,9 @@ def test_gradient_checkpointing_trains_like_without(tiny_models, tmp_path, metho
     ckpt = finetune(
         options(tiny_models["topics"], "classify", d, tmp_path / "b", gradient_checkpointing=True, **common)
     )
-    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-4)
+    # Recomputation runs the same forward again (same inputs, same kernels, dropout's RNG state
+    # replayed): the losses are equal bit for bit.
+    assert ckpt.losses == plain.losses
     opts = options(
         tiny_models["topics"], "classify", d, tmp_path / "c", gradient_checkpointing=True, **common
     )

@@ -15,6 +15,7 @@ from bitserve_quantize import data, tasks
 from bitserve_quantize.errors import DataError
 from bitserve_quantize.train import finetune
 
+from ..numeric import forward_bound, gamma, log_softmax_bound
 from .conftest import options, write_jsonl
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
@@ -104,7 +105,8 @@ def test_count_targets_counts_shifted_tokens_and_examples():
     assert tasks.get("classify").count_targets({"labels": torch.tensor([0, 2, 1])}) == 3
 
 
-def test_perplexity_is_exp_of_mean_token_nll(tiny_models, tmp_path):
+@pytest.mark.numeric
+def test_perplexity_is_exp_of_mean_token_nll(tiny_models, tmp_path, record_property):
     import contextlib
 
     from transformers import AutoModelForCausalLM
@@ -114,15 +116,23 @@ def test_perplexity_is_exp_of_mean_token_nll(tiny_models, tmp_path):
     rows = [{"text": "Hello world, this is"}, {"text": "The team won the football match last night."}]
     ds = data.read(write_jsonl(tmp_path / "t.jsonl", rows))
     scored = task.evaluate(model, tok, ds, batch_size=2, max_length=32, autocast=contextlib.nullcontext)
-    nll, n = 0.0, 0
+    nll, n, zmax, longest = 0.0, 0, 0.0, 0
     for r in rows:  # one example at a time, no padding: the reference
         ids = torch.tensor([tok(r["text"])["input_ids"] + [tok.eos_token_id]])
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            logits = model(ids).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, -1)
         nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
         n += ids.shape[1] - 1
-    assert scored.metrics["loss"] == pytest.approx(nll / n, rel=1e-5)
-    assert scored.metrics["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        zmax, longest = max(zmax, logits.abs().max().item()), max(longest, ids.shape[1])
+    # Batched and padded against one at a time: the same fp32 function in other reduction
+    # orders. Each token's NLL moves by at most twice the largest logit change, the mean of n
+    # of them adds gamma_n; relative to the mean NLL. exp() turns an absolute change d of the
+    # loss into a relative change of at most expm1(d) of the perplexity.
+    d = log_softmax_bound(forward_bound(model.config, longest, zmax)) + gamma(n) * nll / n
+    record_property("loss_abs", (abs(scored.metrics["loss"] - nll / n), d))
+    assert scored.metrics["loss"] == pytest.approx(nll / n, abs=d)
+    assert scored.metrics["perplexity"] == pytest.approx(math.exp(nll / n), rel=math.expm1(d))
 
 
 def test_accuracy_and_macro_f1_against_hand_computed_values():
