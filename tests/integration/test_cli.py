@@ -13,6 +13,8 @@ import pytest
 
 from bitserve_client import Client
 
+from ..numeric import forward_bound, softmax_bound
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -34,12 +36,16 @@ def _reference_top(path, text):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    enc = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt")
     with torch.no_grad():
-        probs = torch.softmax(
-            model(**AutoTokenizer.from_pretrained(path)(text, return_tensors="pt")).logits[0], -1
-        )
+        logits = model(**enc).logits[0]
+    probs = torch.softmax(logits, -1)
     i = int(probs.argmax())
-    return model.config.id2label[i], probs[i].item()
+    # The served score is the same fp32 function, other reduction orders (tests/numeric.py).
+    tol = softmax_bound(
+        forward_bound(model.config, enc["input_ids"].shape[1], logits.abs().max().item(), heads=2)
+    )
+    return model.config.id2label[i], probs[i].item(), tol
 
 
 def test_serve_probe_call_and_graceful_sigterm(tmp_path, tiny_models):
@@ -69,8 +75,8 @@ def test_serve_probe_call_and_graceful_sigterm(tmp_path, tiny_models):
         assert r.stdout.strip() == "SERVING"
         with Client(f"127.0.0.1:{port}", timeout=30) as c:
             top = c.classify("hello")[0]
-        label, score = _reference_top(tiny_models["topics"], "hello")
-        assert top.label == label and top.score == pytest.approx(score, abs=1e-4)
+        label, score, tol = _reference_top(tiny_models["topics"], "hello")
+        assert top.label == label and top.score == pytest.approx(score, abs=tol)
         import urllib.request
 
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()

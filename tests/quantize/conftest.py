@@ -11,6 +11,7 @@ import pytest
 
 from bitserve_quantize.train import FinetuneOptions
 
+from ..numeric import forward_bound, gamma, log_softmax_bound
 from . import bnb_cpu_path
 
 TOPICS = {
@@ -76,6 +77,30 @@ def translate_data(tmp_path) -> Path:
         {"source": "translate English to French: hello world.", "target": "bonjour le monde."},
     ] * 4
     return write_jsonl(tmp_path / "mt.jsonl", rows)
+
+
+def max_logit(path: Path, rows: list[dict]) -> float:
+    """The largest |logit| of the causal LM at `path` on prompt + completion rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        return max(
+            model(**tok(r["prompt"] + r["completion"], return_tensors="pt")).logits.abs().max().item()
+            for r in rows
+        )
+
+
+def loss_rel_bound(config, seq_len: int, zmax: float, loss: float, targets: int) -> float:
+    """How far (relative) two runs' logged losses may be apart when they compute one step's mean
+    loss in other reduction orders (other splits over micro-batches or processes): one forward
+    on each side (tests/numeric.py), each token's NLL moving by twice the largest logit change,
+    relative to the loss, plus the mean over the step's targets. Later steps start from weights
+    that differ by rounding; Adam turns rounding into +-lr only where an element's gradient is
+    ~0, which moves the loss at second order."""
+    return log_softmax_bound(forward_bound(config, seq_len, zmax)) / loss + 2 * gamma(targets)
 
 
 def options(model: Path, task: str, data: Path, output: Path, **kw) -> FinetuneOptions:

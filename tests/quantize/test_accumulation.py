@@ -12,8 +12,8 @@ from transformers import AutoConfig
 
 from bitserve_quantize.train import finetune
 
-from ..numeric import forward_bound, gamma, log_softmax_bound, matmul_path
-from .conftest import options, write_jsonl
+from ..numeric import gamma, matmul_path
+from .conftest import loss_rel_bound, max_logit, options, write_jsonl
 from .test_torchrun import _run
 
 ROWS = [
@@ -31,18 +31,6 @@ ROWS = [
 @pytest.fixture
 def varlen_data(tmp_path):
     return write_jsonl(tmp_path / "varlen.jsonl", ROWS)
-
-
-def _max_logit(path, rows) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    with torch.no_grad():
-        return max(
-            model(**tok(r["prompt"] + r["completion"], return_tensors="pt")).logits.abs().max().item()
-            for r in rows
-        )
 
 
 @pytest.mark.numeric
@@ -70,14 +58,10 @@ def test_accumulation_equals_one_big_batch(tiny_models, tmp_path, varlen_data, r
     # the exact one, relative to the gradient's scale; two runs differ by twice that.
     depth, k = matmul_path(config, max_length)
     rel = 2 * (2 * depth + 1) * gamma(max(k, 4 * max_length))
-    # The loss: one forward (depth matmuls) on each side, NLL moving by twice the largest logit
-    # change, relative to the loss, plus the mean over the targets; later steps start from
-    # weights that differ by the bound below, a change of second order in the loss.
-    zmax = max(_max_logit(tiny_models["lm"], ROWS), _max_logit(tmp_path / "b4a1", ROWS))
+    # The losses: tests/quantize/conftest.py:loss_rel_bound.
+    zmax = max(max_logit(tiny_models["lm"], ROWS), max_logit(tmp_path / "b4a1", ROWS))
     one = runs[(4, 1)]
-    loss_rel = log_softmax_bound(forward_bound(config, max_length, zmax)) / min(one.losses) + 2 * gamma(
-        4 * max_length
-    )
+    loss_rel = loss_rel_bound(config, max_length, zmax, min(one.losses), 4 * max_length)
     for key, res in runs.items():
         worst = max(abs(a - b) / b for a, b in zip(res.losses, one.losses))
         record_property(f"loss_rel_{key}", (worst, loss_rel))
@@ -146,4 +130,8 @@ def test_two_processes_by_accumulation_match_one_process(tiny_models, tmp_path, 
     one = json.loads((tmp_path / "one" / "finetune.json").read_text())
     two = json.loads((tmp_path / "two" / "finetune.json").read_text())
     assert two["world_size"] == 2 and two["options"]["grad_accum"] == 2
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    config = AutoConfig.from_pretrained(tiny_models["lm"])
+    zmax = max(max_logit(tiny_models["lm"], ROWS), max_logit(tmp_path / "one", ROWS))
+    targets = 4 * one["options"]["max_length"]
+    rel = loss_rel_bound(config, one["options"]["max_length"], zmax, min(one["losses"]), targets)
+    assert two["losses"] == pytest.approx(one["losses"], rel=rel)

@@ -111,6 +111,7 @@ def test_translate_full_bf16_trains(tiny_models, tmp_path, translate_data):
     assert {"chrf", "bleu"} <= set(res.eval_metrics)
 
 
+@pytest.mark.numeric
 def test_resume_after_interruption_continues_from_the_checkpoint(
     tiny_models, tmp_path, topics_data, monkeypatch
 ):
@@ -179,6 +180,7 @@ def test_interrupted_checkpoint_write_keeps_finished_ones(tiny_models, tmp_path,
     shutil.rmtree(out)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_gradient_checkpointing_trains_like_without(tiny_models, tmp_path, method):
     d = write_jsonl(tmp_path / "d.jsonl", topic_rows(8))

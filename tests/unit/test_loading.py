@@ -36,6 +36,7 @@ def test_quantized_modes_use_less_memory(tiny_models, mode):
     assert 0 < gap.item() < 0.05
 
 
+@pytest.mark.numeric
 def test_checkpoint_saved_quantized_loads_as_is(tiny_models, tmp_path):
     q = load_checkpoint(str(tiny_models["topics"]), _auto_cls(), quantize="nf4")
     q.model.save_pretrained(tmp_path / "nf4")

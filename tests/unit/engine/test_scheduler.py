@@ -181,6 +181,7 @@ async def test_top_k_one_is_greedy_and_repetition_penalty_changes_output(engine,
     assert ids(p) == want
 
 
+@pytest.mark.numeric
 async def test_logprobs_are_model_log_probabilities(engine, loaded):
     """Each reported logprob equals the model's own log-softmax at that position for that token."""
     g = (await engine.generate([PROMPTS[2]], SamplingParams(max_new_tokens=5, logprobs=True), deadline=None))[
@@ -480,6 +481,7 @@ async def test_a_light_client_is_not_starved_by_a_heavy_one(make_engine):
     assert finished.index("light0") <= 2, finished
 
 
+@pytest.mark.numeric
 def test_warp_equals_transformers_warpers_row_by_row():
     """Each row's filtered logits equal what transformers' own warpers give for that row's
     (temperature, top_k, top_p), in transformers' order."""
