@@ -89,10 +89,10 @@ def test_dequantized_merge_is_the_trained_model_and_fp32_merge_is_not(
     seq_len = tok(texts, padding=True, return_tensors="pt")["input_ids"].shape[1]
     bound = forward_bound(model.config, seq_len, trained.abs().max().item(), heads=2, extra_k=r + 2)
     record_property("err_deq", (err_deq, bound))
-    record_property("err_fp32", (err_fp32, 50 * bound))
+    record_property("err_fp32", (err_fp32, bound))
     assert err_deq < bound, (err_deq, bound)
-    # The fp32 merge differs by NF4's quantization error, far above float rounding.
-    assert err_fp32 > 50 * bound, (err_fp32, bound)
+    # The fp32 merge differs by NF4's quantization error: more than any float rounding can.
+    assert err_fp32 > bound, (err_fp32, bound)
 
 
 def test_qlora_export_reports_the_as_trained_model_and_labels_both_evals(qlora_classifier, tmp_path):
