@@ -123,7 +123,7 @@ class Tenant:
             if held + n > share:
                 self._refuse(
                     SHARE,
-                    f"tenant {self.name!r} holds {held} of model {model!r}'s {capacity} queue places, "
+                    f"tenant {self.name!r} holds {held} of the {capacity} queue places of model {model!r}, "
                     f"at its queue_share of {lim.queue_share:g} ({share} places)",
                     time.time() + CAPACITY_RETRY_S,
                 )

@@ -6,7 +6,7 @@ import pytest
 
 from bitserve import cli
 from bitserve.api.security import TenantOf, load_token_tenants
-from bitserve.engine.sched.policy import TENANT_SEP, Policy, Budget, Waiting, fair_order, tenant_fair_order
+from bitserve.engine.sched.policy import TENANT_SEP, Budget, Policy, Waiting, fair_order, tenant_fair_order
 from bitserve.errors import ConfigError, InvalidArgument, ResourceExhausted
 from bitserve.frontend.tenants import Tenants, fairness_key
 from bitserve.metrics import Metrics
@@ -131,7 +131,9 @@ def test_queue_share_is_per_model():
 def test_prompt_tokens_per_minute_counts_the_prompts():
     book, t = _tenant(prompt_tokens_per_minute=20)
     t.admit_sequences("lm", 100, [6, 6], 4)
-    with pytest.raises(ResourceExhausted, match="limit of 20 prompt tokens per minute: this request needs 9, 8") as e:
+    with pytest.raises(
+        ResourceExhausted, match="limit of 20 prompt tokens per minute: this request needs 9, 8"
+    ) as e:
         t.admit_sequences("lm", 100, [9], 4)
     assert e.value.retry_after is not None and 0 < e.value.retry_after <= 60
     t.admit_sequences("lm", 100, [8], 4)  # exactly what is left
