@@ -74,9 +74,10 @@ def test_serve_with_an_unknown_tenant_exits_2_with_one_line(tmp_path, tiny_model
         f"server: {{port: 0, metrics_port: -1, auth_tokens_file: {tokens}, tenants: {{acme: {{}}}}}}\n"
         f"models: [{{name: lm, task: generate, path: {tiny_models['lm']}}}]\n"
     )
-    assert cli.main(["serve", "--config", str(config)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "server.auth_tokens_file: line 2 names tenant 'ghost'" in err[0]
+    for command in ("check-config", "serve"):
+        assert cli.main([command, "--config", str(config)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "server.auth_tokens_file: line 2 names tenant 'ghost'" in err[0]
 
 
 def test_burst_without_rate_is_a_config_error():
