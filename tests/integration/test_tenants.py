@@ -260,56 +260,65 @@ def test_client_gives_up_when_told_to_wait_longer_than_it_will(srv):
 
 
 def test_a_tenant_at_its_limit_leaves_another_tenants_latency_alone(srv):
-    """`hog` keeps 8 callers sending (twice its concurrency limit, far over its queue share)
-    and keeps hitting its limits; `victim`'s p50 latency stays within 2x of its idle p50,
-    measured in this run, and it is never refused."""
+    """`hog` keeps 8 callers sending (four times its concurrency limit, far over its queue
+    share) and keeps hitting its limits; `victim`'s p50 latency stays within 2x of its idle p50
+    and it is never refused. Idle and contended phases alternate twice in this run, so a change
+    in the machine's load (other jobs share it) hits both alike."""
 
-    def victim_p50(n: int) -> float:
+    def victim_latencies(n: int) -> list[float]:
         times = []
         with _client(srv, "victim", max_attempts=1) as c:
             for i in range(n):
                 start = time.perf_counter()
                 c.generate(f"victim {i}", model="lm", max_new_tokens=16)
                 times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return times
 
-    victim_p50(3)  # warm-up
-    idle = victim_p50(20)
-    stop = threading.Event()
     outcomes: dict[str, int] = {}
     lock = threading.Lock()
+    hog_t = srv.server.tenants.get("hog")
 
-    def hog(i: int) -> None:
-        with _client(srv, "hog", max_attempts=1) as c:
-            while not stop.is_set():
-                try:
-                    c.generate(f"hog {i}", model="lm", max_new_tokens=64)
-                    key = "OK"
-                except ResourceExhaustedError:
-                    key = "RESOURCE_EXHAUSTED"
-                    time.sleep(0.01)  # a hog that ignores RetryInfo but not quite a busy loop
-                with lock:
-                    outcomes[key] = outcomes.get(key, 0) + 1
+    def contended(n: int) -> list[float]:
+        stop = threading.Event()
 
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(hog, i) for i in range(8)]
-        hog_t = srv.server.tenants.get("hog")
-        deadline = time.monotonic() + 30
-        while hog_t.sequences < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert hog_t.sequences == 2  # at its limit
-        try:
-            contended = victim_p50(20)
-        finally:
-            stop.set()
-            for f in futures:
-                f.result(60)
+        def hog(i: int) -> None:
+            with _client(srv, "hog", max_attempts=1) as c:
+                while not stop.is_set():
+                    try:
+                        c.generate(f"hog {i}", model="lm", max_new_tokens=64)
+                        key = "OK"
+                    except ResourceExhaustedError:
+                        key = "RESOURCE_EXHAUSTED"
+                        time.sleep(0.05)  # ignores RetryInfo, resends 20 times a second
+                    with lock:
+                        outcomes[key] = outcomes.get(key, 0) + 1
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(hog, i) for i in range(8)]
+            try:
+                deadline = time.monotonic() + 30
+                while hog_t.sequences < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert hog_t.sequences == 2  # at its limit
+                return victim_latencies(n)
+            finally:
+                stop.set()
+                for f in futures:
+                    f.result(60)
+
+    victim_latencies(3)  # warm-up
+    idle: list[float] = []
+    busy: list[float] = []
+    for _ in range(2):
+        idle += victim_latencies(10)
+        busy += contended(10)
+    p50_idle, p50_busy = statistics.median(idle), statistics.median(busy)
     print(
-        f"\nvictim p50: idle {idle * 1000:.1f} ms, hog at its limit {contended * 1000:.1f} ms "
-        f"(ratio {contended / idle:.2f}); hog outcomes {outcomes}"
+        f"\nvictim p50: idle {p50_idle * 1000:.1f} ms, hog at its limit {p50_busy * 1000:.1f} ms "
+        f"(ratio {p50_busy / p50_idle:.2f}); hog outcomes {outcomes}"
     )
     assert outcomes.get("RESOURCE_EXHAUSTED", 0) > 0 and outcomes.get("OK", 0) > 0
-    assert contended <= 2 * idle
+    assert p50_busy <= 2 * p50_idle
     refused = srv.server.metrics.tenant_requests.labels("victim", "RESOURCE_EXHAUSTED")._value.get()
     assert refused == 0
 
