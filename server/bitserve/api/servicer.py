@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
+import bitserve
 from bitserve.api import convert
 from bitserve.errors import BitserveError, Unavailable, clip_message
 from bitserve.frontend import chat
@@ -24,8 +25,9 @@ from bitserve.frontend.registry import ModelRegistry
 from bitserve.metrics import Metrics
 from bitserve.settings import Settings
 from bitserve.types import SamplingParams, Task
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
-from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+from bitserve_client import contract
+from bitserve_proto.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -245,5 +247,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             models=[
                 convert.model_info_pb(e.info(), with_path=self._server.expose_model_paths)
                 for e in self._registry.engines()
-            ]
+            ],
+            server_version=bitserve.__version__,
+            contract_revision=contract.REVISION,
         )
