@@ -24,6 +24,9 @@ sed -i \
 sed -i \
   -e "s/BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bitserve\.v1\./BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bitserve_proto.v1./" \
   "$tmp/bitserve/v1/inference_pb2.py"
+# protoc's .pyi writes the file-level extensions' numbers as `X_FIELD_NUMBER: _ClassVar[int]` at
+# module level, which mypy rejects (ClassVar outside a class): a plain `int` there.
+sed -i -e 's/^\([A-Z_]*_FIELD_NUMBER\): _ClassVar\[int\]$/\1: int/' "$tmp/bitserve/v1/inference_pb2.pyi"
 mkdir -p "$out/v1"
 cp "$tmp"/bitserve/v1/inference_pb2.py "$tmp"/bitserve/v1/inference_pb2.pyi "$tmp"/bitserve/v1/inference_pb2_grpc.py \
   "$out/v1/"

@@ -31,11 +31,11 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_EOS: FinishReason
-CONTRACT_REVISION_FIELD_NUMBER: _ClassVar[int]
+CONTRACT_REVISION_FIELD_NUMBER: int
 contract_revision: _descriptor.FieldDescriptor
-SINCE_FIELD_NUMBER: _ClassVar[int]
+SINCE_FIELD_NUMBER: int
 since: _descriptor.FieldDescriptor
-METHOD_SINCE_FIELD_NUMBER: _ClassVar[int]
+METHOD_SINCE_FIELD_NUMBER: int
 method_since: _descriptor.FieldDescriptor
 
 class GenerationParameters(_message.Message):
