@@ -70,7 +70,12 @@ def test_the_client_distribution_alone_calls_a_real_server(client_venv, server_f
     )
     installed = {d["name"].lower().replace("_", "-") for d in json.loads(listed.stdout)}
     # grpcio's own dependency, typing-extensions, and the venv's installers are all that may come along.
-    assert installed - {"pip", "setuptools", "typing-extensions"} == {"bitserve-client", "grpcio", "protobuf"}
+    assert installed - {"pip", "setuptools", "typing-extensions"} == {
+        "bitserve-client",
+        "grpcio",
+        "protobuf",
+        "googleapis-common-protos",
+    }
 
     srv = server_factory(
         [

@@ -24,6 +24,7 @@ from . import channel as _ch
 from .calls import Call, Message
 from .errors import from_rpc_error
 from .results import Generation, ModelInfo, ServerInfo, StreamEvent
+from .retry import RetryInfoPolicy
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -40,6 +41,8 @@ class _Face:
         self._target = _ch.target_of(target)
         self.timeout = timeout
         self._server: ServerInfo | None = None
+        # RESOURCE_EXHAUSTED with a RetryInfo is waited out and resent (bitserve_client.retry).
+        self.retry_policy = RetryInfoPolicy()
 
     def _deadline(self, call: Call[Any]) -> float | None:
         return self.timeout if call.timeout is None else call.timeout
@@ -91,8 +94,9 @@ class Client(_Face):
         if self._asks_server(call):
             self._server = self.server_info()
         self._check(call)
+        send = getattr(self._stub, call.rpc)
         try:
-            return call.read(getattr(self._stub, call.rpc)(call.request, timeout=self._deadline(call)))
+            return call.read(self.retry_policy.call(lambda: send(call.request, timeout=self._deadline(call))))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -177,8 +181,11 @@ class AsyncClient(_Face):
         if self._asks_server(call):
             self._server = await self.server_info()
         self._check(call)
+        send = getattr(self._stub, call.rpc)
         try:
-            return call.read(await getattr(self._stub, call.rpc)(call.request, timeout=self._deadline(call)))
+            return call.read(
+                await self.retry_policy.acall(lambda: send(call.request, timeout=self._deadline(call)))
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
