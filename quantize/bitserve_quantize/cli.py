@@ -7,6 +7,7 @@ the only place that turns errors into a one-line message and an exit status.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -22,6 +23,12 @@ from .export import MERGE_BASES, ExportOptions, export
 from .report import COMPUTE_DTYPES, ReportOptions, report
 from .tasks import TASKS
 from .train import METHODS, PRECISIONS, SCHEDULES, FinetuneOptions, finetune
+
+# What the `quantize` extra adds to a server install (pyproject.toml). They are imported where
+# used, so without this check a command would fail half-way; every command, --help included,
+# says which extra to install instead.
+EXTRA_MODULES = ("peft", "sacrebleu", "matplotlib", "tqdm")
+INSTALL_EXTRA = "pip install ./clients/python '.[quantize]'  (from a bitserve checkout)"
 
 log = logging.getLogger("bitserve_quantize")
 
@@ -167,6 +174,13 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"quantize: needs the `quantize` extra (missing: {', '.join(missing)}): {INSTALL_EXTRA}",
+            file=sys.stderr,
+        )
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
-from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+from bitserve_proto.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
 IA, NF, FP = (
     grpc.StatusCode.INVALID_ARGUMENT,

@@ -15,7 +15,7 @@ import pytest
 
 from bitserve_client import AsyncClient, Client, UnavailableError
 from bitserve_client.channel import target_of
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2 as pb
 from tests.conftest import start_server
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bitserve_client import Client
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "clients/README.md"

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
-from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+from bitserve_proto.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bitserve.settings import ServerSettings
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
-from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+from bitserve_proto.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import start_server
 
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

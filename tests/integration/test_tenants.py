@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bitserve_client import Client
 from bitserve_client.errors import ResourceExhaustedError
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
-from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
 from bitserve_client.retry import RetryInfoPolicy
+from bitserve_proto.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
 TENANTS = {
     "rate": {"requests_per_second": 1, "burst": 1},

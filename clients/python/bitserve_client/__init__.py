@@ -3,39 +3,55 @@
 from bitserve_client import Client
 with Client("localhost:50051") as c:
     print(c.generate("Hello", max_new_tokens=16).text)
+
+The generated stubs of the contract are the `bitserve_proto` package of the same distribution.
 """
 
-from .client import (
-    AsyncClient,
-    Client,
-    Generation,
-    LabelScore,
-    ModelInfo,
-    Sentiment,
-    StreamEvent,
-    TokenLogprob,
-    Translation,
-)
+from .calls import ClassifyOptions, GenerationOptions, Message, SentimentOptions, TranslateOptions
+from .client import AsyncClient, Client
+from .contract import REVISION as CONTRACT_REVISION
+from .contract import client_version
 from .errors import (
     BitserveError,
     CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
+    IncompatibleServerError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
+)
+from .results import (
+    Generation,
+    LabelScore,
+    ModelInfo,
+    Sentiment,
+    ServerInfo,
+    StreamEvent,
+    TokenLogprob,
+    Translation,
 )
 
+__version__ = client_version()
+
 __all__ = [
+    "CONTRACT_REVISION",
     "AsyncClient",
     "Client",
+    "ClassifyOptions",
+    "GenerationOptions",
+    "Message",
+    "SentimentOptions",
+    "TranslateOptions",
     "Generation",
     "LabelScore",
     "ModelInfo",
     "Sentiment",
+    "ServerInfo",
     "StreamEvent",
     "TokenLogprob",
     "Translation",
@@ -43,10 +59,12 @@ __all__ = [
     "CancelledError",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "IncompatibleServerError",
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
     "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
 ]

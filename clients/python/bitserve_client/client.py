@@ -1,199 +1,64 @@
-"""Friendly Python clients over the generated stubs: `Client` (blocking) and `AsyncClient`.
+"""`Client` (blocking) and `AsyncClient` (asyncio): two thin faces over `calls`.
 
-A single string in gives a single result out; a list gives a list. gRPC errors become typed
-exceptions (`bitserve_client.errors`) carrying the status code and the server's message.
+Each method builds its call in `calls` (request, reader, deadline) and sends it through the
+face's `_unary` or `_stream`; the faces differ only in blocking or awaiting. A single string in
+gives a single result out; a list gives a list. gRPC errors become typed exceptions
+(`bitserve_client.errors`) carrying the status code and the server's message.
+
+Before a call that uses a field or RPC added after contract revision 1, a face asks the server
+its revision once (ListModels) and raises `IncompatibleServerError` rather than send what an
+older server would drop (`bitserve_client.contract`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
+
+from . import calls, contract, security
 from . import channel as _ch
-from . import security
+from .calls import Call, Message
 from .errors import from_rpc_error
-from .pb.bitserve.v1 import inference_pb2 as pb
-from .pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+from .results import Generation, ModelInfo, ServerInfo, StreamEvent
 from .retry import RetryInfoPolicy
 
-_FINISH = {
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_EOS: "eos",
-    pb.FINISH_REASON_UNSPECIFIED: "",
-}
-_TASK = {
-    pb.TASK_GENERATE: "generate",
-    pb.TASK_CLASSIFY: "classify",
-    pb.TASK_SENTIMENT: "sentiment",
-    pb.TASK_TRANSLATE: "translate",
-    pb.TASK_UNSPECIFIED: "",
-}
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .calls import CallOptions, ClassifyOptions, GenerationOptions, SentimentOptions, TranslateOptions
+
+R = TypeVar("R")
 
 
-# results ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TokenLogprob:
-    id: int
-    text: str
-    logprob: float
+class _Face:
+    """What both faces share: the channel options, the stub, the deadline, the server's revision."""
+
+    def __init__(self, target: str | Sequence[str], timeout: float | None):
+        self._target = _ch.target_of(target)
+        self.timeout = timeout
+        self._server: ServerInfo | None = None
+        # RESOURCE_EXHAUSTED with a RetryInfo is waited out and resent (bitserve_client.retry).
+        self.retry_policy = RetryInfoPolicy()
+
+    def _deadline(self, call: Call[Any]) -> float | None:
+        return self.timeout if call.timeout is None else call.timeout
+
+    def _asks_server(self, call: Call[Any]) -> bool:
+        """Whether this call needs the server's revision before it is sent (not known yet)."""
+        return self._server is None and contract.needs(call.rpc, call.request) > contract.FIRST
+
+    def _check(self, call: Call[Any]) -> None:
+        if self._server is not None:
+            contract.check(
+                call.rpc, call.request, self._target, self._server.version, self._server.contract_revision
+            )
 
 
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    finish_reason: str  # "length" | "stop" | "eos"
-    tokens: int  # generated tokens
-    prompt_tokens: int
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    """One streamed piece: `.text` of the new token(s); the last one has `.final` set."""
-
-    text: str
-    tokens: tuple[TokenLogprob, ...] = ()
-    final: Generation | None = None
-
-
-@dataclass(frozen=True)
-class LabelScore:
-    label: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Sentiment:
-    label: str  # "positive" | "negative" | "neutral"
-    score: float
-    raw_label: str
-
-
-@dataclass(frozen=True)
-class Translation:
-    text: str
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    task: str
-    quantization: str
-    dtype: str
-    device: str
-    parameter_count: int
-    memory_bytes: int
-    labels: tuple[str, ...]
-    architecture: str
-    max_context: int
-    ready: bool
-    path: str
-    quality_report_json: str = ""
-    engine: str = ""  # models with the same engine share one copy of the weights
-    extra: dict[str, Any] = field(default_factory=dict)
-    device_map: dict[str, str] = field(default_factory=dict)  # module -> device when spread
-
-
-def _logprobs(items) -> tuple[TokenLogprob, ...]:
-    return tuple(TokenLogprob(t.id, t.text, t.logprob) for t in items)
-
-
-def _generation(g: pb.Generation) -> Generation:
-    return Generation(
-        text=g.text,
-        finish_reason=_FINISH[g.finish_reason],
-        tokens=g.generated_tokens,
-        prompt_tokens=g.prompt_tokens,
-        logprobs=_logprobs(g.logprobs),
-    )
-
-
-def _event(m: pb.GenerateStreamResponse) -> StreamEvent:
-    return StreamEvent(
-        text=m.text, tokens=_logprobs(m.tokens), final=_generation(m.final) if m.HasField("final") else None
-    )
-
-
-def _model_info(m: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        name=m.name,
-        task=_TASK[m.task],
-        quantization=m.quantization,
-        dtype=m.dtype,
-        device=m.device,
-        parameter_count=m.parameter_count,
-        memory_bytes=m.memory_bytes,
-        labels=tuple(m.labels),
-        architecture=m.architecture,
-        max_context=m.max_context,
-        ready=m.ready,
-        path=m.path,
-        quality_report_json=m.quality_report_json,
-        engine=m.engine,
-        device_map=dict(m.device_map),
-    )
-
-
-# requests -----------------------------------------------------------------------------------
-def _texts(texts: str | Sequence[str]) -> tuple[list[str], bool]:
-    if isinstance(texts, str):
-        return [texts], True
-    return list(texts), False
-
-
-def _one_or_all(items: list, single: bool):
-    return items[0] if single else items
-
-
-def _gen_request(
-    prompt: str | Sequence[str],
-    model: str | None,
-    max_new_tokens: int | None,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
-    stop: Sequence[str] | str | None,
-    seed: int | None,
-    logprobs: bool,
-) -> tuple[pb.GenerateRequest, bool]:
-    texts, single = _texts(prompt)
-    if isinstance(stop, str):
-        stop = [stop]
-    params = pb.GenerationParameters(
-        max_new_tokens=max_new_tokens or 0,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        stop=list(stop or []),
-        logprobs=logprobs,
-    )
-    if seed is not None:
-        params.seed = seed
-    return pb.GenerateRequest(texts=texts, model=model or "", parameters=params), single
-
-
-Message = Mapping[str, str] | tuple[str, str]
-"""A chat message: `{"role": "user", "content": "..."}` (as in OpenAI's API) or `(role, content)`."""
-
-
-def _chat_request(messages: Sequence[Message], model: str | None, *gen_args) -> pb.ChatRequest:
-    if isinstance(messages, (str, Mapping)):
-        raise TypeError("messages must be a list of {'role': ..., 'content': ...} messages")
-    pbm = []
-    for m in messages:
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        pbm.append(pb.ChatMessage(role=role, content=content))
-    req, _ = _gen_request("", model, *gen_args)
-    return pb.ChatRequest(messages=pbm, model=model or "", parameters=req.parameters)
-
-
-class Client:
+class Client(_Face):
     """Blocking client. `timeout` (seconds) becomes each call's gRPC deadline.
 
     `target`: an address, a gRPC target URI (`dns:///host:port`) or a list of addresses, balanced
@@ -207,28 +72,14 @@ class Client:
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
         service_config: dict[str, Any] | None = None,
-        tls: bool | None = None,
-        root_certificates: security.PEM = None,
-        private_key: security.PEM = None,
-        certificate_chain: security.PEM = None,
-        token: str | None = None,
+        **tls: Unpack[security.Options],
     ):
         """TLS when `tls` or any certificate is given (`root_certificates`: PEM bytes or a file;
         None trusts the system roots); `private_key` + `certificate_chain` for mutual TLS;
         `token` is sent as `authorization: Bearer <token>` on every call."""
-        self._channel = channel or security.channel(
-            _ch.target_of(target),
-            _ch.options(service_config),
-            tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-            token=token,
-        )
+        super().__init__(target, timeout)
+        self._channel = channel or security.channel(self._target, _ch.options(service_config), **tls)
         self._stub = pb_grpc.InferenceStub(self._channel)
-        self.timeout = timeout
-        # RESOURCE_EXHAUSTED with a RetryInfo is waited out and resent (bitserve_client.retry).
-        self.retry_policy = RetryInfoPolicy()
 
     def close(self) -> None:
         self._channel.close()
@@ -236,184 +87,71 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method, request, timeout):
+    def _unary(self, call: Call[R]) -> R:
+        if self._asks_server(call):
+            self._server = self.server_info()
+        self._check(call)
+        send = getattr(self._stub, call.rpc)
         try:
-            t = self.timeout if timeout is None else timeout
-            return self.retry_policy.call(lambda: method(request, timeout=t))
+            return call.read(self.retry_policy.call(lambda: send(call.request, timeout=self._deadline(call))))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    def generate(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        repetition_penalty: float = 0.0,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        timeout: float | None = None,
-    ):
-        req, single = _gen_request(
-            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
-        )
-        resp = self._call(self._stub.Generate, req, timeout)
-        return _one_or_all([_generation(g) for g in resp.generations], single)
-
-    def generate_stream(
-        self,
-        prompt: str,
-        *,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        repetition_penalty: float = 0.0,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        timeout: float | None = None,
-    ) -> Iterator[StreamEvent]:
-        """Iterate over new tokens as they are generated; the last event has `.final`.
-        Leaving the loop early (break, or closing the iterator) cancels the generation."""
-        req, _ = _gen_request(
-            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
-        )
-        call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
+    def _stream(self, call: Call[R]) -> Iterator[R]:
+        """Leaving the loop early (break, or closing the iterator) cancels the call."""
+        if self._asks_server(call):
+            self._server = self.server_info()
+        self._check(call)
+        it = getattr(self._stub, call.rpc)(call.request, timeout=self._deadline(call))
         try:
-            for m in call:
-                yield _event(m)
+            for m in it:
+                yield call.read(m)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
-            call.cancel()
+            it.cancel()
 
-    def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        repetition_penalty: float = 0.0,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        timeout: float | None = None,
-    ) -> Generation:
+    def generate(self, prompt: str | Sequence[str], **options: Unpack[GenerationOptions]) -> Any:
+        """A `Generation` for one prompt, a list of them for a list of prompts."""
+        return self._unary(calls.generate(prompt, options))
+
+    def generate_stream(self, prompt: str, **options: Unpack[GenerationOptions]) -> Iterator[StreamEvent]:
+        """New tokens as they are generated; the last event has `.final`. Leaving the loop early
+        (break, or closing the iterator) cancels the generation."""
+        return self._stream(calls.generate_stream(prompt, options))
+
+    def chat(self, messages: Sequence[Message], **options: Unpack[GenerationOptions]) -> Generation:
         """The assistant's reply to `messages`, rendered with the model's chat template on the server."""
-        req = _chat_request(
-            messages,
-            model,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            stop,
-            seed,
-            logprobs,
-        )
-        return _generation(self._call(self._stub.Chat, req, timeout).generation)
+        return self._unary(calls.chat(messages, options))
 
     def chat_stream(
-        self,
-        messages: Sequence[Message],
-        *,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        repetition_penalty: float = 0.0,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        timeout: float | None = None,
+        self, messages: Sequence[Message], **options: Unpack[GenerationOptions]
     ) -> Iterator[StreamEvent]:
         """`chat`, streamed as `generate_stream` streams."""
-        req = _chat_request(
-            messages,
-            model,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            stop,
-            seed,
-            logprobs,
-        )
-        call = self._stub.ChatStream(req, timeout=self.timeout if timeout is None else timeout)
-        try:
-            for m in call:
-                yield _event(m)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            call.cancel()
+        return self._stream(calls.chat_stream(messages, options))
 
-    def classify(
-        self,
-        texts: str | Sequence[str],
-        *,
-        model: str | None = None,
-        top_k: int | None = None,
-        candidate_labels: Sequence[str] | None = None,
-        timeout: float | None = None,
-    ):
-        items, single = _texts(texts)
-        req = pb.ClassifyRequest(
-            texts=items, model=model or "", top_k=top_k or 0, candidate_labels=list(candidate_labels or [])
-        )
-        resp = self._call(self._stub.Classify, req, timeout)
-        out = [[LabelScore(s.label, s.score) for s in r.labels] for r in resp.results]
-        return _one_or_all(out, single)
+    def classify(self, texts: str | Sequence[str], **options: Unpack[ClassifyOptions]) -> Any:
+        """A list of `LabelScore` per text (a list of lists for a list of texts)."""
+        return self._unary(calls.classify(texts, options))
 
-    def sentiment(
-        self, texts: str | Sequence[str], *, model: str | None = None, timeout: float | None = None
-    ):
-        items, single = _texts(texts)
-        resp = self._call(self._stub.Sentiment, pb.SentimentRequest(texts=items, model=model or ""), timeout)
-        return _one_or_all([Sentiment(r.label, r.score, r.raw_label) for r in resp.results], single)
+    def sentiment(self, texts: str | Sequence[str], **options: Unpack[SentimentOptions]) -> Any:
+        return self._unary(calls.sentiment(texts, options))
 
-    def translate(
-        self,
-        texts: str | Sequence[str],
-        *,
-        source_lang: str | None = None,
-        target_lang: str | None = None,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        timeout: float | None = None,
-    ):
-        items, single = _texts(texts)
-        req = pb.TranslateRequest(
-            texts=items,
-            model=model or "",
-            source_lang=source_lang or "",
-            target_lang=target_lang or "",
-            max_new_tokens=max_new_tokens or 0,
-        )
-        resp = self._call(self._stub.Translate, req, timeout)
-        return _one_or_all([Translation(r.text) for r in resp.results], single)
+    def translate(self, texts: str | Sequence[str], **options: Unpack[TranslateOptions]) -> Any:
+        return self._unary(calls.translate(texts, options))
 
-    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        resp = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [_model_info(m) for m in resp.models]
+    def list_models(self, **options: Unpack[CallOptions]) -> list[ModelInfo]:
+        return self._unary(calls.list_models(options))
+
+    def server_info(self, **options: Unpack[CallOptions]) -> ServerInfo:
+        """The server's release and contract revision (ListModels)."""
+        return self._unary(calls.server_info(options))
 
 
-class AsyncClient:
+class AsyncClient(_Face):
     """asyncio client with the same methods as `Client` (awaitable; streams are async iterators)."""
 
     def __init__(
@@ -423,26 +161,12 @@ class AsyncClient:
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
         service_config: dict[str, Any] | None = None,
-        tls: bool | None = None,
-        root_certificates: security.PEM = None,
-        private_key: security.PEM = None,
-        certificate_chain: security.PEM = None,
-        token: str | None = None,
+        **tls: Unpack[security.Options],
     ):
         """Security options as for `Client`."""
-        self._channel = channel or security.aio_channel(
-            _ch.target_of(target),
-            _ch.options(service_config),
-            tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-            token=token,
-        )
+        super().__init__(target, timeout)
+        self._channel = channel or security.aio_channel(self._target, _ch.options(service_config), **tls)
         self._stub = pb_grpc.InferenceStub(self._channel)
-        self.timeout = timeout
-        # RESOURCE_EXHAUSTED with a RetryInfo is waited out and resent (bitserve_client.retry).
-        self.retry_policy = RetryInfoPolicy()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -450,178 +174,61 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, method, request, timeout):
+    async def _unary(self, call: Call[R]) -> R:
+        if self._asks_server(call):
+            self._server = await self.server_info()
+        self._check(call)
+        send = getattr(self._stub, call.rpc)
         try:
-            t = self.timeout if timeout is None else timeout
-            return await self.retry_policy.acall(lambda: method(request, timeout=t))
+            return call.read(
+                await self.retry_policy.acall(lambda: send(call.request, timeout=self._deadline(call)))
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    async def generate(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        repetition_penalty: float = 0.0,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        timeout: float | None = None,
-    ):
-        req, single = _gen_request(
-            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
-        )
-        resp = await self._call(self._stub.Generate, req, timeout)
-        return _one_or_all([_generation(g) for g in resp.generations], single)
-
-    async def generate_stream(
-        self,
-        prompt: str,
-        *,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        repetition_penalty: float = 0.0,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        timeout: float | None = None,
-    ) -> AsyncIterator[StreamEvent]:
-        req, _ = _gen_request(
-            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, logprobs
-        )
-        call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
+    async def _stream(self, call: Call[R]) -> AsyncIterator[R]:
+        if self._asks_server(call):
+            self._server = await self.server_info()
+        self._check(call)
+        it = getattr(self._stub, call.rpc)(call.request, timeout=self._deadline(call))
         try:
-            async for m in call:
-                yield _event(m)
+            async for m in it:
+                yield call.read(m)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
-            call.cancel()
+            it.cancel()
 
-    async def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        repetition_penalty: float = 0.0,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        timeout: float | None = None,
-    ) -> Generation:
-        """The assistant's reply to `messages`, rendered with the model's chat template on the server."""
-        req = _chat_request(
-            messages,
-            model,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            stop,
-            seed,
-            logprobs,
-        )
-        return _generation((await self._call(self._stub.Chat, req, timeout)).generation)
+    async def generate(self, prompt: str | Sequence[str], **options: Unpack[GenerationOptions]) -> Any:
+        return await self._unary(calls.generate(prompt, options))
 
-    async def chat_stream(
-        self,
-        messages: Sequence[Message],
-        *,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        repetition_penalty: float = 0.0,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        timeout: float | None = None,
+    def generate_stream(
+        self, prompt: str, **options: Unpack[GenerationOptions]
     ) -> AsyncIterator[StreamEvent]:
-        """`chat`, streamed as `generate_stream` streams."""
-        req = _chat_request(
-            messages,
-            model,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            stop,
-            seed,
-            logprobs,
-        )
-        call = self._stub.ChatStream(req, timeout=self.timeout if timeout is None else timeout)
-        try:
-            async for m in call:
-                yield _event(m)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            call.cancel()
+        return self._stream(calls.generate_stream(prompt, options))
 
-    async def classify(
-        self,
-        texts: str | Sequence[str],
-        *,
-        model: str | None = None,
-        top_k: int | None = None,
-        candidate_labels: Sequence[str] | None = None,
-        timeout: float | None = None,
-    ):
-        items, single = _texts(texts)
-        req = pb.ClassifyRequest(
-            texts=items, model=model or "", top_k=top_k or 0, candidate_labels=list(candidate_labels or [])
-        )
-        resp = await self._call(self._stub.Classify, req, timeout)
-        out = [[LabelScore(s.label, s.score) for s in r.labels] for r in resp.results]
-        return _one_or_all(out, single)
+    async def chat(self, messages: Sequence[Message], **options: Unpack[GenerationOptions]) -> Generation:
+        return await self._unary(calls.chat(messages, options))
 
-    async def sentiment(
-        self, texts: str | Sequence[str], *, model: str | None = None, timeout: float | None = None
-    ):
-        items, single = _texts(texts)
-        resp = await self._call(
-            self._stub.Sentiment, pb.SentimentRequest(texts=items, model=model or ""), timeout
-        )
-        return _one_or_all([Sentiment(r.label, r.score, r.raw_label) for r in resp.results], single)
+    def chat_stream(
+        self, messages: Sequence[Message], **options: Unpack[GenerationOptions]
+    ) -> AsyncIterator[StreamEvent]:
+        return self._stream(calls.chat_stream(messages, options))
 
-    async def translate(
-        self,
-        texts: str | Sequence[str],
-        *,
-        source_lang: str | None = None,
-        target_lang: str | None = None,
-        model: str | None = None,
-        max_new_tokens: int | None = None,
-        timeout: float | None = None,
-    ):
-        items, single = _texts(texts)
-        req = pb.TranslateRequest(
-            texts=items,
-            model=model or "",
-            source_lang=source_lang or "",
-            target_lang=target_lang or "",
-            max_new_tokens=max_new_tokens or 0,
-        )
-        resp = await self._call(self._stub.Translate, req, timeout)
-        return _one_or_all([Translation(r.text) for r in resp.results], single)
+    async def classify(self, texts: str | Sequence[str], **options: Unpack[ClassifyOptions]) -> Any:
+        return await self._unary(calls.classify(texts, options))
 
-    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        resp = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [_model_info(m) for m in resp.models]
+    async def sentiment(self, texts: str | Sequence[str], **options: Unpack[SentimentOptions]) -> Any:
+        return await self._unary(calls.sentiment(texts, options))
+
+    async def translate(self, texts: str | Sequence[str], **options: Unpack[TranslateOptions]) -> Any:
+        return await self._unary(calls.translate(texts, options))
+
+    async def list_models(self, **options: Unpack[CallOptions]) -> list[ModelInfo]:
+        return await self._unary(calls.list_models(options))
+
+    async def server_info(self, **options: Unpack[CallOptions]) -> ServerInfo:
+        return await self._unary(calls.server_info(options))

@@ -57,6 +57,15 @@ class UnauthenticatedError(BitserveError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class UnimplementedError(BitserveError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class IncompatibleServerError(FailedPreconditionError):
+    """Raised by the client, before sending: the server's contract revision is older than the
+    fields or RPC the call uses (`bitserve_client.contract`)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[BitserveError]] = {
     cls.code: cls
     for cls in (
@@ -69,6 +78,7 @@ _BY_CODE: dict[grpc.StatusCode, type[BitserveError]] = {
         UnauthenticatedError,
         CancelledError,
         InternalError,
+        UnimplementedError,
     )
 }
 

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 
 PEM = bytes | str | Path | None
+
+
+class Options(TypedDict, total=False):
+    """The security keywords of `Client` and `AsyncClient`."""
+
+    tls: bool | None  # TLS with the system roots (implied by any certificate below)
+    root_certificates: PEM  # server roots: PEM bytes or a file
+    private_key: PEM  # with certificate_chain: mutual TLS
+    certificate_chain: PEM
+    token: str | None  # sent as `authorization: Bearer <token>` on every call
 
 
 def _pem(value: PEM) -> bytes | None:

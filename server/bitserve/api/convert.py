@@ -23,7 +23,7 @@ from bitserve.types import (
     TokenLogprob,
     Translation,
 )
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2 as pb
 
 MAX_STOP_SEQUENCES = 16
 MAX_LANGUAGE_CODE_CHARS = 32

@@ -25,8 +25,8 @@ from bitserve.frontend.registry import ModelRegistry
 from bitserve.frontend.tenants import Tenants
 from bitserve.metrics import Metrics
 from bitserve.settings import Settings
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
-from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+from bitserve_proto.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+import bitserve
 from bitserve.api import convert
 from bitserve.errors import BitserveError, Unavailable, clip_message
 from bitserve.frontend import chat
@@ -29,8 +30,9 @@ from bitserve.frontend.tenants import Tenant, Tenants, current_tenant, fairness_
 from bitserve.metrics import Metrics
 from bitserve.settings import Settings
 from bitserve.types import SamplingParams, Task
-from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
-from bitserve_client.pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+from bitserve_client import contract
+from bitserve_proto.v1 import inference_pb2 as pb
+from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -288,5 +290,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             models=[
                 convert.model_info_pb(e.info(), with_path=self._server.expose_model_paths)
                 for e in self._registry.engines()
-            ]
+            ],
+            server_version=bitserve.__version__,
+            contract_revision=contract.REVISION,
         )

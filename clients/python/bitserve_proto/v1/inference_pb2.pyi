@@ -1,3 +1,4 @@
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -30,6 +31,12 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_EOS: FinishReason
+CONTRACT_REVISION_FIELD_NUMBER: int
+contract_revision: _descriptor.FieldDescriptor
+SINCE_FIELD_NUMBER: int
+since: _descriptor.FieldDescriptor
+METHOD_SINCE_FIELD_NUMBER: int
+method_since: _descriptor.FieldDescriptor
 
 class GenerationParameters(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "logprobs")
@@ -267,7 +274,11 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameter_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., quality_report_json: _Optional[str] = ..., path: _Optional[str] = ..., engine: _Optional[str] = ..., device_map: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "server_version", "contract_revision")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_REVISION_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    server_version: str
+    contract_revision: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., server_version: _Optional[str] = ..., contract_revision: _Optional[int] = ...) -> None: ...

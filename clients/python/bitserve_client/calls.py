@@ -1,0 +1,201 @@
+"""Each client method once: its options, the request it builds and how its response is read.
+
+`Client` and `AsyncClient` are two faces over these builders: a builder returns a `Call` (which
+RPC, the request message, a reader for the response or for each streamed message, the
+deadline), and a face only sends it, blocking or awaited. Options are keyword-only and typed
+(`GenerationOptions`, ...); a misspelt one is a TypeError, as with a plain signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypedDict, TypeVar
+
+from google.protobuf.message import Message as PbMessage
+
+from bitserve_proto.v1 import inference_pb2 as pb
+
+from . import results
+
+R = TypeVar("R")
+
+Message = Mapping[str, str] | tuple[str, str]
+"""A chat message: `{"role": "user", "content": "..."}` (as in OpenAI's API) or `(role, content)`."""
+
+
+class GenerationOptions(TypedDict, total=False):
+    """Options of generate, generate_stream, chat and chat_stream (all keyword-only)."""
+
+    model: str | None  # None: the one model serving the task
+    max_new_tokens: int | None  # None: the server's default
+    temperature: float  # 0: greedy
+    top_k: int  # 0: no top-k filtering
+    top_p: float  # 0 or 1: no nucleus filtering
+    repetition_penalty: float  # 0 or 1: none
+    stop: Sequence[str] | str | None  # the text is cut before the first one produced
+    seed: int | None  # same seed, parameters and prompt -> same output
+    logprobs: bool  # return each generated token's log-probability
+    timeout: float | None  # seconds; None: the client's timeout
+
+
+class ClassifyOptions(TypedDict, total=False):
+    model: str | None
+    top_k: int | None  # None: every label
+    candidate_labels: Sequence[str] | None  # zero-shot labels (instruction models)
+    timeout: float | None
+
+
+class SentimentOptions(TypedDict, total=False):
+    model: str | None
+    timeout: float | None
+
+
+class TranslateOptions(TypedDict, total=False):
+    source_lang: str | None
+    target_lang: str | None
+    model: str | None
+    max_new_tokens: int | None
+    timeout: float | None
+
+
+class CallOptions(TypedDict, total=False):
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One RPC to send: `read` turns the response (or each streamed message) into the result."""
+
+    rpc: str  # the stub's method name, e.g. "Generate"
+    request: PbMessage
+    read: Callable[[Any], R]
+    timeout: float | None
+
+
+def _options(kind: type, options: Mapping[str, Any]) -> Mapping[str, Any]:
+    unknown = sorted(set(options) - set(kind.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; allowed: {sorted(kind.__annotations__)}")
+    return options
+
+
+def _texts(texts: str | Sequence[str]) -> tuple[list[str], bool]:
+    if isinstance(texts, str):
+        return [texts], True
+    return list(texts), False
+
+
+def _one_or_all(read: Callable[[Any], list], single: bool) -> Callable[[Any], Any]:
+    return (lambda resp: read(resp)[0]) if single else read
+
+
+def _parameters(options: Mapping[str, Any]) -> pb.GenerationParameters:
+    o = _options(GenerationOptions, options)
+    stop = o.get("stop")
+    params = pb.GenerationParameters(
+        max_new_tokens=o.get("max_new_tokens") or 0,
+        temperature=o.get("temperature", 0.0),
+        top_k=o.get("top_k", 0),
+        top_p=o.get("top_p", 0.0),
+        repetition_penalty=o.get("repetition_penalty", 0.0),
+        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        logprobs=o.get("logprobs", False),
+    )
+    if o.get("seed") is not None:
+        params.seed = o["seed"]
+    return params
+
+
+def _generate_request(
+    prompt: str | Sequence[str], options: Mapping[str, Any]
+) -> tuple[pb.GenerateRequest, bool]:
+    texts, single = _texts(prompt)
+    return pb.GenerateRequest(
+        texts=texts, model=options.get("model") or "", parameters=_parameters(options)
+    ), single
+
+
+def _chat_request(messages: Sequence[Message], options: Mapping[str, Any]) -> pb.ChatRequest:
+    if isinstance(messages, (str, Mapping)):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} messages")
+    pbm = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        pbm.append(pb.ChatMessage(role=role, content=content))
+    return pb.ChatRequest(messages=pbm, model=options.get("model") or "", parameters=_parameters(options))
+
+
+# the builders, one per client method -------------------------------------------------------------
+def generate(prompt: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any]:
+    req, single = _generate_request(prompt, options)
+    read = _one_or_all(lambda r: [results.generation(g) for g in r.generations], single)
+    return Call("Generate", req, read, options.get("timeout"))
+
+
+def generate_stream(prompt: str, options: Mapping[str, Any]) -> Call[results.StreamEvent]:
+    req, _ = _generate_request(prompt, options)
+    return Call("GenerateStream", req, results.event, options.get("timeout"))
+
+
+def chat(messages: Sequence[Message], options: Mapping[str, Any]) -> Call[results.Generation]:
+    req = _chat_request(messages, options)
+    return Call("Chat", req, lambda r: results.generation(r.generation), options.get("timeout"))
+
+
+def chat_stream(messages: Sequence[Message], options: Mapping[str, Any]) -> Call[results.StreamEvent]:
+    return Call("ChatStream", _chat_request(messages, options), results.event, options.get("timeout"))
+
+
+def classify(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any]:
+    o = _options(ClassifyOptions, options)
+    items, single = _texts(texts)
+    req = pb.ClassifyRequest(
+        texts=items,
+        model=o.get("model") or "",
+        top_k=o.get("top_k") or 0,
+        candidate_labels=list(o.get("candidate_labels") or []),
+    )
+    read = _one_or_all(
+        lambda r: [[results.LabelScore(s.label, s.score) for s in c.labels] for c in r.results], single
+    )
+    return Call("Classify", req, read, o.get("timeout"))
+
+
+def sentiment(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any]:
+    o = _options(SentimentOptions, options)
+    items, single = _texts(texts)
+    read = _one_or_all(
+        lambda r: [results.Sentiment(s.label, s.score, s.raw_label) for s in r.results], single
+    )
+    return Call(
+        "Sentiment", pb.SentimentRequest(texts=items, model=o.get("model") or ""), read, o.get("timeout")
+    )
+
+
+def translate(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any]:
+    o = _options(TranslateOptions, options)
+    items, single = _texts(texts)
+    req = pb.TranslateRequest(
+        texts=items,
+        model=o.get("model") or "",
+        source_lang=o.get("source_lang") or "",
+        target_lang=o.get("target_lang") or "",
+        max_new_tokens=o.get("max_new_tokens") or 0,
+    )
+    read = _one_or_all(lambda r: [results.Translation(t.text) for t in r.results], single)
+    return Call("Translate", req, read, o.get("timeout"))
+
+
+def _models(r: pb.ListModelsResponse) -> list[results.ModelInfo]:
+    return [results.model_info(m) for m in r.models]
+
+
+def list_models(options: Mapping[str, Any]) -> Call[list[results.ModelInfo]]:
+    o = _options(CallOptions, options)
+    return Call("ListModels", pb.ListModelsRequest(), _models, o.get("timeout"))
+
+
+def server_info(options: Mapping[str, Any]) -> Call[results.ServerInfo]:
+    o = _options(CallOptions, options)
+    return Call("ListModels", pb.ListModelsRequest(), results.server_info, o.get("timeout"))
