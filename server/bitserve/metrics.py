@@ -78,6 +78,13 @@ class Metrics:
             ["model", "task"],
             registry=r,
         )
+        self.kv_cache_tokens = Gauge(
+            "bitserve_kv_cache_tokens",
+            "KV-cache tokens of the engine's persistent batch: reserved (allocated slots x "
+            "columns, bounded by kv_cache_tokens) and used (columns its rows fill).",
+            ["model", "task", "state"],
+            registry=r,
+        )
         self.model_memory = Gauge(
             "bitserve_model_weight_memory_bytes",
             "Weight memory of a loaded model.",

@@ -155,6 +155,14 @@ class ModelSettings(_Strict):
             "within it. 0: max_concurrent_sequences x the model's context."
         ),
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=1,
+        description=(
+            "Prompts longer than this are prefilled in chunks of it, a decode step of the running "
+            "rows between chunks (persistent batch only), so a long prompt does not stall them."
+        ),
+    )
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when unset.")
     max_new_tokens_limit: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask for.")
     # Instruction-model adapters.

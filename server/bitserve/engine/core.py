@@ -114,16 +114,20 @@ class Core:
                 ]
             )
 
-    def _stats(self) -> dict[str, dict[str, int]]:
+    def _stats(self) -> dict[str, Any]:
         sched = self.w.scheduler
         assert sched is not None
         running = collections.Counter(s.model for s in sched.running)
         waiting = collections.Counter(s.model for s in sched.waiting)
-        return {"running": dict(running), "waiting": dict(waiting)}
+        stats: dict[str, Any] = {"running": dict(running), "waiting": dict(waiting)}
+        if sched.slots is not None:
+            # KV tokens the persistent batch holds allocated, and those its rows fill.
+            stats["kv"] = {"reserved": sched.slots.reserved_tokens, "used": sched.slots.used_tokens}
+        return stats
 
     def timeout_ms(self) -> int:
         sched = self.w.scheduler
-        if self.jobs or (sched is not None and sched.batch is not None):
+        if self.jobs or (sched is not None and sched.active()):
             return 0
         if sched is not None and sched.waiting:
             if self._wait_until is None:
@@ -155,11 +159,7 @@ class Core:
             if self.jobs:
                 self.run_job(self.jobs.popleft())
             if sched is not None and sched.has_work():
-                if (
-                    sched.batch is not None
-                    or self._wait_until is None
-                    or time.monotonic() >= self._wait_until
-                ):
+                if sched.active() or self._wait_until is None or time.monotonic() >= self._wait_until:
                     self.step()
 
 

@@ -105,5 +105,6 @@ def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "e
             name=name,
             persistent=all(m.persistent_batch for m in sched_models),
             kv_cache_tokens=max(m.kv_cache_tokens for m in sched_models),
+            prefill_chunk_tokens=max(m.prefill_chunk_tokens for m in sched_models),
         )
     return Workers(loaded, models, runners, scheduler, lm)

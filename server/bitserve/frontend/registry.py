@@ -58,6 +58,13 @@ def stats_hook(metrics: Metrics, entries: list[ModelSettings]) -> Callable[[dict
         )
         for e in entries
     }
+    kv = {
+        e.name: (
+            m.kv_cache_tokens.labels(e.name, e.task.value, "reserved"),
+            m.kv_cache_tokens.labels(e.name, e.task.value, "used"),
+        )
+        for e in entries
+    }
 
     def hook(stats: dict[str, Any]) -> None:
         running, waiting, batch, stepped = (
@@ -74,6 +81,10 @@ def stats_hook(metrics: Metrics, entries: list[ModelSettings]) -> Callable[[dict
                 batch_h.observe(batch)
             for w in waits.get(name, ()):
                 qwait_h.observe(w)
+        if "kv" in stats:
+            for reserved_g, used_g in kv.values():
+                reserved_g.set(stats["kv"]["reserved"])
+                used_g.set(stats["kv"]["used"])
 
     return hook
 

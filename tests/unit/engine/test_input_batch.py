@@ -214,3 +214,69 @@ def test_models_the_slots_cannot_serve_say_why(tiny_models):
     assert supports(sdpa) is None
     sdpa.config.sliding_window = 16
     assert "sliding_window" in (supports(sdpa) or "")
+
+
+def test_a_long_prompt_prefills_in_chunks_between_decode_steps(models):
+    """A prompt over prefill_chunk_tokens is prefilled a chunk at a time, the running rows
+    decoding between chunks; everyone still equals solo generate()."""
+    loaded = models("none")
+    tok = loaded.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    long = tok(" ".join(PROMPTS) + " " + PROMPTS[3])["input_ids"][:70]
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
+    sched = Scheduler(
+        lm, max_concurrent=8, prefill_token_budget=4096, max_waiting_ms=0, prefill_chunk_tokens=16
+    )
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    running_tokens_while_chunking = 0
+    with torch.inference_mode():
+        for i in range(2):
+            sched.add(GenerationRequest(i, "lm", prompts[i], SamplingParams(max_new_tokens=40), 40, (), None))
+        for step in range(300):
+            if step == 3:
+                sched.add(GenerationRequest(2, "lm", long, SamplingParams(max_new_tokens=20), 20, (), None))
+            r = sched.step()
+            assert not r.errors
+            for rid, t, _, _ in r.tokens:
+                got[rid].append(t)
+                if rid != 2 and sched.chunking:
+                    running_tokens_while_chunking += 1
+            if not sched.has_work():
+                break
+    assert got[2] == solo(loaded, long, 20)
+    for i in range(2):
+        assert got[i] == solo(loaded, prompts[i], 40)
+    # Chunks of 16: a decode step of both running rows after each chunk but the last.
+    chunks = -(-len(long) // 16)
+    assert chunks >= 3
+    assert running_tokens_while_chunking == 2 * (chunks - 1)
+
+
+def test_engine_stats_report_kv_tokens_to_the_gauge(models, tiny_models):
+    from bitserve.engine.core import Core
+    from bitserve.engine.workers import workers_for
+    from bitserve.frontend.registry import stats_hook
+    from bitserve.ipc import protocol as P
+    from bitserve.metrics import Metrics
+
+    loaded = models("none")
+    settings = ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"]), kv_cache_tokens=1000)
+    sent: list[list] = []
+    core = Core(workers_for(loaded, [settings]), sent.append)
+    req = GenerationRequest(
+        1, "lm", loaded.tokenizer(PROMPTS[0])["input_ids"], SamplingParams(max_new_tokens=5), 5
+    )
+    core.handle([P.GENERATE, 1, P.request_to_wire(req)])
+    with torch.inference_mode():
+        core.step()
+        core.step()
+    metrics = Metrics()
+    hook = stats_hook(metrics, [settings])
+    stats = [m[2] for m in sent if m[0] == P.TOKENS]
+    kv = stats[-1]["kv"]
+    assert 0 < kv["used"] <= kv["reserved"] <= 1000
+    hook(stats[-1])
+    labels = {"model": "lm", "task": "generate"}
+    reg = metrics.registry
+    assert reg.get_sample_value("bitserve_kv_cache_tokens", {**labels, "state": "reserved"}) == kv["reserved"]
+    assert reg.get_sample_value("bitserve_kv_cache_tokens", {**labels, "state": "used"}) == kv["used"]

@@ -69,11 +69,13 @@ class Scheduler:
         name: str = "generate",
         persistent: bool = True,
         kv_cache_tokens: int = 0,
+        prefill_chunk_tokens: int = 512,
     ):
         self.lm = lm
         self.name = name
-        self.policy = Policy(Budget(max_concurrent, prefill_token_budget, max_waiting_ms / 1000.0))
         self.waiting: list[Sequence] = []
+        self.chunk_tokens = prefill_chunk_tokens
+        self._chunk_queue: list[Sequence] = []  # admitted prompts to prefill in chunks, in turn
         self._batch: Batch | None = None  # the copying path's running batch
         # The persistent batch, when this model can be served in slots.
         self.slots: SlotBatch | None = None
@@ -85,6 +87,10 @@ class Scheduler:
         else:
             log.info("%s: copying batch, not the persistent one: %s", name, reason)
         self.path = "persistent" if self.slots is not None else "copying"
+        kv_budget = self.slots.kv_tokens if self.slots is not None else None
+        self.policy = Policy(
+            Budget(max_concurrent, prefill_token_budget, max_waiting_ms / 1000.0, kv_tokens=kv_budget)
+        )
         self.stats = SchedulerStats()
         self._pass_tokens = PREFILL_PASS_TOKENS.get(lm.device.type, PREFILL_PASS_TOKENS_DEFAULT)
         # After a prefill the step ends (its first tokens go out at once); the next one decodes
@@ -100,6 +106,9 @@ class Scheduler:
         if not rids:
             return
         self.waiting = [s for s in self.waiting if s.rid not in rids]
+        self._chunk_queue = [s for s in self._chunk_queue if s.rid not in rids]
+        if self.slots is not None and self.slots.partial is not None and self.slots.partial.rid in rids:
+            self.slots.partial.cancelled = True
         if self.batch is not None:
             for s in self.batch.seqs:
                 if s.rid in rids:
@@ -122,8 +131,17 @@ class Scheduler:
         b = self.batch
         return b.seqs if b is not None else []
 
+    @property
+    def chunking(self) -> bool:
+        """A long prompt is being (or waits to be) prefilled in chunks."""
+        return bool(self._chunk_queue) or (self.slots is not None and self.slots.partial is not None)
+
+    def active(self) -> bool:
+        """Something runs: rows decode, or a prompt is prefilled in chunks."""
+        return self.batch is not None or self.chunking
+
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.batch is not None
+        return bool(self.waiting) or self.active()
 
     # one iteration ---------------------------------------------------------------------------
     def step(self, now: float | None = None) -> StepResult:
@@ -133,11 +151,26 @@ class Scheduler:
             self._decode_next = False
             self._decode(out)
             return out
+        if self.chunking:
+            # One chunk, then (next step) a decode of the running rows: a long prompt delays
+            # them by a chunk's pass at a time. Other joins wait for its last chunk.
+            self._chunk(out)
+            self._decode_next = True
+            return out
         running = self.running
+        slots = self.slots
         decision = self.policy.schedule(
-            [Waiting(len(s.prompt_ids), s.arrived, s.deadline, s.client) for s in self.waiting],
+            [
+                Waiting(len(s.prompt_ids), s.arrived, s.deadline, s.client, s.max_new_tokens)
+                for s in self.waiting
+            ],
             [s.max_new_tokens - len(s.token_ids) for s in running],
             now,
+            kv_needs=(
+                [c + s.max_new_tokens - len(s.token_ids) for c, s in zip(slots.cols, running, strict=True)]
+                if slots is not None
+                else ()
+            ),
         )
         for i in decision.expired:
             out.errors.append(
@@ -153,7 +186,12 @@ class Scheduler:
         if new and self.slots is not None:
             for s in new:
                 out.queue_waits.setdefault(s.model, []).append(now - s.arrived)
-            self._join(new, out)
+            short = [s for s in new if len(s.prompt_ids) <= self.chunk_tokens]
+            self._chunk_queue.extend(s for s in new if len(s.prompt_ids) > self.chunk_tokens)
+            if short:
+                self._join(short, out)
+            elif self._chunk_queue:
+                self._chunk(out)
             self._decode_next = True
             return out
         if new:
@@ -216,6 +254,31 @@ class Scheduler:
                 out.errors.extend((s.rid, e) for s in part)
                 joined = [start + i for i, s in enumerate(slots.seqs[start:]) if s in part]
                 slots.leave(joined)
+
+    def _chunk(self, out: StepResult) -> None:
+        """The next chunk of the long prompt in prefill (the queue's first when none is)."""
+        slots = self.slots
+        assert slots is not None
+        seq = slots.partial
+        if seq is None:
+            seq = self._chunk_queue.pop(0)
+        if seq.cancelled:
+            slots.drop_partial()
+            return
+        end = min(slots.partial_done + self.chunk_tokens, len(seq.prompt_ids))
+        try:
+            logits = self.lm.chunk(slots, seq, end)
+            self.stats.prefills += 1
+            if slots.end_chunk():
+                out.prompt_tokens += len(seq.prompt_ids)
+                self._advance_slots(slots, len(slots) - 1, logits, out, now=time.monotonic())
+        except Exception as e:
+            log.exception("chunked prefill failed in %s", self.name)
+            out.errors.append((seq.rid, e))
+            if slots.partial is seq:
+                slots.drop_partial()
+            elif seq in slots.seqs:
+                slots.leave([slots.seqs.index(seq)])
 
     def _advance_slots(
         self, slots: SlotBatch, start: int, logits: torch.Tensor, out: StepResult, *, now: float

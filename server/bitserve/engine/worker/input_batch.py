@@ -199,7 +199,16 @@ class SlotBatch:
         self.positions: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self.next_ids: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self._plan: Plan | None = None
+        # A long prompt being prefilled in chunks, parked in slot `n` (outside the decode rows),
+        # and how many of its columns are written.
+        self.partial: Sequence | None = None
+        self.partial_done = 0
         self._alloc_small()
+
+    @property
+    def held(self) -> int:
+        """Slots holding data: the decode rows and a parked partial prefill."""
+        return self.n + (self.partial is not None)
 
     def _alloc_small(self) -> None:
         self.slot_cap = self.col_cap = 0
@@ -241,7 +250,7 @@ class SlotBatch:
             new_cols = max(cols, min(new_cols, self.kv_tokens // max(new_slots, 1)))
         if new_slots * new_cols > self.kv_tokens:
             new_slots = max(slots, min(new_slots, self.kv_tokens // max(new_cols, 1)))
-        n, used = self.n, max(self.cols, default=0)
+        n, used = self.held, max([*self.cols, self.partial_done], default=0)
         dev = self.device
         if self.cache is None:
             _, cache_cls = _classes()
@@ -285,9 +294,52 @@ class SlotBatch:
         return Rows(self.seqs[start:], seen)
 
     # a join ------------------------------------------------------------------------------------
+    def begin_chunk(self, seq: Sequence, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next chunk of `seq`'s prompt (columns `partial_done..end`) in slot `n`, attending
+        to the chunks before it; returns the pass's input ids, 4-D mask and position ids."""
+        assert self.partial is None or self.partial is seq
+        if self.partial is None:
+            self.partial, self.partial_done = seq, 0
+            self._ensure(self.n + 1, len(seq.prompt_ids) + 1)
+        assert self.mask is not None
+        r, c0, dev = self.n, self.partial_done, self.device
+        if c0 == 0:
+            self.mask[r].zero_()
+        self.mask[r, c0:end] = True
+        ids = torch.tensor([seq.prompt_ids[c0:end]], device=dev)
+        mask4 = torch.ones(end - c0, end, dtype=torch.bool, device=dev).tril(diagonal=c0)[None, None]
+        self.mode = "prefill"
+        self.span = (r, r + 1, c0, end)
+        self.partial_done = end
+        return ids, mask4, torch.arange(c0, end, device=dev)[None]
+
+    def end_chunk(self) -> bool:
+        """After a chunk's pass: True when the prompt is complete and its row has joined."""
+        seq = self.partial
+        assert seq is not None
+        length = len(seq.prompt_ids)
+        if self.partial_done < length:
+            return False
+        r = self.n
+        self.cols_dev[r] = length
+        self.positions[r] = length
+        self.partial, self.partial_done = None, 0
+        if seq.penalty is not None or self.seen is not None:
+            self._seen_rows(r, [seq])
+        self.seqs.append(seq)
+        self.cols.append(length)
+        self._plan = None
+        return True
+
+    def drop_partial(self) -> None:
+        self.partial, self.partial_done = None, 0
+        if not self.seqs:
+            self._alloc_small()
+
     def begin_join(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Put `seqs` in the free slots `n..n+m-1`, left-padded to their longest prompt; returns
         the prefill's input ids, its 4-D mask and its position ids."""
+        assert self.partial is None, "no join while a prompt is prefilled in chunks"
         n0, m = self.n, len(seqs)
         longest = max(len(s.prompt_ids) for s in seqs)
         self._ensure(n0 + m, longest + 1)
@@ -364,11 +416,7 @@ class SlotBatch:
         for r in sorted(set(rows), reverse=True):
             last = self.n - 1
             if r != last:
-                used = self.cols[last]
-                for layer in self.cache.layers:
-                    layer.move(last, r, used)
-                assert self.mask is not None
-                self.mask[r] = self.mask[last]
+                self._move_row(last, r, self.cols[last])
                 for t in (self.cols_dev, self.positions, self.next_ids):
                     t[r] = t[last]
                 if self.seen is not None:
@@ -377,9 +425,17 @@ class SlotBatch:
                 self.cols[r] = self.cols[last]
             self.seqs.pop()
             self.cols.pop()
+            if self.partial is not None:  # the parked partial prefill follows, to slot n
+                self._move_row(self.n + 1, self.n, self.partial_done)
         self._plan = None
-        if not self.seqs:
+        if not self.seqs and self.partial is None:
             self._alloc_small()  # the memory goes back until the next join
+
+    def _move_row(self, src: int, dst: int, used: int) -> None:
+        for layer in self.cache.layers:
+            layer.move(src, dst, used)
+        assert self.mask is not None
+        self.mask[dst] = self.mask[src]
 
 
 def _num_layers(model: Any) -> int:

@@ -78,6 +78,20 @@ class CausalLM:
         )
         return out.logits[:, -1, :]
 
+    def chunk(self, batch: SlotBatch, seq: Sequence, end: int) -> torch.Tensor:
+        """Prefill `seq`'s prompt up to column `end` (after the chunks before it) in the slot
+        parked for it; the last position's logits, [1, V]."""
+        input_ids, mask, position_ids = batch.begin_chunk(seq, end)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: batch.cache},
+        )
+        return out.logits[:, -1, :]
+
     def _decode_slots(self, batch: SlotBatch) -> torch.Tensor:
         input_ids, mask, position_ids = batch.begin_decode()
         out = self.model(
