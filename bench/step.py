@@ -115,17 +115,20 @@ def instrument(core: Any, timer: Timer) -> None:
     timer.wrap(lm.model, "forward", fwd_phase)
     timer.wrap(lm, "decode", "mask")
     timer.wrap(lm, "prefill", "prefill")
+    # The persistent batch: a join (or a long prompt's chunk) prefills into free slots.
+    timer.wrap(lm, "join", "join")
+    timer.wrap(lm, "chunk", "join")
     timer.wrap(S, "select_tokens", "sample")
     timer.wrap(sched, "_advance", "advance")
+    timer.wrap(sched, "_advance_slots", "advance")
     # leave / join: the old engine's Batch.filter / concatenate, the persistent batch's own.
     batch_mod = getattr(S, "Batch", None)
     if batch_mod is not None and hasattr(batch_mod, "filter"):
         timer.wrap(batch_mod, "filter", "leave")
         timer.wrap(batch_mod, "concatenate", "join")
-    for attr, phase in (("leave", "leave"), ("join", "join")):
-        target = getattr(sched, "slots", None)
-        if target is not None:
-            timer.wrap(target, attr, phase)
+    slots = getattr(sched, "slots", None)
+    if slots is not None:
+        timer.wrap(slots, "leave", "leave")
     timer.wrap(core, "_pack", "pack")
 
 
