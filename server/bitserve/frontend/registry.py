@@ -67,18 +67,17 @@ def stats_hook(metrics: Metrics, entries: list[ModelSettings]) -> Callable[[dict
     }
 
     def hook(stats: dict[str, Any]) -> None:
-        running, waiting, batch, stepped = (
-            stats["running"],
-            stats["waiting"],
-            stats["batch"],
-            stats["stepped"],
-        )
+        # running/waiting come when they changed; steps: the decode steps since the last report.
+        running, waiting = stats.get("running"), stats.get("waiting")
         waits = stats.get("queue_wait", {})
         for name, (run_g, wait_g, batch_h, qwait_h) in series.items():
-            run_g.set(running.get(name, 0))
-            wait_g.set(waiting.get(name, 0))
-            if name in stepped:
-                batch_h.observe(batch)
+            if running is not None:
+                run_g.set(running.get(name, 0))
+            if waiting is not None:
+                wait_g.set(waiting.get(name, 0))
+            for batch, stepped in stats.get("steps", ()):
+                if name in stepped:
+                    batch_h.observe(batch)
             for w in waits.get(name, ()):
                 qwait_h.observe(w)
         if "kv" in stats:

@@ -280,3 +280,16 @@ def test_engine_stats_report_kv_tokens_to_the_gauge(models, tiny_models):
     reg = metrics.registry
     assert reg.get_sample_value("bitserve_kv_cache_tokens", {**labels, "state": "reserved"}) == kv["reserved"]
     assert reg.get_sample_value("bitserve_kv_cache_tokens", {**labels, "state": "used"}) == kv["used"]
+
+
+def test_a_short_prompt_padded_to_a_long_one_may_run_past_the_context(models):
+    """In one prefill pass a short prompt is padded to the long one; its columns then end past
+    the context by that padding (positions do not): the batch grows for it."""
+    loaded = models("none")
+    tok = loaded.tokenizer
+    long = tok(" ".join(PROMPTS))["input_ids"][:60]
+    short = tok("I love")["input_ids"]
+    n_short = loaded.max_context - len(short) - 2
+    got = run(scheduler(loaded), [long, short], [(0, 10), (0, n_short)])
+    assert got[0] == solo(loaded, long, 10)
+    assert got[1] == solo(loaded, short, n_short)

@@ -505,12 +505,12 @@ def test_warp_equals_transformers_warpers_row_by_row():
         assert torch.allclose(got[i][kept], want[0][kept], atol=1e-6), i
 
 
-def test_policy_with_a_kv_budget_admits_every_step_within_the_rectangle():
+def test_policy_with_a_kv_budget_admits_within_the_rectangle():
     from bitserve.engine.sched.policy import Budget, Policy, Waiting, kv_rectangle
 
     policy = Policy(Budget(max_concurrent=8, prefill_tokens=10_000, kv_tokens=400))
     w = [Waiting(prompt_len=10, arrived=0.0, max_new_tokens=30) for _ in range(8)]
-    # One slot free of eight (the copying batch would wait for a quarter): admitted at once.
+    # One slot free of eight, no running row due soon: admitted at once.
     needs = [50] * 7
     assert kv_rectangle(needs + [41]) == 400
     assert policy.schedule(w[:1], [20] * 7, now=1.0, kv_needs=needs).admit == [0]

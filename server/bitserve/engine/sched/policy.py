@@ -32,7 +32,7 @@ class Budget:
     prefill_tokens: int  # padded prompt tokens admitted per step
     max_waiting_s: float = 0.0  # an idle engine lets a few more arrive to share one prefill
     # The persistent batch reserves KV as a rectangle: rows x the longest row's columns at its
-    # end. None: no KV bound (the copying batch); with one, joins are admitted every step.
+    # end. None: no KV bound (the copying batch).
     kv_tokens: int | None = None
 
 
@@ -100,9 +100,10 @@ class Policy:
             until = oldest + b.max_waiting_s
             if b.max_waiting_s > 0 and len(live) < b.max_concurrent and now < until:
                 return Decision(expired=expired, wait_until=until)
-        elif b.kv_tokens is None and not self._join(len(remaining), remaining):
-            # A join into the copying batch copies every running row: done in groups. Into the
-            # persistent batch it costs only the new prompts' prefill: every step.
+        elif not self._join(len(remaining), remaining):
+            # Joins go in groups: into the copying batch a join copies every running row; into
+            # the persistent batch it costs a prefill pass of its own, between decode steps
+            # (bench/step.py: admitting every step tripled the prefill time per step at 64 rows).
             return Decision(expired=expired)
         admit: list[int] = []
         longest = 0

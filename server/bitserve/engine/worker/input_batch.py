@@ -237,11 +237,13 @@ class SlotBatch:
         """Room for `slots` rows of `cols` columns: grown by doubling, bounded."""
         if self.cache is not None and slots <= self.slot_cap and cols <= self.col_cap:
             return
-        if slots > self.max_slots or cols > self.max_columns:
-            raise ValueError(f"{slots} rows x {cols} columns exceed the batch's bounds")
+        if slots > self.max_slots:
+            raise ValueError(f"{slots} rows exceed the batch's {self.max_slots} slots")
         new_cols = self.col_cap
         if cols > new_cols:
-            new_cols = min(max(2 * self.col_cap, FIRST_COLUMNS, cols), self.max_columns)
+            # Doubling stops at the context, unless a row needs more: a short prompt padded to a
+            # long one in its prefill pass ends past the context by that padding.
+            new_cols = min(max(2 * self.col_cap, FIRST_COLUMNS, cols), max(self.max_columns, cols))
         new_slots = self.slot_cap
         if slots > new_slots:
             new_slots = min(max(2 * self.slot_cap, FIRST_SLOTS, slots), self.max_slots)
