@@ -78,6 +78,13 @@ class Metrics:
             ["model", "task"],
             registry=r,
         )
+        self.kv_cache_tokens = Gauge(
+            "bitserve_kv_cache_tokens",
+            "KV-cache tokens of the engine's persistent batch: reserved (allocated slots x "
+            "columns, bounded by kv_cache_tokens) and used (columns its rows fill).",
+            ["model", "task", "state"],
+            registry=r,
+        )
         # Per tenant (frontend/tenants.py): label values are configured tenant names, or
         # "(none)" for a token that names no tenant; created at start, never from a request.
         self.tenant_requests = Counter(

@@ -202,6 +202,30 @@ class ModelSettings(_Strict):
         ge=0,
         description="Longest a new request waits so that more can join its prefill (0: none).",
     )
+    # The engine's persistent batch (slots written in place) and its KV-token budget.
+    persistent_batch: bool = Field(
+        True,
+        description=(
+            "Decode in the persistent batch (preallocated KV slots written in place) where the model "
+            "allows it (SDPA, full attention); false: the copying batch for every model."
+        ),
+    )
+    kv_cache_tokens: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Most KV-cache tokens (slots x columns) the running batch may reserve; admission keeps "
+            "within it. 0: max_concurrent_sequences x the model's context."
+        ),
+    )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=1,
+        description=(
+            "Prompts longer than this are prefilled in chunks of it, a decode step of the running "
+            "rows between chunks (persistent batch only), so a long prompt does not stall them."
+        ),
+    )
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when unset.")
     max_new_tokens_limit: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask for.")
     # Instruction-model adapters.

@@ -52,10 +52,16 @@ class Core:
         self.closing = False
         self._wait_until: float | None = None
         self._last_stats: Any = None
+        # Requests the front wants whole (unary, no stop strings): rid -> (ids, logprobs, time
+        # of the first token); one message when they finish instead of one per token.
+        self._whole: dict[int, tuple[list[int], list[float | None], list[float]]] = {}
+        self._pending = self._no_pending()
 
     def handle(self, msg: list[Any]) -> None:
         op = msg[0]
         if op == P.ABORT:
+            for rid in msg[1]:
+                self._whole.pop(rid, None)
             if self.w.scheduler is not None:
                 self.w.scheduler.abort(set(msg[1]))
             return
@@ -70,6 +76,8 @@ class Core:
             if self.w.scheduler is None:
                 self.send([P.ERROR, rid, "FAILED_PRECONDITION", "this engine has no causal LM"])
                 return
+            if msg[2].get("whole"):
+                self._whole[rid] = ([], [], [])
             self.w.scheduler.add(P.request_from_wire(rid, msg[2]))
             self._wait_until = None
         elif op in (P.SCORE, P.BATCH):
@@ -96,34 +104,60 @@ class Core:
         r = sched.step()
         self._wait_until = r.wait_until
         for rid, exc in r.errors:
+            self._whole.pop(rid, None)
             self.send(P.error_to_wire(rid, exc))
+        tokens: list[list[Any]] = []
+        finished: list[list[Any]] = []
+        now = time.monotonic()
+        for t in r.tokens:
+            buf = self._whole.get(t[0])
+            if buf is None:
+                tokens.append(list(t))
+                continue
+            ids, lps, first = buf
+            ids.append(t[1])
+            lps.append(t[2])
+            if not first:
+                first.append(now)
+            if t[3] is not None:
+                del self._whole[t[0]]
+                any_lp = any(lp is not None for lp in lps)
+                finished.append([t[0], ids, lps if any_lp else None, t[3], first[0]])
+        p = self._pending
+        if r.batch_size:
+            p["steps"].append([r.batch_size, r.batch_models])
+        p["prompt_tokens"] += r.prompt_tokens
+        for model, waits in r.queue_waits.items():
+            p["queue_wait"].setdefault(model, []).extend(waits)
         stats = self._stats()
-        if r.tokens or r.batch_size or r.prompt_tokens or r.queue_waits or stats != self._last_stats:
-            self._last_stats = stats
-            self.send(
-                [
-                    P.TOKENS,
-                    [list(t) for t in r.tokens],
-                    {
-                        **stats,
-                        "batch": r.batch_size,
-                        "stepped": r.batch_models,
-                        "prompt_tokens": r.prompt_tokens,
-                        "queue_wait": r.queue_waits,
-                    },
-                ]
-            )
+        # Stats alone go out only when they change (KV "used" grows every step: not a change).
+        key = {k: v for k, v in stats.items() if k != "kv"}, stats.get("kv", {}).get("reserved")
+        changed = key != self._last_stats
+        if tokens or finished or changed:
+            self._last_stats = key
+            self.send([P.TOKENS, tokens, {**stats, **p}, finished])
+            self._pending = self._no_pending()
 
-    def _stats(self) -> dict[str, dict[str, int]]:
+    @staticmethod
+    def _no_pending() -> dict[str, Any]:
+        """What the front has not been told yet: decode steps ([rows, rows per model]), prompt
+        tokens prefilled and queue waits of admitted requests."""
+        return {"steps": [], "prompt_tokens": 0, "queue_wait": {}}
+
+    def _stats(self) -> dict[str, Any]:
         sched = self.w.scheduler
         assert sched is not None
         running = collections.Counter(s.model for s in sched.running)
         waiting = collections.Counter(s.model for s in sched.waiting)
-        return {"running": dict(running), "waiting": dict(waiting)}
+        stats: dict[str, Any] = {"running": dict(running), "waiting": dict(waiting)}
+        if sched.slots is not None:
+            # KV tokens the persistent batch holds allocated, and those its rows fill.
+            stats["kv"] = {"reserved": sched.slots.reserved_tokens, "used": sched.slots.used_tokens}
+        return stats
 
     def timeout_ms(self) -> int:
         sched = self.w.scheduler
-        if self.jobs or (sched is not None and sched.batch is not None):
+        if self.jobs or (sched is not None and sched.active()):
             return 0
         if sched is not None and sched.waiting:
             if self._wait_until is None:
@@ -155,11 +189,7 @@ class Core:
             if self.jobs:
                 self.run_job(self.jobs.popleft())
             if sched is not None and sched.has_work():
-                if (
-                    sched.batch is not None
-                    or self._wait_until is None
-                    or time.monotonic() >= self._wait_until
-                ):
+                if sched.active() or self._wait_until is None or time.monotonic() >= self._wait_until:
                     self.step()
 
 

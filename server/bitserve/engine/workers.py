@@ -61,6 +61,7 @@ class Workers:
             "checkpoint_dir": lm.source or lm.path,
             "quality_report_json": lm.quality_report_json,
             "device_map": lm.device_map,
+            "batch_path": self.scheduler.path if self.scheduler is not None else None,
         }
 
 
@@ -95,12 +96,15 @@ def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "e
             runners[m.name] = half.runner(loaded)
     scheduler = lm = None
     if sched_models:
-        lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device)
+        lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
         scheduler = Scheduler(
             lm,
             max_concurrent=max(m.max_concurrent_sequences for m in sched_models),
             prefill_token_budget=max(m.prefill_token_budget for m in sched_models),
             max_waiting_ms=max(m.max_waiting_ms for m in sched_models),
             name=name,
+            persistent=all(m.persistent_batch for m in sched_models),
+            kv_cache_tokens=max(m.kv_cache_tokens for m in sched_models),
+            prefill_chunk_tokens=max(m.prefill_chunk_tokens for m in sched_models),
         )
     return Workers(loaded, models, runners, scheduler, lm)

@@ -68,6 +68,9 @@ class TokenCollector:
         self.last = 0.0
         self.rid = 0
         self.done = False
+        # Nothing reads this answer before it is finished (no stream, no stop strings): the
+        # engine may send it whole.
+        self.whole = on_chunk is None and not params.stop
         self.ticket: tenants.Ticket | None = None  # the tenant's hold, given back at the end
 
     def on_token(self, token: int, logprob: float | None, finish: str | None, now: float) -> None:

@@ -58,22 +58,32 @@ def stats_hook(metrics: Metrics, entries: list[ModelSettings]) -> Callable[[dict
         )
         for e in entries
     }
+    kv = {
+        e.name: (
+            m.kv_cache_tokens.labels(e.name, e.task.value, "reserved"),
+            m.kv_cache_tokens.labels(e.name, e.task.value, "used"),
+        )
+        for e in entries
+    }
 
     def hook(stats: dict[str, Any]) -> None:
-        running, waiting, batch, stepped = (
-            stats["running"],
-            stats["waiting"],
-            stats["batch"],
-            stats["stepped"],
-        )
+        # running/waiting come when they changed; steps: the decode steps since the last report.
+        running, waiting = stats.get("running"), stats.get("waiting")
         waits = stats.get("queue_wait", {})
         for name, (run_g, wait_g, batch_h, qwait_h) in series.items():
-            run_g.set(running.get(name, 0))
-            wait_g.set(waiting.get(name, 0))
-            if name in stepped:
-                batch_h.observe(batch)
+            if running is not None:
+                run_g.set(running.get(name, 0))
+            if waiting is not None:
+                wait_g.set(waiting.get(name, 0))
+            for batch, stepped in stats.get("steps", ()):
+                if name in stepped:
+                    batch_h.observe(batch)
             for w in waits.get(name, ()):
                 qwait_h.observe(w)
+        if "kv" in stats:
+            for reserved_g, used_g in kv.values():
+                reserved_g.set(stats["kv"]["reserved"])
+                used_g.set(stats["kv"]["used"])
 
     return hook
 

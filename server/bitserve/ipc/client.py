@@ -42,6 +42,18 @@ class TokenSink(Protocol):
     def on_error(self, exc: BaseException) -> None: ...
 
 
+def _replay(
+    sink: TokenSink, ids: list[int], lps: list[float | None] | None, finish: str, first: float, now: float
+) -> None:
+    """A whole answer to its sink token by token, the tokens' times spread evenly from the
+    first token's (the engine's clock) to now: time to first token stays exact, the
+    inter-token latencies are their mean."""
+    last = len(ids) - 1
+    for k, tok in enumerate(ids):
+        t = first + (now - first) * (k / last) if last else now
+        sink.on_token(tok, lps[k] if lps is not None else None, finish if k == last else None, t)
+
+
 class EngineLink:
     """Routing shared by every way of reaching an engine: request ids, sinks, futures, and
     what to do with each message that comes back. Subclasses say how a message is sent."""
@@ -50,7 +62,7 @@ class EngineLink:
         self.on_stats = on_stats
         self.info: dict[str, Any] = {}
         self.ready = False
-        self.last_stats: dict[str, Any] = {"running": {}, "waiting": {}, "batch": 0, "stepped": {}}
+        self.last_stats: dict[str, Any] = {"running": {}, "waiting": {}}
         self.steps = 0  # decode steps the engine reported (introspection, tests)
         self._rids = itertools.count(1)
         self._sinks: dict[int, TokenSink] = {}
@@ -88,7 +100,7 @@ class EngineLink:
         rid = next(self._rids)
         req.rid = rid
         self._sinks[rid] = sink
-        self._send([P.GENERATE, rid, P.request_to_wire(req)])
+        self._send([P.GENERATE, rid, P.request_to_wire(req, whole=bool(getattr(sink, "whole", False)))])
         return rid
 
     def abort(self, rids: list[int]) -> None:
@@ -128,9 +140,13 @@ class EngineLink:
                 if finish is not None:
                     del sinks[rid]
                 sink.on_token(token, lp, finish, now)
-            self.last_stats = stats = msg[2]
-            if stats["batch"]:
-                self.steps += 1
+            for rid, ids, lps, finish, first in msg[3]:
+                sink = sinks.pop(rid, None)
+                if sink is not None:
+                    _replay(sink, ids, lps, finish, first, now)
+            stats = msg[2]
+            self.last_stats.update(stats)
+            self.steps += len(stats["steps"])
             if self.on_stats is not None:
                 self.on_stats(stats)
         elif op == P.ERROR:

@@ -7,7 +7,13 @@ front -> core:  [GENERATE, rid, request dict]   a generation request (token ids,
                 [SHUTDOWN]                      finish what is accepted, then exit
 core -> front:  [READY, info]                   weights loaded: what was loaded, per model
                 [FAILED, message]               loading failed (the process then exits)
-                [TOKENS, [[rid, token, logprob, finish], ...], stats]  one generation step
+                [TOKENS, [[rid, token, logprob, finish], ...], stats, finished]
+                                                the tokens of the steps since the last one (one per
+                                                row and step), stats (decode steps since then, and
+                                                running/waiting/KV when they changed), and the
+                                                whole answers of requests sent with "whole":
+                                                finished = [[rid, ids, logprobs or None, finish,
+                                                time of the first token (time.monotonic)], ...]
                 [RESULT, rid, result]           a SCORE or BATCH answer
                 [ERROR, rid, code, message]     a request failed (code: a grpc.StatusCode name)
 """
@@ -33,9 +39,12 @@ def unpack(data: bytes) -> list[Any]:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-def request_to_wire(r: GenerationRequest) -> dict[str, Any]:
+def request_to_wire(r: GenerationRequest, whole: bool = False) -> dict[str, Any]:
+    """`whole`: the front reads the answer only when it is finished (unary, no stop strings),
+    so the engine sends it in one message then, not a message per token."""
     p = r.params
     return {
+        "whole": whole,
         "model": r.model,
         "prompt": r.prompt_ids,
         "max_new_tokens": r.max_new_tokens,

@@ -513,3 +513,21 @@ def test_warp_equals_transformers_warpers_row_by_row():
         # Both divide by the same temperature (one correctly rounded IEEE division per entry) and
         # only mask afterwards: the kept logits are equal bit for bit, on every kernel path.
         assert torch.equal(got[i][kept], want[0][kept]), i
+
+
+def test_policy_with_a_kv_budget_admits_within_the_rectangle():
+    from bitserve.engine.sched.policy import Budget, Policy, Waiting, kv_rectangle
+
+    policy = Policy(Budget(max_concurrent=8, prefill_tokens=10_000, kv_tokens=400))
+    w = [Waiting(prompt_len=10, arrived=0.0, max_new_tokens=30) for _ in range(8)]
+    # One slot free of eight, no running row due soon: admitted at once.
+    needs = [50] * 7
+    assert kv_rectangle(needs + [41]) == 400
+    assert policy.schedule(w[:1], [20] * 7, now=1.0, kv_needs=needs).admit == [0]
+    # Running rows needing 60 columns: 6 x 60 = 360; a 7th row makes the rectangle 420 > 400.
+    assert policy.schedule(w, [20] * 6, now=1.0, kv_needs=[60] * 6).admit == []
+    # Nothing running: rows join while 41 columns each fit: 9 x 41 > 400, so 8 is the slot cap,
+    # and 400 // 41 = 9 would allow more; slots bound it first.
+    assert len(policy.schedule(w, [], now=1.0).admit) == 8
+    short = Policy(Budget(max_concurrent=8, prefill_tokens=10_000, kv_tokens=100))
+    assert short.schedule(w, [], now=1.0).admit == [0, 1]  # 2 x 41 <= 100 < 3 x 41

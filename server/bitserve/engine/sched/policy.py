@@ -23,6 +23,7 @@ class Waiting:
     arrived: float
     deadline: float | None = None
     client: str = ""
+    max_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,14 @@ class Budget:
     max_concurrent: int  # rows in the running batch
     prefill_tokens: int  # padded prompt tokens admitted per step
     max_waiting_s: float = 0.0  # an idle engine lets a few more arrive to share one prefill
+    # The persistent batch reserves KV as a rectangle: rows x the longest row's columns at its
+    # end. None: no KV bound (the copying batch).
+    kv_tokens: int | None = None
+
+
+def kv_rectangle(needs: Sequence[int]) -> int:
+    """KV tokens a dense batch of rows needing `needs` columns each holds at the end."""
+    return len(needs) * max(needs, default=0)
 
 
 @dataclass
@@ -109,9 +118,16 @@ class Policy:
         self.admissions = 0
         self.last_served: dict[str, int] = {}  # client -> admission counter when last admitted
 
-    def schedule(self, waiting: Sequence[Waiting], remaining: Sequence[int], now: float) -> Decision:
+    def schedule(
+        self,
+        waiting: Sequence[Waiting],
+        remaining: Sequence[int],
+        now: float,
+        kv_needs: Sequence[int] = (),
+    ) -> Decision:
         """`remaining`: per running row, the tokens it may still generate (its max_new_tokens
-        left); its length is the running batch size."""
+        left); its length is the running batch size. `kv_needs` (with a KV budget): per running
+        row, the KV columns it holds when it ends (its columns now + `remaining`)."""
         b = self.budget
         expired = [i for i, w in enumerate(waiting) if w.deadline is not None and now >= w.deadline]
         dead = set(expired)
@@ -124,16 +140,29 @@ class Policy:
             if b.max_waiting_s > 0 and len(live) < b.max_concurrent and now < until:
                 return Decision(expired=expired, wait_until=until)
         elif not self._join(len(remaining), remaining):
+            # Joins go in groups: into the copying batch a join copies every running row; into
+            # the persistent batch it costs a prefill pass of its own, between decode steps
+            # (bench/step.py: admitting every step tripled the prefill time per step at 64 rows).
             return Decision(expired=expired)
         admit: list[int] = []
         longest = 0
         views = [waiting[i] for i in live]
+        needs = list(kv_needs)
+        admit_views: list[int] = []
         for k in tenant_fair_order(views, self.last_served):
             if len(remaining) + len(admit) >= b.max_concurrent:
                 break
             n = views[k].prompt_len
             if admit and max(longest, n) * (len(admit) + 1) > b.prefill_tokens:
                 break
+            if b.kv_tokens is not None and (needs or admit):
+                # Admitted prompts share a pass, padded to its longest. A lone row is always
+                # admitted (the context bounds it).
+                pad = max(longest, n)
+                mine = [pad + views[j].max_new_tokens + 1 for j in [*admit_views, k]]
+                if kv_rectangle([*needs, *mine]) > b.kv_tokens:
+                    break
+            admit_views.append(k)
             longest = max(longest, n)
             admit.append(live[k])
             self.admissions += 1

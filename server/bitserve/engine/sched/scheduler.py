@@ -2,8 +2,10 @@
 
 `Scheduler.step()` runs one iteration and returns what happened as plain data - one token per
 running row and the requests that ended in an error - for the engine process to send to the
-front. Waiting requests join the running batch between steps (`Batch.concatenate`); finished,
-cancelled and expired rows leave it (`Batch.filter`).
+front. Waiting requests join the running batch between steps; finished, cancelled and expired
+rows leave it. Two ways to hold the running rows: the persistent batch (`SlotBatch`: slots
+written in place, joins prefill into free slots, a leaving row frees its slot) for every model
+it supports, and the copying `Batch` (`filter` / `concatenate`) for the others.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from bitserve.engine.sched.policy import Budget, Policy, Waiting, length_groups
 from bitserve.engine.sched.sequence import Sequence
 from bitserve.engine.worker.batch import Batch
+from bitserve.engine.worker.input_batch import SlotBatch
 from bitserve.engine.worker.model_runner import CausalLM
 from bitserve.engine.worker.sampler import select_tokens
 from bitserve.errors import DeadlineExceeded
@@ -64,12 +67,30 @@ class Scheduler:
         prefill_token_budget: int,
         max_waiting_ms: float,
         name: str = "generate",
+        persistent: bool = True,
+        kv_cache_tokens: int = 0,
+        prefill_chunk_tokens: int = 512,
     ):
         self.lm = lm
         self.name = name
-        self.policy = Policy(Budget(max_concurrent, prefill_token_budget, max_waiting_ms / 1000.0))
         self.waiting: list[Sequence] = []
-        self.batch: Batch | None = None
+        self.chunk_tokens = prefill_chunk_tokens
+        self._chunk_queue: list[Sequence] = []  # admitted prompts to prefill in chunks, in turn
+        self._batch: Batch | None = None  # the copying path's running batch
+        # The persistent batch, when this model can be served in slots.
+        self.slots: SlotBatch | None = None
+        reason = lm.no_slots_reason if persistent else "persistent_batch is off"
+        if reason is None:
+            kv = kv_cache_tokens or max_concurrent * (lm.max_context + 1)
+            self.slots = lm.new_slots(max_concurrent, kv)
+            log.info("%s: persistent batch (%d slots, at most %d KV tokens)", name, max_concurrent, kv)
+        else:
+            log.info("%s: copying batch, not the persistent one: %s", name, reason)
+        self.path = "persistent" if self.slots is not None else "copying"
+        kv_budget = self.slots.kv_tokens if self.slots is not None else None
+        self.policy = Policy(
+            Budget(max_concurrent, prefill_token_budget, max_waiting_ms / 1000.0, kv_tokens=kv_budget)
+        )
         self.stats = SchedulerStats()
         self._pass_tokens = PREFILL_PASS_TOKENS.get(lm.device.type, PREFILL_PASS_TOKENS_DEFAULT)
         # After a prefill the step ends (its first tokens go out at once); the next one decodes
@@ -85,17 +106,42 @@ class Scheduler:
         if not rids:
             return
         self.waiting = [s for s in self.waiting if s.rid not in rids]
+        self._chunk_queue = [s for s in self._chunk_queue if s.rid not in rids]
+        if self.slots is not None and self.slots.partial is not None and self.slots.partial.rid in rids:
+            self.slots.partial.cancelled = True
         if self.batch is not None:
             for s in self.batch.seqs:
                 if s.rid in rids:
                     s.cancelled = True
 
     @property
+    def batch(self) -> Batch | SlotBatch | None:
+        """The running rows, or None when none runs."""
+        if self.slots is not None:
+            return self.slots if len(self.slots) else None
+        return self._batch
+
+    @batch.setter
+    def batch(self, b: Batch | None) -> None:
+        assert self.slots is None
+        self._batch = b
+
+    @property
     def running(self) -> list[Sequence]:
-        return self.batch.seqs if self.batch is not None else []
+        b = self.batch
+        return b.seqs if b is not None else []
+
+    @property
+    def chunking(self) -> bool:
+        """A long prompt is being (or waits to be) prefilled in chunks."""
+        return bool(self._chunk_queue) or (self.slots is not None and self.slots.partial is not None)
+
+    def active(self) -> bool:
+        """Something runs: rows decode, or a prompt is prefilled in chunks."""
+        return self.batch is not None or self.chunking
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.batch is not None
+        return bool(self.waiting) or self.active()
 
     # one iteration ---------------------------------------------------------------------------
     def step(self, now: float | None = None) -> StepResult:
@@ -105,11 +151,26 @@ class Scheduler:
             self._decode_next = False
             self._decode(out)
             return out
+        if self.chunking:
+            # One chunk, then (next step) a decode of the running rows: a long prompt delays
+            # them by a chunk's pass at a time. Other joins wait for its last chunk.
+            self._chunk(out)
+            self._decode_next = True
+            return out
         running = self.running
+        slots = self.slots
         decision = self.policy.schedule(
-            [Waiting(len(s.prompt_ids), s.arrived, s.deadline, s.client) for s in self.waiting],
+            [
+                Waiting(len(s.prompt_ids), s.arrived, s.deadline, s.client, s.max_new_tokens)
+                for s in self.waiting
+            ],
             [s.max_new_tokens - len(s.token_ids) for s in running],
             now,
+            kv_needs=(
+                [c + s.max_new_tokens - len(s.token_ids) for c, s in zip(slots.cols, running, strict=True)]
+                if slots is not None
+                else ()
+            ),
         )
         for i in decision.expired:
             out.errors.append(
@@ -122,6 +183,17 @@ class Scheduler:
         gone = set(decision.expired) | set(decision.admit)
         if gone:
             self.waiting = [s for i, s in enumerate(self.waiting) if i not in gone]
+        if new and self.slots is not None:
+            for s in new:
+                out.queue_waits.setdefault(s.model, []).append(now - s.arrived)
+            short = [s for s in new if len(s.prompt_ids) <= self.chunk_tokens]
+            self._chunk_queue.extend(s for s in new if len(s.prompt_ids) > self.chunk_tokens)
+            if short:
+                self._join(short, out)
+            elif self._chunk_queue:
+                self._chunk(out)
+            self._decode_next = True
+            return out
         if new:
             for s in new:
                 out.queue_waits.setdefault(s.model, []).append(now - s.arrived)
@@ -132,7 +204,7 @@ class Scheduler:
                 out.errors.extend((s.rid, e) for s in new)
                 joined = None
             if joined is not None:
-                self.batch = Batch.concatenate([self.batch, joined]) if self.batch is not None else joined
+                self._batch = Batch.concatenate([self._batch, joined]) if self._batch is not None else joined
             self._decode_next = True
             return out
         if self.batch is None:
@@ -151,11 +223,94 @@ class Scheduler:
             self.stats.batch_sizes[len(batch)] += 1
             out.batch_size = len(batch)
             out.batch_models = dict(collections.Counter(s.model for s in batch.seqs))
-            self.batch = self._advance(batch, logits, out, now=time.monotonic())
+            if isinstance(batch, SlotBatch):
+                self._advance_slots(batch, 0, logits, out, now=time.monotonic())
+            else:
+                self._batch = self._advance(batch, logits, out, now=time.monotonic())
         except Exception as e:
             log.exception("decode step of %d sequences failed in %s", len(batch), self.name)
             out.errors.extend((s.rid, e) for s in batch.seqs if not s.cancelled)
-            self.batch = None
+            if isinstance(batch, SlotBatch):
+                batch.leave(list(range(len(batch))))
+            else:
+                self._batch = None
+
+    # the persistent batch --------------------------------------------------------------------
+    def _join(self, seqs: list[Sequence], out: StepResult) -> None:
+        """Prefill `seqs` into free slots, a pass per length group; their first tokens out."""
+        slots = self.slots
+        assert slots is not None
+        groups = length_groups([len(s.prompt_ids) for s in seqs], self._pass_tokens)
+        for g in groups:
+            part = [seqs[i] for i in g]
+            start = len(slots)
+            try:
+                logits = self.lm.join(slots, part)
+                self.stats.prefills += 1
+                out.prompt_tokens += sum(len(s.prompt_ids) for s in part)
+                self._advance_slots(slots, start, logits, out, now=time.monotonic())
+            except Exception as e:
+                log.exception("prefill of %d sequences failed in %s", len(part), self.name)
+                out.errors.extend((s.rid, e) for s in part)
+                joined = [start + i for i, s in enumerate(slots.seqs[start:]) if s in part]
+                slots.leave(joined)
+
+    def _chunk(self, out: StepResult) -> None:
+        """The next chunk of the long prompt in prefill (the queue's first when none is)."""
+        slots = self.slots
+        assert slots is not None
+        seq = slots.partial
+        if seq is None:
+            seq = self._chunk_queue.pop(0)
+        if seq.cancelled:
+            slots.drop_partial()
+            return
+        end = min(slots.partial_done + self.chunk_tokens, len(seq.prompt_ids))
+        try:
+            logits = self.lm.chunk(slots, seq, end)
+            self.stats.prefills += 1
+            if slots.end_chunk():
+                out.prompt_tokens += len(seq.prompt_ids)
+                self._advance_slots(slots, len(slots) - 1, logits, out, now=time.monotonic())
+        except Exception as e:
+            log.exception("chunked prefill failed in %s", self.name)
+            out.errors.append((seq.rid, e))
+            if slots.partial is seq:
+                slots.drop_partial()
+            elif seq in slots.seqs:
+                slots.leave([slots.seqs.index(seq)])
+
+    def _advance_slots(
+        self, slots: SlotBatch, start: int, logits: torch.Tensor, out: StepResult, *, now: float
+    ) -> None:
+        """Rows `start..` get one token each (their `logits`); finished, cancelled and expired
+        rows leave their slots."""
+        ids_t, ids, lps = select_tokens(logits, slots.rows(start))
+        slots.set_next(start, ids_t)
+        eos = self.lm.eos
+        leaving: list[int] = []
+        for i, t in enumerate(ids):
+            r = start + i
+            s = slots.seqs[r]
+            if s.cancelled:
+                leaving.append(r)
+                continue
+            s.token_ids.append(t)
+            if t in eos:
+                s.finish = "eos"
+            elif t in s.stop_ids:
+                s.finish = "stop"
+            elif len(s.token_ids) >= s.max_new_tokens:
+                s.finish = "length"
+            elif s.deadline is not None and now >= s.deadline:
+                out.errors.append((s.rid, DeadlineExceeded("deadline expired during generation")))
+                leaving.append(r)
+                continue
+            lp = lps[i] if lps is not None and s.params.logprobs else None
+            out.tokens.append((s.rid, t, lp, s.finish))
+            if s.finish is not None:
+                leaving.append(r)
+        slots.leave(leaving)
 
     def _prefill(self, seqs: list[Sequence], out: StepResult) -> Batch | None:
         groups = length_groups([len(s.prompt_ids) for s in seqs], self._pass_tokens)

@@ -9,6 +9,7 @@ import torch
 
 from bitserve.engine.sched.sequence import Sequence
 from bitserve.engine.worker.batch import Batch, seen_of
+from bitserve.engine.worker.input_batch import SlotBatch, supports
 from bitserve.engine.worker.kv_cache import new_cache
 
 # Label scoring copies the prompt's KV cache once per (prompt, label) row it scores; rows are
@@ -20,7 +21,7 @@ SCORE_CACHE_TOKENS = 4096
 class CausalLM:
     """Forward passes of one loaded causal LM."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device):
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, *, max_context: int | None = None):
         self.model = model
         self.device = device
         self.pad_id = tokenizer.pad_token_id
@@ -46,6 +47,62 @@ class CausalLM:
         self._mask_4d = getattr(cfg, "_attn_implementation", None) == "sdpa" and not any(
             getattr(cfg, k, None) for k in ("sliding_window", "attention_chunk_size")
         )
+        # Why the persistent batch cannot serve this model (None: it can).
+        self.no_slots_reason = supports(model)
+        self.max_context = max_context or int(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 4096
+        )
+
+    def new_slots(self, max_slots: int, kv_tokens: int) -> SlotBatch:
+        """An empty persistent batch for this model (`no_slots_reason` must be None)."""
+        return SlotBatch(
+            self.model,
+            self.device,
+            max_slots=max_slots,
+            max_columns=self.max_context + 1,
+            kv_tokens=kv_tokens,
+            vocab=self.vocab,
+        )
+
+    # the persistent batch ----------------------------------------------------------------------
+    def join(self, batch: SlotBatch, seqs: list[Sequence]) -> torch.Tensor:
+        """Prefill `seqs` into free slots of `batch`; their next-token logits, [m, V]."""
+        input_ids, mask, position_ids = batch.begin_join(seqs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: batch.cache},
+        )
+        return out.logits[:, -1, :]
+
+    def chunk(self, batch: SlotBatch, seq: Sequence, end: int) -> torch.Tensor:
+        """Prefill `seq`'s prompt up to column `end` (after the chunks before it) in the slot
+        parked for it; the last position's logits, [1, V]."""
+        input_ids, mask, position_ids = batch.begin_chunk(seq, end)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: batch.cache},
+        )
+        return out.logits[:, -1, :]
+
+    def _decode_slots(self, batch: SlotBatch) -> torch.Tensor:
+        input_ids, mask, position_ids = batch.begin_decode()
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_kw: batch.cache},
+        )
+        batch.end_decode()
+        return out.logits[:, -1, :]
 
     # generation ------------------------------------------------------------------------------
     def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
@@ -76,8 +133,10 @@ class CausalLM:
         batch = Batch(seqs, cache, mask, lengths, input_ids[:, -1], seen)
         return batch, out.logits[:, -1, :]
 
-    def decode(self, batch: Batch) -> torch.Tensor:
+    def decode(self, batch: Batch | SlotBatch) -> torch.Tensor:
         """One step for every row: logits of the next token, [B, V]."""
+        if isinstance(batch, SlotBatch):
+            return self._decode_slots(batch)
         mask = batch.mask
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(len(batch), 1)], 1)

@@ -3,12 +3,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from bitserve.engine.sched.sequence import Sequence
-from bitserve.engine.worker.batch import Batch
+
+
+class Rows(Protocol):
+    """What token choice needs of the rows it picks for: the running batch (`Batch`), or some
+    rows of the persistent one (`input_batch.Rows`)."""
+
+    seqs: list[Sequence]
+    seen: torch.Tensor | None
+
+    def plan(self) -> Plan: ...
+
+
+# A per-row logits adjustment (a logit bias, a constrained-decoding bitmask, ...): given the
+# logits of the rows that have it ([k, V], float) and those rows' indices, the adjusted logits.
+Adjust = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -22,6 +38,8 @@ class Plan:
     top_p: torch.Tensor | None  # 1: off
     penalties: torch.Tensor | None  # [B, 1]
     logprobs: bool
+    # Per-row logits adjustments, each with the rows it applies to (none: nothing to do).
+    adjust: list[tuple[torch.Tensor, Adjust]] = field(default_factory=list)
 
 
 def make_plan(seqs: list[Sequence], dev: torch.device) -> Plan:
@@ -48,18 +66,26 @@ def make_plan(seqs: list[Sequence], dev: torch.device) -> Plan:
     )
 
 
-def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, list[int], list[float] | None]:
+def adjust_logits(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """`x` with each per-row adjustment applied to the rows that have it, and only to them."""
+    for rows, fn in plan.adjust:
+        x = x.index_copy(0, rows, fn(x.index_select(0, rows), rows))
+    return x
+
+
+def select_tokens(logits: torch.Tensor, batch: Rows) -> tuple[torch.Tensor, list[int], list[float] | None]:
     """Next token per row, each by its own sampling parameters (transformers' processor order:
-    repetition penalty, temperature, top-k, top-p). Logprobs are of the model's distribution."""
+    repetition penalty, temperature, top-k, top-p). Logprobs are of the model's distribution.
+    One device-to-host copy: the ids (with their logprobs when some row wants them)."""
     plan = batch.plan()
     logits = logits.float()
     lps = None
     if plan.logprobs:
         lsm = torch.log_softmax(logits, -1)
-    if plan.plain_greedy:
+    if plan.plain_greedy and not plan.adjust:
         ids = logits.argmax(-1)
     else:
-        x = logits
+        x = adjust_logits(logits, plan)
         if plan.penalties is not None and batch.seen is not None:
             pen = torch.where(x < 0, x * plan.penalties, x / plan.penalties)
             x = torch.where(batch.seen[:, : x.shape[1]], pen, x)
@@ -75,7 +101,9 @@ def select_tokens(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, lis
             picked = torch.searchsorted(cdf, u).clamp(max=xs.shape[1] - 1).squeeze(1)
             ids = ids.index_copy(0, rows, picked)
     if plan.logprobs:
-        lps = lsm.gather(1, ids[:, None]).squeeze(1).tolist()
+        # ids as float64 are exact (< 2**53): ids and logprobs cross to the host together.
+        both = torch.stack([ids.double(), lsm.gather(1, ids[:, None]).squeeze(1).double()]).tolist()
+        return ids, [int(t) for t in both[0]], both[1]
     return ids, ids.tolist(), lps
 
 

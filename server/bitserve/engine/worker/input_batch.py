@@ -1,0 +1,451 @@
+"""The persistent batch: fixed slots whose KV, mask, positions and next ids live in preallocated
+tensors written in place (vLLM v1's `InputBatch`, gpt-fast's `[B, H, S, D]` caches).
+
+Rows are dense: running rows occupy slots `0..n-1`. Per layer, K and V are
+`[slot_capacity, kv_heads, column_capacity, head_dim]` in the compute dtype; a row's tokens sit in
+its slot's columns `0..cols[r]-1` (columns left of a left-padded prefill's real tokens are dead,
+masked off), and the next decode step writes column `cols[r]`. The attention mask is a
+preallocated `[slots, columns]` bool buffer; a decode step sets one column per row and hands the
+model a 4-D view of its first `max(cols) + 1` columns, so attention reads only the columns in use.
+
+A join prefills only the new prompts, straight into free slots (`n..n+m-1`): the running rows
+are never copied. A leaving row's slot is refilled by the last row (one row moved per layer,
+only its used columns), so the batch stays dense. Capacity grows rarely (doubling, bounded by
+the model's context and the KV-token budget), and the buffers go when the batch empties.
+
+It plugs into transformers as a `Cache` whose layers answer `update(key, value)`: every SDPA
+causal LM (GPT-2, Llama, Qwen2, Mistral without a sliding window, ...) and bitsandbytes layers
+run unchanged. `supports(model)` says whether a model can be served this way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bitserve.engine.sched.sequence import Sequence
+
+if TYPE_CHECKING:
+    from bitserve.engine.worker.sampler import Plan
+
+# The first allocation: slots and columns for a small batch; both double when outgrown.
+FIRST_SLOTS = 8
+FIRST_COLUMNS = 128
+
+
+def supports(model: Any) -> str | None:
+    """None when the persistent batch can serve `model`, else why not (it then keeps the
+    copying `Batch` path): SDPA attention over full (not sliding or chunked) attention layers."""
+    cfg = model.config
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"attention implementation {impl!r} (the persistent batch needs sdpa)"
+    for k in ("sliding_window", "attention_chunk_size"):
+        if getattr(cfg, k, None):
+            return f"{k} is set"
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return f"layer types {sorted(set(layer_types))} (only full attention is served in slots)"
+    if getattr(cfg, "is_encoder_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return "cross attention"
+    return None
+
+
+def _cache_base() -> type:
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+def _layer_base() -> type:
+    from transformers.cache_utils import CacheLayerMixin
+
+    return CacheLayerMixin
+
+
+_CLASSES: tuple[type, type] | None = None
+
+
+def _classes() -> tuple[type, type]:
+    """transformers' cache classes are imported lazily (the engine imports this module early)."""
+    global _CLASSES
+    if _CLASSES is None:
+
+        class SlotLayer(_layer_base()):  # type: ignore[misc]
+            """One layer's K and V in slots; what `update` writes and returns is the batch's
+            current pass (`SlotBatch.mode`)."""
+
+            is_sliding = False
+
+            def __init__(self, batch: SlotBatch):
+                super().__init__()
+                self.batch = batch
+
+            def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+                b = self.batch
+                h, d, dv = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
+                self.keys = key_states.new_zeros(b.slot_cap, h, b.col_cap, d)
+                self.values = value_states.new_zeros(b.slot_cap, h, b.col_cap, dv)
+                self.device = key_states.device
+                self.is_initialized = True
+
+            def update(
+                self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                if not self.is_initialized or self.keys is None:
+                    self.lazy_initialization(key_states, value_states)
+                k, v, b = self.keys, self.values, self.batch
+                if b.mode == "decode":
+                    # One new column per row, each at its own `cols[r]`.
+                    n = b.n
+                    rows, cols = b.row_index[:n], b.cols_dev[:n]
+                    k[rows, :, cols] = key_states[:, :, 0]
+                    v[rows, :, cols] = value_states[:, :, 0]
+                    w = b.width
+                    return k[:n, :, :w], v[:n, :, :w]
+                # prefill of rows [r0, r1) at columns [c0, c1)
+                r0, r1, c0, c1 = b.span
+                k[r0:r1, :, c0:c1] = key_states
+                v[r0:r1, :, c0:c1] = value_states
+                return k[r0:r1, :, :c1], v[r0:r1, :, :c1]
+
+            def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+                return self.get_seq_length() + query_length, 0
+
+            def get_seq_length(self) -> int:
+                b = self.batch
+                return b.width - 1 if b.mode == "decode" else b.span[2]
+
+            def get_max_length(self) -> int:
+                return -1
+
+            def regrow(self, slots: int, cols: int, n: int, used: int) -> None:
+                if self.keys is None:
+                    return
+                k, v = self.keys, self.values
+                nk = k.new_zeros(slots, k.shape[1], cols, k.shape[3])
+                nv = v.new_zeros(slots, v.shape[1], cols, v.shape[3])
+                nk[:n, :, :used] = k[:n, :, :used]
+                nv[:n, :, :used] = v[:n, :, :used]
+                self.keys, self.values = nk, nv
+
+            def move(self, src: int, dst: int, used: int) -> None:
+                if self.keys is not None:
+                    self.keys[dst, :, :used] = self.keys[src, :, :used]
+                    self.values[dst, :, :used] = self.values[src, :, :used]
+
+        class SlotCache(_cache_base()):  # type: ignore[misc]
+            def __init__(self, batch: SlotBatch, num_layers: int):
+                super().__init__(layers=[SlotLayer(batch) for _ in range(num_layers)])
+
+        _CLASSES = (SlotLayer, SlotCache)
+    return _CLASSES
+
+
+class Rows:
+    """Some rows of a batch, as the sampler sees them: their sequences, repetition-penalty state
+    and sampling plan."""
+
+    def __init__(self, seqs: list[Sequence], seen: torch.Tensor | None, plan: Plan | None = None):
+        self.seqs = seqs
+        self.seen = seen
+        self._plan = plan
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def plan(self) -> Plan:
+        if self._plan is None:
+            from bitserve.engine.worker.sampler import make_plan
+
+            self._plan = make_plan(
+                self.seqs, self.seen.device if self.seen is not None else torch.device("cpu")
+            )
+        return self._plan
+
+
+class SlotBatch:
+    """The running rows in slots. Only the engine's loop touches it."""
+
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        *,
+        max_slots: int,
+        max_columns: int,
+        kv_tokens: int,
+        vocab: int,
+    ):
+        self.model = model
+        self.device = device
+        self.max_slots = max_slots
+        self.max_columns = max_columns
+        self.kv_tokens = kv_tokens  # bound on slot_cap x col_cap
+        self.vocab = vocab
+        self.num_layers = _num_layers(model)
+        self.seqs: list[Sequence] = []
+        self.cols: list[int] = []  # per row: next column to write (host)
+        self.mode = "decode"
+        self.span = (0, 0, 0, 0)
+        self.width = 0
+        self.slot_cap = self.col_cap = 0
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+        # Per slot, on the device: index, next column, next position id, next input token.
+        self.row_index: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self.cols_dev: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self.positions: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self.next_ids: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self._plan: Plan | None = None
+        # A long prompt being prefilled in chunks, parked in slot `n` (outside the decode rows),
+        # and how many of its columns are written.
+        self.partial: Sequence | None = None
+        self.partial_done = 0
+        self._alloc_small()
+
+    @property
+    def held(self) -> int:
+        """Slots holding data: the decode rows and a parked partial prefill."""
+        return self.n + (self.partial is not None)
+
+    def _alloc_small(self) -> None:
+        self.slot_cap = self.col_cap = 0
+        self.cache = None
+        self.mask = None
+        self.seen: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def n(self) -> int:
+        return len(self.seqs)
+
+    # what the gauges report -------------------------------------------------------------------
+    @property
+    def reserved_tokens(self) -> int:
+        return self.slot_cap * self.col_cap if self.cache is not None else 0
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(self.cols)
+
+    # capacity ----------------------------------------------------------------------------------
+    def _ensure(self, slots: int, cols: int) -> None:
+        """Room for `slots` rows of `cols` columns: grown by doubling, bounded."""
+        if self.cache is not None and slots <= self.slot_cap and cols <= self.col_cap:
+            return
+        if slots > self.max_slots:
+            raise ValueError(f"{slots} rows exceed the batch's {self.max_slots} slots")
+        new_cols = self.col_cap
+        if cols > new_cols:
+            # Doubling stops at the context, unless a row needs more: a short prompt padded to a
+            # long one in its prefill pass ends past the context by that padding.
+            new_cols = min(max(2 * self.col_cap, FIRST_COLUMNS, cols), max(self.max_columns, cols))
+        new_slots = self.slot_cap
+        if slots > new_slots:
+            new_slots = min(max(2 * self.slot_cap, FIRST_SLOTS, slots), self.max_slots)
+        # The KV-token budget bounds the rectangle; admission keeps what is needed within it.
+        if new_slots * new_cols > self.kv_tokens:
+            new_cols = max(cols, min(new_cols, self.kv_tokens // max(new_slots, 1)))
+        if new_slots * new_cols > self.kv_tokens:
+            new_slots = max(slots, min(new_slots, self.kv_tokens // max(new_cols, 1)))
+        n, used = self.held, max([*self.cols, self.partial_done], default=0)
+        dev = self.device
+        if self.cache is None:
+            _, cache_cls = _classes()
+            self.slot_cap, self.col_cap = new_slots, new_cols
+            self.cache = cache_cls(self, self.num_layers)
+        else:
+            for layer in self.cache.layers:
+                layer.regrow(new_slots, new_cols, n, used)
+            self.slot_cap, self.col_cap = new_slots, new_cols
+        mask = torch.zeros(new_slots, new_cols, dtype=torch.bool, device=dev)
+        if self.mask is not None and n:
+            mask[:n, :used] = self.mask[:n, :used]
+        self.mask = mask
+        self.row_index = torch.arange(new_slots, device=dev)
+        cols_dev = torch.zeros(new_slots, dtype=torch.long, device=dev)
+        positions = torch.zeros(new_slots, dtype=torch.long, device=dev)
+        next_ids = torch.zeros(new_slots, dtype=torch.long, device=dev)
+        if n:
+            cols_dev[:n] = self.cols_dev[:n]
+            positions[:n] = self.positions[:n]
+            next_ids[:n] = self.next_ids[:n]
+        self.cols_dev, self.positions, self.next_ids = cols_dev, positions, next_ids
+        if self.seen is not None:
+            seen = torch.zeros(new_slots, self.seen.shape[1], dtype=torch.bool, device=dev)
+            seen[:n] = self.seen[:n]
+            self.seen = seen
+
+    # sampling view -----------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        if self._plan is None:
+            from bitserve.engine.worker.sampler import make_plan
+
+            self._plan = make_plan(self.seqs, self.device)
+        return self._plan
+
+    def rows(self, start: int = 0) -> Rows:
+        """Rows `start..n-1` for the sampler (all of them: the batch's own cached plan)."""
+        seen = self.seen[start : self.n] if self.seen is not None else None
+        if start == 0:
+            return Rows(self.seqs, seen, self.plan())
+        return Rows(self.seqs[start:], seen)
+
+    # a join ------------------------------------------------------------------------------------
+    def begin_chunk(self, seq: Sequence, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next chunk of `seq`'s prompt (columns `partial_done..end`) in slot `n`, attending
+        to the chunks before it; returns the pass's input ids, 4-D mask and position ids."""
+        assert self.partial is None or self.partial is seq
+        if self.partial is None:
+            self.partial, self.partial_done = seq, 0
+            self._ensure(self.n + 1, len(seq.prompt_ids) + 1)
+        assert self.mask is not None
+        r, c0, dev = self.n, self.partial_done, self.device
+        if c0 == 0:
+            self.mask[r].zero_()
+        self.mask[r, c0:end] = True
+        ids = torch.tensor([seq.prompt_ids[c0:end]], device=dev)
+        mask4 = torch.ones(end - c0, end, dtype=torch.bool, device=dev).tril(diagonal=c0)[None, None]
+        self.mode = "prefill"
+        self.span = (r, r + 1, c0, end)
+        self.partial_done = end
+        return ids, mask4, torch.arange(c0, end, device=dev)[None]
+
+    def end_chunk(self) -> bool:
+        """After a chunk's pass: True when the prompt is complete and its row has joined."""
+        seq = self.partial
+        assert seq is not None
+        length = len(seq.prompt_ids)
+        if self.partial_done < length:
+            return False
+        r = self.n
+        self.cols_dev[r] = length
+        self.positions[r] = length
+        self.partial, self.partial_done = None, 0
+        if seq.penalty is not None or self.seen is not None:
+            self._seen_rows(r, [seq])
+        self.seqs.append(seq)
+        self.cols.append(length)
+        self._plan = None
+        return True
+
+    def drop_partial(self) -> None:
+        self.partial, self.partial_done = None, 0
+        if not self.seqs:
+            self._alloc_small()
+
+    def begin_join(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Put `seqs` in the free slots `n..n+m-1`, left-padded to their longest prompt; returns
+        the prefill's input ids, its 4-D mask and its position ids."""
+        assert self.partial is None, "no join while a prompt is prefilled in chunks"
+        n0, m = self.n, len(seqs)
+        longest = max(len(s.prompt_ids) for s in seqs)
+        self._ensure(n0 + m, longest + 1)
+        assert self.mask is not None
+        dev = self.device
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=dev)
+        real = torch.arange(longest, device=dev)[None, :] >= (longest - lengths)[:, None]
+        self.mask[n0 : n0 + m].zero_()
+        self.mask[n0 : n0 + m, :longest] = real
+        pad = 0
+        rows = [[pad] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in seqs]
+        input_ids = torch.tensor(rows, device=dev)
+        position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
+        mask4 = (causal[None, :, :] & real[:, None, :])[:, None]
+        # A padding query row attends to nothing; SDPA would give NaN there: let it see itself.
+        mask4 = mask4 | torch.eye(longest, dtype=torch.bool, device=dev)[None, None]
+        self.cols_dev[n0 : n0 + m] = longest
+        self.positions[n0 : n0 + m] = lengths
+        if any(s.penalty is not None for s in seqs) or (self.seen is not None):
+            self._seen_rows(n0, seqs)
+        self.mode = "prefill"
+        self.span = (n0, n0 + m, 0, longest)
+        self.seqs.extend(seqs)
+        self.cols.extend([longest] * m)
+        self._plan = None
+        return input_ids, mask4, position_ids
+
+    def _seen_rows(self, n0: int, seqs: list[Sequence]) -> None:
+        if self.seen is None:
+            self.seen = torch.zeros(self.slot_cap, self.vocab, dtype=torch.bool, device=self.device)
+        self.seen[n0 : n0 + len(seqs)] = False
+        for i, s in enumerate(seqs):
+            ids = [t for t in s.prompt_ids + s.token_ids if t < self.vocab]
+            if ids:
+                self.seen[n0 + i, torch.tensor(ids, device=self.device)] = True
+
+    # a decode step -----------------------------------------------------------------------------
+    def begin_decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, 4-D mask and position ids of one step for every row; the mask gains each
+        row's new column in place."""
+        n = self.n
+        width = max(self.cols) + 1
+        if width > self.col_cap:
+            self._ensure(self.slot_cap, width)
+        assert self.mask is not None
+        self.mask[self.row_index[:n], self.cols_dev[:n]] = True
+        self.mode = "decode"
+        self.width = width
+        return (
+            self.next_ids[:n, None],
+            self.mask[:n, None, None, :width],
+            self.positions[:n, None],
+        )
+
+    def end_decode(self) -> None:
+        n = self.n
+        self.cols_dev[:n] += 1
+        self.positions[:n] += 1
+        self.cols = [c + 1 for c in self.cols]
+
+    def set_next(self, start: int, ids: torch.Tensor) -> None:
+        """Rows `start..` feed `ids` next (and have now seen them)."""
+        end = start + ids.shape[0]
+        self.next_ids[start:end] = ids
+        if self.seen is not None:
+            self.seen[self.row_index[start:end], ids] = True
+
+    # departures --------------------------------------------------------------------------------
+    def leave(self, rows: list[int]) -> None:
+        """Drop `rows`; each freed slot is refilled by the last row, so the batch stays dense."""
+        if not rows:
+            return
+        for r in sorted(set(rows), reverse=True):
+            last = self.n - 1
+            if r != last:
+                self._move_row(last, r, self.cols[last])
+                for t in (self.cols_dev, self.positions, self.next_ids):
+                    t[r] = t[last]
+                if self.seen is not None:
+                    self.seen[r] = self.seen[last]
+                self.seqs[r] = self.seqs[last]
+                self.cols[r] = self.cols[last]
+            self.seqs.pop()
+            self.cols.pop()
+            if self.partial is not None:  # the parked partial prefill follows, to slot n
+                self._move_row(self.n + 1, self.n, self.partial_done)
+        self._plan = None
+        if not self.seqs and self.partial is None:
+            self._alloc_small()  # the memory goes back until the next join
+
+    def _move_row(self, src: int, dst: int, used: int) -> None:
+        for layer in self.cache.layers:
+            layer.move(src, dst, used)
+        assert self.mask is not None
+        self.mask[dst] = self.mask[src]
+
+
+def _num_layers(model: Any) -> int:
+    cfg = model.config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int):
+            return v
+    raise ValueError("cannot tell the model's number of layers")

@@ -1,0 +1,49 @@
+"""The engine loop's messages to the front: a unary answer without stop strings comes in one
+message when it finishes (ids, logprobs, finish), stats only when they change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitserve.engine import workers
+from bitserve.engine.core import Core
+from bitserve.ipc import protocol as P
+from bitserve.settings import ModelSettings
+from bitserve.types import GenerationRequest, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models):
+    return workers.load(ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"])))
+
+
+def _run(loaded, tiny_models, whole: bool, n: int = 6) -> list[list]:
+    settings = ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"]))
+    sent: list[list] = []
+    core = Core(workers.workers_for(loaded, [settings]), sent.append)
+    core.w.scheduler.lm.eos = frozenset()  # the length limit ends it
+    prompt = loaded.tokenizer("Hello world")["input_ids"]
+    req = GenerationRequest(1, "lm", prompt, SamplingParams(max_new_tokens=n, logprobs=True), n)
+    core.handle([P.GENERATE, 1, P.request_to_wire(req, whole=whole)])
+    with torch.inference_mode():
+        for _ in range(n + 3):
+            core.step()
+    return [P.unpack(P.pack(m)) for m in sent]  # as it crosses the process boundary
+
+
+def test_a_whole_answer_is_one_message_with_every_token_and_logprob(loaded, tiny_models):
+    per_token = _run(loaded, tiny_models, whole=False)
+    whole = _run(loaded, tiny_models, whole=True)
+    streamed = [t for m in per_token for t in m[1]]
+    assert len(streamed) == 6 and len([m for m in per_token if m[1]]) == 6
+    (done,) = [f for m in whole for f in m[3]]
+    rid, ids, lps, finish, first = done
+    assert rid == 1 and finish == "length"
+    assert ids == [t[1] for t in streamed] and lps == [t[2] for t in streamed]
+    assert not any(m[1] for m in whole)
+    # Stats only when they change: the admission (a row runs) and the finish (none runs).
+    assert len(whole) == 2
+    assert [m[2]["running"] for m in whole] == [{"lm": 1}, {}]
+    # Every decode step is still reported, for the batch-size histogram.
+    assert sum(len(m[2]["steps"]) for m in whole) == sum(len(m[2]["steps"]) for m in per_token) == 5
