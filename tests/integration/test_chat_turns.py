@@ -163,7 +163,9 @@ def test_messages_are_counted_before_anything_is_rendered(srv, monkeypatch):
         with pytest.raises(grpc.RpcError) as e:
             stub.Chat(req, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert e.value.details() == "messages: 100000 messages exceed the limit of server.max_chat_messages=64"
+        assert (
+            e.value.details() == "messages: 100000 messages exceed the limit of server.max_chat_messages=64"
+        )
         assert rendered == []
         ok = pb.ChatRequest(model="chat", messages=[pb.ChatMessage(role="user", content="x")] * 64)
         ok.parameters.max_new_tokens = 1

@@ -114,3 +114,87 @@ def test_the_default_stop_budget_refuses_them(server_factory, lm):
         )
         req.parameters.stop[:] = ["x" * 4000]
         assert stub.Generate(req, timeout=60).generations[0].generated_tokens == 2
+
+
+# Oversized requests are refused before they are parsed ------------------------------------------
+_FLOOD = r"""
+import sys, grpc
+from concurrent.futures import ThreadPoolExecutor
+from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+target, n, conc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = pb.GenerateRequest(model="lm", texts=["a" * 100_000] * 256).SerializeToString()  # 25.6 MB
+opts = [("grpc.max_send_message_length", 64 << 20)]
+with grpc.insecure_channel(target, options=opts) as ch:
+    call = ch.unary_unary("/bitserve.v1.Inference/Generate")
+    def one(_):
+        try:
+            call(data, timeout=120)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+    with ThreadPoolExecutor(conc) as pool:
+        codes = list(pool.map(one, range(n)))
+print(",".join(sorted(set(codes))))
+"""
+
+
+def test_oversized_requests_are_refused_before_they_cost_the_front_memory(srv):
+    """The client floods from its own process (its buffers are not the front's): 48 requests
+    of 25.6 MB, 8 at a time, against the default 4 MiB budget. On main gRPC accepted up to
+    64 MB, the servicer parsed each and only then refused it: the front grew by hundreds of MB
+    (red team: 337 -> 958-1,119 MB for 100 such requests)."""
+    import os
+    import subprocess
+    import sys
+
+    from bitserve.ipc.client import resident_bytes
+
+    assert srv.server.settings.server.max_request_bytes == 4 * 1024 * 1024
+    pid = os.getpid()
+    before = resident_bytes(pid)
+    assert before is not None
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_bytes(pid) or 0)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _FLOOD, srv.target, "48", "8"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        ).stdout.strip()
+    finally:
+        done.set()
+        t.join()
+    after = resident_bytes(pid) or 0
+    grew, peaked = (after - before) / 1e6, (peak[0] - before) / 1e6
+    print(
+        f"\nfront RSS {before / 1e6:.0f} MB before, peak +{peaked:.0f} MB, after +{grew:.0f} MB; codes {out}"
+    )
+    assert out == "RESOURCE_EXHAUSTED"
+    # 8 requests in flight at 25.6 MB each would be 205 MB held at once if they were read in.
+    assert peaked < 100, peaked
+    with grpc.insecure_channel(srv.target) as ch:
+        e = pytest.raises(grpc.RpcError, pb_grpc.InferenceStub(ch).Generate, _big(5), timeout=60).value
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in e.details() and str(4 * 1024 * 1024) in e.details(), e.details()
+        # The server keeps serving.
+        ok = pb_grpc.InferenceStub(ch).Generate(
+            pb.GenerateRequest(
+                model="lm", texts=["hi"], parameters=pb.GenerationParameters(max_new_tokens=1)
+            ),
+            timeout=60,
+        )
+        assert ok.generations[0].generated_tokens == 1
+
+
+def _big(mb: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model="lm", texts=["a" * 100_000] * (mb * 10))

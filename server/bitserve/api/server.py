@@ -60,7 +60,9 @@ class Server:
         self._grpc = grpc.aio.server(
             interceptors=[security.TokenAuth(tokens, protect_health=s.auth_health)] if tokens else None,
             options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                # A request over the byte budget is refused by gRPC itself, before it is parsed
+                # into Python objects (RESOURCE_EXHAUSTED: "Received message larger than max").
+                ("grpc.max_receive_message_length", s.max_request_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ],

@@ -122,13 +122,16 @@ class Engine(abc.ABC):
             await self.off_loop(encode, self.loaded.tokenizer, plain, add_special_tokens) if plain else ()
         )
         ids = [list(t.ids) if isinstance(t, TokenPrompt) else next(encoded) for t in texts]
+        self.check_lengths(texts, ids)
+        return ids
+
+    def check_lengths(self, texts: Sequence[str | TokenPrompt], ids: list[list[int]]) -> None:
         for i, (text, t) in enumerate(zip(texts, ids, strict=True)):
             if len(t) > self.max_input_tokens:
                 raise InvalidArgument(
                     f"{prompt_name(text, i)} is {len(t)} tokens; model {self.name!r} accepts at most "
                     f"{self.max_input_tokens} input tokens"
                 )
-        return ids
 
 
 def prompt_name(text: str | TokenPrompt, i: int, what: str = "texts") -> str:
