@@ -180,8 +180,12 @@ def test_oversized_requests_are_refused_before_they_cost_the_front_memory(srv):
         f"\nfront RSS {before / 1e6:.0f} MB before, peak +{peaked:.0f} MB, after +{grew:.0f} MB; codes {out}"
     )
     assert out == "RESOURCE_EXHAUSTED"
-    # 8 requests in flight at 25.6 MB each would be 205 MB held at once if they were read in.
-    assert peaked < 100, peaked
+    # gRPC still reads a refused message into its own buffers (8 in flight: 205 MB at once) and
+    # frees them; main also parsed each into Python objects and kept the memory
+    # (measured here: main peak +1,260 MB, +961 MB after; this branch +176 MB, +32 MB).
+    in_flight_mb = 8 * 25.6
+    assert peaked < 1.5 * in_flight_mb, peaked
+    assert grew < 100, grew
     with grpc.insecure_channel(srv.target) as ch:
         e = pytest.raises(grpc.RpcError, pb_grpc.InferenceStub(ch).Generate, _big(5), timeout=60).value
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
