@@ -97,15 +97,16 @@ def test_work_per_character_does_not_grow_with_the_stop_strings_length():
         # the stops contain (so the mismatch walks the failure chain, not the fast path).
         stops = ["a" * (length - 1) + "b" for _ in range(16)]
         compiled = S.StopStrings(stops)
-        compiled.fail = tuple(Counting(f) for f in compiled.fail)
+        compiled.fail = tuple(Counting(f) for f in compiled.fail)  # type: ignore[assignment]
         m = compiled.matcher()
         calls["n"] = 0
         text = ("a" * (length // 2) + "b") * 4
         for ch in text:
             assert m.feed(ch) is None
-        # Each failure-table read undoes one earlier step forward: at most one per character
-        # and stop string, whatever the stops' length (main: ~length per character).
-        assert 0 < calls["n"] <= 16 * len(text), (length, calls["n"])
+        # Each failure-table read undoes one earlier step forward, of the matcher or of the
+        # table's own (lazy) construction: at most two per character and stop string, whatever
+        # the stops' length (main: ~length per character).
+        assert 0 < calls["n"] <= 2 * 16 * len(text), (length, calls["n"])
 
 
 @pytest.mark.parametrize("stops", [["ab"], ["b", "ab"], ["abc", "bc"]])

@@ -1,11 +1,12 @@
 """Stop strings, found in the detokenized text as it grows, in time linear in the text.
 
-`StopStrings` compiles a request's stop strings once (a KMP failure table each: time and memory
-linear in their characters, paid off the event loop). `StopMatcher` follows one text: for every
-stop string, how long a prefix of it the text currently ends with. Each new piece of text moves
-those states forward (amortized O(1) per character and stop string), so a token costs the same
-whether the text is 10 or 10,000 characters long and whatever the stop strings' length; no call
-ever rescans the text.
+`StopStrings` holds a request's stop strings with a KMP failure table each, built lazily: only
+as far as some text has matched (a stop string of 4,000 characters that the text never gets far
+into costs a few entries, and each entry is built once). `StopMatcher` follows one text: for
+every stop string, how long a prefix of it the text currently ends with. Each new piece of text
+moves those states forward (amortized O(1) per character and stop string, table building
+included), so a token costs the same whether the text is 10 or 10,000 characters long and
+whatever the stop strings' length; no call ever rescans the text.
 """
 
 from __future__ import annotations
@@ -13,29 +14,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def _failure(s: str) -> list[int]:
-    """KMP: fail[k] = length of the longest proper prefix of s[:k+1] that is also its suffix."""
-    fail = [0] * len(s)
-    k = 0
-    for i in range(1, len(s)):
-        c = s[i]
-        while k and s[k] != c:
-            k = fail[k - 1]
-        if s[k] == c:
-            k += 1
-        fail[i] = k
-    return fail
-
-
 class StopStrings:
-    """One request's stop strings, compiled (immutable; shared by all of its texts)."""
+    """One request's stop strings (shared by all of its texts, on one thread)."""
 
-    __slots__ = ("stops", "fail", "chars")
+    __slots__ = ("stops", "fail", "chars", "_k")
 
     def __init__(self, stops: Sequence[str]):
         self.stops = tuple(stops)
-        self.fail = tuple(_failure(s) for s in self.stops)
+        # KMP: fail[i][j] = length of the longest proper prefix of stops[i][:j+1] that is also
+        # its suffix; grown on demand (`_grow`), `_k` is where its computation stands.
+        self.fail: tuple[list[int], ...] = tuple([0] for _ in self.stops)
+        self._k = [0] * len(self.stops)
         self.chars = tuple(frozenset(s) for s in self.stops)
+
+    def _grow(self, i: int, n: int) -> None:
+        """Extend stop i's failure table to n entries (the standard prefix function, resumed)."""
+        s, fail, k = self.stops[i], self.fail[i], self._k[i]
+        for j in range(len(fail), n):
+            c = s[j]
+            while k and s[k] != c:
+                k = fail[k - 1]
+            if s[k] == c:
+                k += 1
+            fail.append(k)
+        self._k[i] = k
 
     def __len__(self) -> int:
         return len(self.stops)
@@ -84,8 +86,9 @@ class StopMatcher:
                     if m == n:
                         if j < best_end or n > best_len:
                             best_end, best_len = j, n
-                        m = fail[m - 1]
-                        break
+                        break  # the text ends here: no state is needed after it
+                    if m > len(fail):
+                        c._grow(i, m)
             state[i] = m
         return best_end + 1 - best_len if best_len else None
 
