@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "bitserve.cli", "serve", "--config", str(tmp / "config.yaml")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bitserve.cli", "serve", "--config", str(tmp / "config.yaml")]
+    )
     target = f"127.0.0.1:{port}"
     try:
         with grpc.insecure_channel(target) as ch:
