@@ -516,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     command = bench_results.command_line("bench.generation", argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from bitserve.frontend.generate import CausalLMGenerateEngine
+    from transformers import AutoModelForCausalLM
+
     from bitserve.models.loading import load_checkpoint
 
     device = args.device
@@ -580,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                 if {"naive", "static"} - skip:
                     loaded = load_checkpoint(
                         str(path),
-                        CausalLMGenerateEngine.auto_class(),
+                        AutoModelForCausalLM,
                         quantize=mode,
                         dtype=args.dtype,
                         device=device,
