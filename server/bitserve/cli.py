@@ -116,11 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from bitserve.ipc.client import EngineGaveUp
+
     try:
         asyncio.run(_serve(settings))
     except ConfigError as e:
         print(f"bitserve: config error: {e}", file=sys.stderr)
         return 2
+    except EngineGaveUp as e:  # exit_on_engine_failure: let the orchestrator replace us
+        print(f"bitserve: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -131,6 +131,52 @@ class ServerSettings(_Strict):
     )
     workers: int = Field(32, ge=1, description="Threads for gRPC handlers' blocking work (tokenization).")
     log_level: str = Field("INFO", description="Python logging level.")
+    # Request limits that keep the front's event loop free (issue 17).
+    max_stop_chars: int = Field(
+        4096,
+        ge=1,
+        description="Most characters all of one request's `parameters.stop` strings may have together.",
+    )
+    max_chat_messages: int = Field(
+        1024, ge=1, description="Most messages one Chat request may carry (counted before any rendering)."
+    )
+    # The engine watchdog (issue 17): every engine process is pinged; one that does not answer
+    # (between two of its steps) is NOT_SERVING, and one that stays silent is killed and restarted.
+    engine_heartbeat_s: float = Field(1.0, gt=0, description="How often the front pings each engine process.")
+    engine_unresponsive_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "An engine process silent this long (no answer, no tokens) turns its models NOT_SERVING "
+            "and new calls get UNAVAILABLE; generous, since it answers only between two steps and one "
+            "long prefill on a small CPU takes seconds."
+        ),
+    )
+    engine_hung_s: float = Field(
+        120.0, gt=0, description="An engine process silent this long is killed and restarted like a dead one."
+    )
+    engine_max_restarts: int = Field(
+        3, ge=0, description="Restarts of one engine process within engine_restart_window_s before giving up."
+    )
+    engine_restart_window_s: float = Field(
+        600.0, gt=0, description="The window engine_max_restarts counts in."
+    )
+    exit_on_engine_failure: bool = Field(
+        False,
+        description=(
+            "Exit the server (code 3) when an engine process has used up its restarts, so that an "
+            "orchestrator replaces the pod; otherwise it keeps serving its other models, NOT_SERVING."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_watchdog(self) -> ServerSettings:
+        if not self.engine_heartbeat_s < self.engine_unresponsive_s <= self.engine_hung_s:
+            raise ValueError(
+                "engine_heartbeat_s < engine_unresponsive_s <= engine_hung_s must hold, got "
+                f"{self.engine_heartbeat_s}, {self.engine_unresponsive_s}, {self.engine_hung_s}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_tls(self) -> ServerSettings:

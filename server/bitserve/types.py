@@ -36,6 +36,14 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TokenPrompt:
+    """A prompt given as token ids (a rendered chat), named in errors by `what`."""
+
+    ids: tuple[int, ...]
+    what: str
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     id: int
     text: str

@@ -18,10 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bitserve_proto.v1 import inference_pb2 as pb
 from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
-IA, NF, FP = (
+IA, NF, FP, RE = (
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
@@ -138,7 +139,7 @@ CASES = [
     ("Generate", G(model="nope"), NF, "model 'nope'"),
     ("Generate", G(model="topics"), FP, "model 'topics'"),
     ("Generate", G(model="x" * 300), IA, "model:"),
-    ("Generate", G(texts=("a" * 3000,) * 30), IA, "server.max_request_bytes"),
+    ("Generate", G(texts=("a" * 3000,) * 30), RE, "larger than max"),  # gRPC refuses it unparsed
     # GenerateStream
     ("GenerateStream", G(texts=("a", "b")), IA, "texts: GenerateStream takes exactly one text"),
     ("GenerateStream", G(texts=()), IA, "texts"),
@@ -175,7 +176,7 @@ CASES = [
     ("Sentiment", S(model="t5"), FP, "model 't5'"),
     ("Sentiment", S(model="nope"), NF, "model 'nope'"),
     ("Sentiment", S(model=""), IA, "model"),
-    ("Sentiment", S(texts=("a" * 3500,) * 20), IA, "server.max_request_bytes"),
+    ("Sentiment", S(texts=("a" * 3500,) * 20), RE, "larger than max"),
     ("Sentiment", S(texts=("a",) * 17, model="burst"), IA, "max_queue_size=16"),
     # Translate
     ("Translate", T(texts=()), IA, "texts"),

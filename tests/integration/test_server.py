@@ -416,7 +416,7 @@ def test_concurrent_classify_calls_share_batches_and_metrics_show_it(client, srv
         assert [got[label] for label in labels] == pytest.approx(probs, abs=tol)
     batches = batcher.stats.batches - batches_before
     assert batcher.stats.items - items_before == 32
-    sizes = batcher.stats.sizes[sizes_before:]
+    sizes = list(batcher.stats.sizes)[sizes_before:]
     assert sum(sizes) == 32 and len(sizes) == batches
     assert batches < 32 and max(sizes) > 1
 

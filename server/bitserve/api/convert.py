@@ -95,7 +95,9 @@ def texts_from(texts: Sequence[str], server: ServerSettings, *, exactly_one: boo
     return out
 
 
-def sampling_from(p: pb.GenerationParameters, default_max_new_tokens: int) -> SamplingParams:
+def sampling_from(
+    p: pb.GenerationParameters, default_max_new_tokens: int, max_stop_chars: int | None = None
+) -> SamplingParams:
     def bad(field: str, rule: str, value: object) -> InvalidArgument:
         return InvalidArgument(f"parameters.{field} must be {rule}, got {value}")
 
@@ -114,6 +116,12 @@ def sampling_from(p: pb.GenerationParameters, default_max_new_tokens: int) -> Sa
     for i, s in enumerate(p.stop):
         if not s:
             raise InvalidArgument(f"parameters.stop[{i}] is empty")
+    stop_chars = sum(len(s) for s in p.stop)
+    if max_stop_chars is not None and stop_chars > max_stop_chars:
+        raise InvalidArgument(
+            f"parameters.stop: {stop_chars} characters in all; the limit is "
+            f"server.max_stop_chars={max_stop_chars}"
+        )
     return SamplingParams(
         max_new_tokens=p.max_new_tokens or default_max_new_tokens,
         temperature=float(p.temperature),

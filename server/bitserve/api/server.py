@@ -3,7 +3,9 @@
 Start-up order suits Kubernetes: the port binds first and health answers NOT_SERVING (overall
 and per model) while weights load; each model turns SERVING when ready, and the overall status
 once all are. On stop, health turns NOT_SERVING (the port stays open, so probes see it), new inference calls
-get UNAVAILABLE, accepted ones get `grace_period_s` to finish, then engines drain and stop.
+get UNAVAILABLE, accepted ones get `grace_period_s` to finish, then engines drain and stop
+(all together). An engine process that has used up its restarts keeps its models NOT_SERVING;
+with `exit_on_engine_failure`, `serve_until` then ends with `EngineGaveUp` (the CLI exits 3).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from bitserve.api.servicer import InferenceServicer
 from bitserve.frontend.base import Engine
 from bitserve.frontend.registry import ModelRegistry
 from bitserve.frontend.tenants import Tenants
+from bitserve.ipc.client import EngineGaveUp, sweep_stale_dirs
 from bitserve.metrics import Metrics
 from bitserve.settings import Settings
 from bitserve_proto.v1 import inference_pb2 as pb
@@ -48,16 +51,21 @@ class Server:
         self._http: WSGIServer | None = None
         self._loading: asyncio.Task[None] | None = None
         self.servicer: InferenceServicer | None = None
+        self._failed: asyncio.Future[None] | None = None  # set when an engine gives up (and we exit)
 
     async def start(self, *, wait_until_loaded: bool = True) -> None:
         s = self.settings.server
         entries = security.load_token_tenants(s)
         tokens = [t for t, _ in entries]
         credentials = security.server_credentials(s)
+        sweep_stale_dirs()  # what a front killed with -9 left behind
+        self._failed = asyncio.get_running_loop().create_future()
         self._grpc = grpc.aio.server(
             interceptors=[security.TokenAuth(tokens, protect_health=s.auth_health)] if tokens else None,
             options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                # A request over the byte budget is refused by gRPC itself, before it is parsed
+                # into Python objects (RESOURCE_EXHAUSTED: "Received message larger than max").
+                ("grpc.max_receive_message_length", s.max_request_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ],
@@ -123,6 +131,12 @@ class Server:
 
         self.registry.on_state = engine_state
 
+        def gave_up(message: str) -> None:
+            if self.settings.server.exit_on_engine_failure and self._failed and not self._failed.done():
+                self._failed.set_exception(EngineGaveUp(message))
+
+        self.registry.on_give_up = gave_up
+
         await self.registry.load_all(on_loaded=ready)
         for name in (*(m.name for m in self.settings.models), "", SERVICE_NAME):
             await self.health.set(name, _SERVING)
@@ -154,9 +168,10 @@ class Server:
             self._http = None
 
     async def serve_until(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set; a model that fails to load ends serving with its error."""
+        """Serve until `stop` is set; a model that fails to load ends serving with its error, and
+        so does an engine that gave up when `exit_on_engine_failure` is on (EngineGaveUp)."""
         waiter = asyncio.ensure_future(stop.wait())
-        pending = {waiter} | ({self._loading} if self._loading is not None else set())
+        pending = {waiter} | {t for t in (self._loading, self._failed) if t is not None}
         while waiter in pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:

@@ -29,7 +29,7 @@ from bitserve.frontend.registry import ModelRegistry
 from bitserve.frontend.tenants import Tenant, Tenants, current_tenant, fairness_key
 from bitserve.metrics import Metrics
 from bitserve.settings import Settings
-from bitserve.types import SamplingParams, Task
+from bitserve.types import SamplingParams, Task, TokenPrompt
 from bitserve_client import contract
 from bitserve_proto.v1 import inference_pb2 as pb
 from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
@@ -50,7 +50,7 @@ UNRESOLVED_MODEL = "(unresolved)"
 
 
 async def _stream(
-    engine: GenerateEngine, text: str, params: SamplingParams, context: grpc.aio.ServicerContext
+    engine: GenerateEngine, text: str | TokenPrompt, params: SamplingParams, context: grpc.aio.ServicerContext
 ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
     """A generation's chunks as stream messages; closing it ends the generation on the engine."""
     stream = engine.generate_stream(text, params, deadline=_deadline(context))
@@ -185,6 +185,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _call(self, context, task: Task, method: str) -> _Call:
         return _Call(self, context, task, method)
 
+    def _params(self, request: pb.GenerateRequest | pb.ChatRequest, engine: GenerateEngine) -> SamplingParams:
+        return convert.sampling_from(
+            request.parameters, engine.settings.default_max_new_tokens, self._server.max_stop_chars
+        )
+
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse | None:
         async with self._call(context, Task.GENERATE, "Generate") as call:
             name = call.begin(request)
@@ -192,7 +197,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.model = engine.name
             texts = convert.texts_from(request.texts, self._server)
             convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
-            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
+            params = self._params(request, engine)
             gens = await engine.generate(texts, params, deadline=_deadline(context))
             return convert.generate_response(engine.name, gens)
         return None  # the caller left (cancelled, deadline): nothing to answer
@@ -205,25 +210,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
             call.model = engine.name
             (text,) = convert.texts_from(request.texts, self._server, exactly_one=True)
-            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
+            params = self._params(request, engine)
             async with contextlib.aclosing(_stream(engine, text, params, context)) as messages:
                 async for message in messages:
                     yield message
 
-    async def _chat_prompt(self, request: pb.ChatRequest, engine: GenerateEngine) -> str:
+    async def _chat_prompt(self, request: pb.ChatRequest, engine: GenerateEngine) -> TokenPrompt:
+        chat.check_message_count(len(request.messages), self._server.max_chat_messages)
         pairs = [(m.role, m.content) for m in request.messages]
         messages = chat.messages_from(pairs, self._server.max_text_chars)
-        # Templates are Python (jinja): rendered off the event loop, like tokenization.
-        return str(await engine.off_loop(chat.render, engine.tokenizer, messages, engine.name))
+        # Templates are Python (jinja): rendered and encoded off the event loop, like tokenization.
+        ids = await engine.off_loop(chat.prompt_ids, engine.tokenizer, messages, engine.name)
+        return TokenPrompt(tuple(ids), "messages (the rendered chat prompt)")
 
     async def Chat(self, request: pb.ChatRequest, context) -> pb.ChatResponse | None:
         async with self._call(context, Task.GENERATE, "Chat") as call:
             name = call.begin(request)
             engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
             call.model = engine.name
-            text = await self._chat_prompt(request, engine)
-            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
-            (gen,) = await engine.generate([text], params, deadline=_deadline(context))
+            params = self._params(request, engine)
+            prompt = await self._chat_prompt(request, engine)
+            (gen,) = await engine.generate([prompt], params, deadline=_deadline(context))
             return pb.ChatResponse(model=engine.name, generation=convert.generation_pb(gen))
         return None  # the caller left (cancelled, deadline): nothing to answer
 
@@ -232,9 +239,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             name = call.begin(request)
             engine = self._registry.get(Task.GENERATE, name, GenerateEngine)
             call.model = engine.name
-            text = await self._chat_prompt(request, engine)
-            params = convert.sampling_from(request.parameters, engine.settings.default_max_new_tokens)
-            async with contextlib.aclosing(_stream(engine, text, params, context)) as messages:
+            params = self._params(request, engine)
+            prompt = await self._chat_prompt(request, engine)
+            async with contextlib.aclosing(_stream(engine, prompt, params, context)) as messages:
                 async for message in messages:
                     yield message
 

@@ -68,6 +68,9 @@ class Core:
         if op == P.SHUTDOWN:
             self.closing = True
             return
+        if op == P.PING:  # answered between steps: a hung loop does not answer
+            self.send([P.PONG, msg[1]])
+            return
         rid = msg[1]
         if self.closing:
             self.send([P.ERROR, rid, "UNAVAILABLE", "the engine is shutting down"])

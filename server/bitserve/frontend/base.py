@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,6 +33,7 @@ from bitserve.types import (
     SentimentResult,
     StreamChunk,
     Task,
+    TokenPrompt,
     Translation,
 )
 
@@ -111,17 +112,31 @@ class Engine(abc.ABC):
             )
         return n
 
-    async def tokenize_checked(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """Token ids per text (off the event loop); INVALID_ARGUMENT naming the text when one
-        is over the limit."""
-        ids = await self.off_loop(encode, self.loaded.tokenizer, list(texts), add_special_tokens)
-        for i, t in enumerate(ids):
+    async def tokenize_checked(
+        self, texts: Sequence[str | TokenPrompt], add_special_tokens: bool = True
+    ) -> list[list[int]]:
+        """Token ids per text (off the event loop; a TokenPrompt is tokenized already);
+        INVALID_ARGUMENT naming the text when one is over the limit."""
+        plain = [t for t in texts if isinstance(t, str)]
+        encoded = iter(
+            await self.off_loop(encode, self.loaded.tokenizer, plain, add_special_tokens) if plain else ()
+        )
+        ids = [list(t.ids) if isinstance(t, TokenPrompt) else next(encoded) for t in texts]
+        self.check_lengths(texts, ids)
+        return ids
+
+    def check_lengths(self, texts: Sequence[str | TokenPrompt], ids: list[list[int]]) -> None:
+        for i, (text, t) in enumerate(zip(texts, ids, strict=True)):
             if len(t) > self.max_input_tokens:
                 raise InvalidArgument(
-                    f"texts[{i}] is {len(t)} tokens; model {self.name!r} accepts at most "
+                    f"{prompt_name(text, i)} is {len(t)} tokens; model {self.name!r} accepts at most "
                     f"{self.max_input_tokens} input tokens"
                 )
-        return ids
+
+
+def prompt_name(text: str | TokenPrompt, i: int, what: str = "texts") -> str:
+    """How an error names a request's i-th prompt: `texts[i]`, or what a TokenPrompt says."""
+    return text.what if isinstance(text, TokenPrompt) else f"{what}[{i}]"
 
 
 def encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
@@ -209,12 +224,12 @@ class GenerateEngine(Engine):
 
     @abc.abstractmethod
     async def generate(
-        self, texts: list[str], params: SamplingParams, *, deadline: float | None
+        self, texts: Sequence[str | TokenPrompt], params: SamplingParams, *, deadline: float | None
     ) -> list[Generation]: ...
 
     @abc.abstractmethod
     def generate_stream(
-        self, text: str, params: SamplingParams, *, deadline: float | None
+        self, text: str | TokenPrompt, params: SamplingParams, *, deadline: float | None
     ) -> AsyncIterator[StreamChunk]: ...
 
 

@@ -44,11 +44,14 @@ class _Pending(Generic[I, O]):
     deadline: float | None
 
 
+RECENT_SIZES = 1024  # batch sizes kept for introspection: a server that runs for months keeps no more
+
+
 @dataclass
 class BatcherStats:
     batches: int = 0
     items: int = 0
-    sizes: list[int] = field(default_factory=list)
+    sizes: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=RECENT_SIZES))
 
 
 class DynamicBatcher(Generic[I, O]):

@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from bitserve.errors import InvalidArgument, ResourceExhausted
 from bitserve.frontend import tenants
-from bitserve.frontend.base import Engine, GenerateEngine, register
+from bitserve.frontend.base import Engine, GenerateEngine, prompt_name, register
 from bitserve.frontend.context import current_client
 from bitserve.frontend.text.detokenize import decoder_factory
 from bitserve.frontend.text.incremental import TextState
+from bitserve.frontend.text.stops import StopStrings
 from bitserve.metrics import Metrics
 from bitserve.types import (
     FinishReason,
@@ -23,6 +24,7 @@ from bitserve.types import (
     SamplingParams,
     StreamChunk,
     TokenLogprob,
+    TokenPrompt,
 )
 
 _FINISH = {"eos": FinishReason.EOS, "length": FinishReason.LENGTH, "stop": FinishReason.STOP}
@@ -52,6 +54,7 @@ class TokenCollector:
         on_done: Callable[[Any], None],
         on_chunk: Callable[[StreamChunk], None] | None = None,
         stop_ids: frozenset[int] = frozenset(),
+        stops: StopStrings | None = None,
     ):
         self.engine = engine
         self.prompt_tokens = prompt_tokens
@@ -63,7 +66,7 @@ class TokenCollector:
         self.logprobs: list[TokenLogprob] = []
         self.text: TextState | None = None
         if on_chunk is not None or params.stop:
-            self.text = TextState(engine.new_decoder, params.stop)
+            self.text = TextState(engine.new_decoder, stops if stops is not None else params.stop)
         self.started = time.monotonic()
         self.last = 0.0
         self.rid = 0
@@ -156,22 +159,33 @@ class GenerationFront(Engine):
         return str(self._decode_tok.decode([token]))
 
     # validation ------------------------------------------------------------------------------
-    async def prompts(self, texts: list[str], max_new_tokens: int) -> list[list[int]]:
+    async def prompts(self, texts: Sequence[str | TokenPrompt], max_new_tokens: int) -> list[list[int]]:
         """Token ids per text, checked against the context; INVALID_ARGUMENT naming the text."""
         ids = await self.tokenize_checked(texts)
-        self.check_context(ids, max_new_tokens)
+        self.check_context(ids, max_new_tokens, texts=texts)
         return ids
 
-    def check_context(self, ids: list[list[int]], n: int, what: str = "texts") -> None:
+    def check_context(
+        self,
+        ids: list[list[int]],
+        n: int,
+        what: str = "texts",
+        texts: Sequence[str | TokenPrompt] | None = None,
+    ) -> None:
         ctx = self.loaded.max_context
         for i, t in enumerate(ids):
+            name = prompt_name(texts[i], i, what) if texts is not None else f"{what}[{i}]"
             if not t:
-                raise InvalidArgument(f"{what}[{i}] is empty; generation needs at least one prompt token")
+                raise InvalidArgument(f"{name} is empty; generation needs at least one prompt token")
             if len(t) + n > ctx:
                 raise InvalidArgument(
-                    f"max_new_tokens is {n} but {what}[{i}] has {len(t)} tokens; model {self.name!r} "
+                    f"max_new_tokens is {n} but {name} has {len(t)} tokens; model {self.name!r} "
                     f"has a context of {ctx} tokens, so max_new_tokens may be at most {max(ctx - len(t), 0)}"
                 )
+
+    async def stop_strings(self, params: SamplingParams) -> StopStrings | None:
+        """The request's stop strings, compiled on the tokenization thread (linear in their length)."""
+        return await self.off_loop(StopStrings, params.stop) if params.stop else None
 
     def admit(self, n: int) -> None:
         """Room for `n` more sequences, or RESOURCE_EXHAUSTED now (not after a queue wait)."""
@@ -220,6 +234,7 @@ class GenerationFront(Engine):
         n: int,
         deadline: float | None,
         stop_ids: tuple[int, ...] = (),
+        stops: StopStrings | None = None,
     ) -> list[Generation]:
         """Generate for every prompt; the ones still running leave the engine if this is
         cancelled or one of them fails."""
@@ -231,7 +246,12 @@ class GenerationFront(Engine):
         for p, ticket in zip(prompts, tickets):
             fut = loop.create_future()
             c = TokenCollector(
-                self, len(p), params, on_done=_resolver(fut, self._released), stop_ids=frozenset(stop_ids)
+                self,
+                len(p),
+                params,
+                on_done=_resolver(fut, self._released),
+                stop_ids=frozenset(stop_ids),
+                stops=stops,
             )
             c.ticket = ticket
             try:
@@ -264,18 +284,21 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
     backend = "head"
 
     async def generate(
-        self, texts: list[str], params: SamplingParams, *, deadline: float | None
+        self, texts: Sequence[str | TokenPrompt], params: SamplingParams, *, deadline: float | None
     ) -> list[Generation]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
         self.admit(len(texts))  # a full engine answers before the request pays for tokenizing
-        return await self.run_all(await self.prompts(list(texts), n), params, n, deadline)
+        prompts = await self.prompts(list(texts), n)
+        stops = await self.stop_strings(params)
+        return await self.run_all(prompts, params, n, deadline, stops=stops)
 
     async def generate_stream(
-        self, text: str, params: SamplingParams, *, deadline: float | None
+        self, text: str | TokenPrompt, params: SamplingParams, *, deadline: float | None
     ) -> AsyncIterator[StreamChunk]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
         self.admit(1)
         (prompt,) = await self.prompts([text], n)
+        stops = await self.stop_strings(params)
         self.admit(1)
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -285,7 +308,7 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
                 queue.put_nowait(result)
 
         (ticket,) = tenants.admit_sequences(self.name, self.limit, [len(prompt)], n)
-        c = TokenCollector(self, len(prompt), params, on_done=done, on_chunk=queue.put_nowait)
+        c = TokenCollector(self, len(prompt), params, on_done=done, on_chunk=queue.put_nowait, stops=stops)
         c.ticket = ticket
         try:
             self.submit(prompt, params, n, deadline, c)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitserve.errors import InvalidArgument
+from bitserve.frontend import chat
 from bitserve.frontend.base import BatchedEngine, ClassifyEngine, SentimentEngine, TranslateEngine, register
 from bitserve.frontend.generate import GenerationFront
 from bitserve.frontend.translate import LANGUAGE_NAMES
@@ -72,14 +73,15 @@ class _InstructEngine:
         return await self.off_loop(lambda: [self.chat_ids(system, u) for u in users])  # type: ignore[attr-defined]
 
     def chat_ids(self, system: str, user: str) -> list[int]:
-        """Token ids of a prompt that ends where the assistant's answer begins."""
+        """Token ids of a prompt that ends where the assistant's answer begins. The caller's
+        text stays text: special-token text in it is never a special token (no forged turns)."""
         tok = self.loaded.tokenizer
         if getattr(tok, "chat_template", None):
-            messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        # No chat template (a base model): a plain instruction format.
-        return list(tok(f"{system}\n\n{user}\n\nAnswer: ")["input_ids"])
+            messages = [chat.ChatMessage("system", system), chat.ChatMessage("user", user)]
+            return chat.prompt_ids(tok, messages, self.name, add_special_tokens=False)
+        # No chat template (a base model): a plain instruction format, BOS as encoding adds it.
+        body = chat.plain_encoder(tok)(f"{system}\n\n{user}\n\nAnswer: ")
+        return chat.with_added_special_tokens(tok, body)
 
     def checked(self, prompts: list[list[int]], reserve: int = 0) -> list[list[int]]:
         limit = self.max_input_tokens - reserve

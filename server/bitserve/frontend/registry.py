@@ -99,6 +99,8 @@ class ModelRegistry:
         self.engine_of: dict[str, str] = {}  # model name -> engine id (models sharing weights)
         # Called with (model names, serving?) when an engine process dies or comes back.
         self.on_state: Callable[[list[str], bool], None] | None = None
+        # Called with a message when an engine process has used up its restarts.
+        self.on_give_up: Callable[[str], None] | None = None
 
     def engines(self) -> list[Engine]:
         return list(self._engines.values())
@@ -123,6 +125,7 @@ class ModelRegistry:
         except ConfigError as e:
             raise ConfigError(f"models.{group[0]} ({entries[0].name}): {e}") from e
         engine_id = f"e{n}-{entries[0].name}"
+        srv = self._settings.server
         names = [m.name for m in entries]
         core = EngineClient(
             engine_id,
@@ -132,6 +135,12 @@ class ModelRegistry:
                 "log_level": self._settings.server.log_level,
             },
             on_state=lambda ok: self._engine_state(names, ok),
+            on_give_up=self._gave_up,
+            max_restarts=srv.engine_max_restarts,
+            restart_window_s=srv.engine_restart_window_s,
+            heartbeat_s=srv.engine_heartbeat_s,
+            unresponsive_s=srv.engine_unresponsive_s,
+            hung_s=srv.engine_hung_s,
             on_stats=stats_hook(
                 self._metrics,
                 [
@@ -189,11 +198,15 @@ class ModelRegistry:
         if self.on_state is not None:
             self.on_state(names, serving)
 
+    def _gave_up(self, message: str) -> None:
+        if self.on_give_up is not None:
+            self.on_give_up(message)
+
     async def stop_all(self) -> None:
         for e in self._engines.values():
             await e.stop()
-        for core in self.cores:
-            await core.stop()
+        # Together: each engine process takes its own second or so to drain and exit.
+        await asyncio.gather(*(core.stop() for core in self.cores))
 
     def get(self, task: Task, name: str | None, kind: type[E]) -> E:
         """The engine that answers `task` for model `name` (or the only one serving `task`)."""
@@ -224,9 +237,7 @@ class ModelRegistry:
         if not engine.ready:
             raise Unavailable(f"model {engine.name!r} is not serving (shutting down)")
         if not engine.core.ready:
-            raise Unavailable(
-                f"model {engine.name!r} is not serving: its engine process is restarting; retry shortly"
-            )
+            raise Unavailable(f"model {engine.name!r} is not serving: {engine.core.not_serving_reason}")
         if not isinstance(engine, kind):
             raise FailedPrecondition(f"model {engine.name!r} cannot answer {task.value!r} requests")
         return engine

@@ -8,11 +8,12 @@ prefix (T5), a target token (multilingual Marian), or a forced first decoder tok
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from bitserve.errors import InvalidArgument
-from bitserve.frontend.base import BatchedEngine, TranslateEngine, register
+from bitserve.frontend.base import BatchedEngine, TranslateEngine, encode, register
 from bitserve.metrics import Metrics
 from bitserve.models.loading import LoadedModel
 from bitserve.settings import ModelSettings
@@ -139,12 +140,25 @@ class Seq2SeqTranslateEngine(BatchedEngine, TranslateEngine):
         tok = self.loaded.tokenizer
         prep = self.strategy.prepare(tok, source_lang, target_lang)
         n = self.resolve_max_new_tokens(max_new_tokens)
-        if prep.src_lang is not None and hasattr(tok, "src_lang"):
-            # One tokenizer is shared; the source language only changes the special tokens added.
-            tok.src_lang = prep.src_lang
         self._batcher.check_room(len(texts))
-        ids = await self.tokenize_checked([prep.prefix + t for t in texts])
+        inputs = [prep.prefix + t for t in texts]
+        ids = await self.off_loop(encode_from, tok, prep.src_lang, inputs)
+        self.check_lengths(inputs, ids)
         items = [[i, prep.forced_bos_token_id, n] for i in ids]
         outs = await self._batcher.submit(items, deadline=deadline)
         self.metrics.generated_tokens.labels(self.name, self.task.value).inc(sum(k for _, k in outs))
         return [Translation(t) for t, _ in outs]
+
+
+_SOURCE_LOCK = threading.Lock()
+
+
+def encode_from(tokenizer: Any, src_lang: str | None, texts: list[str]) -> list[list[int]]:
+    """Token ids of `texts` in source language `src_lang` (NLLB, M2M100, mBART: a language token
+    the tokenizer adds). `src_lang` is state on the tokenizer, shared by every request (and by
+    models on the same checkpoint): set and used under one lock, on the tokenization thread."""
+    if src_lang is None or not hasattr(tokenizer, "src_lang"):
+        return encode(tokenizer, texts)
+    with _SOURCE_LOCK:
+        tokenizer.src_lang = src_lang
+        return encode(tokenizer, texts)

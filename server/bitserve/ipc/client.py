@@ -8,6 +8,12 @@ falls behind catches up in one go instead of message by message.
 An engine process that dies is noticed at once (a thread waits on it): every request it held
 fails with UNAVAILABLE, `on_state(False)` turns its models NOT_SERVING, and it is started again
 (`max_restarts` within `restart_window_s`, with backoff); `on_state(True)` once it is back.
+After that many restarts it is left dead (`on_give_up`), and calls are told so.
+
+An engine process that hangs (stopped, deadlocked, stuck in one step) is noticed by a watchdog:
+the front pings it every `heartbeat_s`, and it answers between two steps. Silent (no answer, no
+tokens) for `unresponsive_s`, it is NOT_SERVING and takes no new calls; silent for `hung_s`, it
+is killed, and from there on treated as any dead engine.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
@@ -88,11 +95,14 @@ class EngineLink:
                 fut.set_exception(exc)
 
     # requests --------------------------------------------------------------------------------
+    @property
+    def not_serving_reason(self) -> str:
+        """Why calls are refused while `ready` is false: what the caller can expect."""
+        return "its engine process is restarting; retry shortly"
+
     def _check(self) -> None:
         if not self.ready:
-            raise Unavailable(
-                "the engine serving this model is not running (restarting or stopped); retry shortly"
-            )
+            raise Unavailable(f"the model is not serving: {self.not_serving_reason}")
 
     def generate(self, req: GenerationRequest, sink: TokenSink) -> int:
         """Send one generation request; its tokens go to `sink`. Returns its id (for abort)."""
@@ -168,6 +178,16 @@ class EngineLink:
         pass
 
 
+class EngineGaveUp(Exception):
+    """An engine process used up its restarts (the server exits with it when told to)."""
+
+
+# Engine processes' working directories (spec, sockets): `bitserve-<engine id>-<random>`.
+DIR_PREFIX = "bitserve-"
+_PID_FILE = "front.pid"  # the front that owns the directory
+STALE_UNOWNED_S = 6 * 3600  # a directory whose owner cannot be read is stale after this long
+
+
 class EngineClient(EngineLink):
     """An engine in its own process, over ZeroMQ."""
 
@@ -178,36 +198,68 @@ class EngineClient(EngineLink):
         *,
         on_state: Callable[[bool], None] | None = None,
         on_stats: Callable[[dict[str, Any]], None] | None = None,
+        on_give_up: Callable[[str], None] | None = None,
         max_restarts: int = 3,
         restart_window_s: float = 600.0,
+        heartbeat_s: float = 1.0,
+        unresponsive_s: float = 30.0,
+        hung_s: float = 120.0,
     ):
         super().__init__(on_stats)
         self.id = engine_id
         self.spec = spec
         self.on_state = on_state
+        self.on_give_up = on_give_up
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
+        self.heartbeat_s = heartbeat_s
+        self.unresponsive_s = unresponsive_s
+        self.hung_s = hung_s
         self.restarts: list[float] = []
+        # starting | serving | unresponsive | restarting | failed | stopped
+        self.state = "starting"
+        self.last_heard = time.monotonic()  # when the engine last sent anything
+        self.hangs = 0  # engines killed by the watchdog (introspection, tests)
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._push: Any = None
         self._pull: Any = None
         self._recv_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._ready_fut: asyncio.Future[dict[str, Any]] | None = None
         self._stopping = False
         self._restart_task: asyncio.Task[None] | None = None
+        self._pings = itertools.count(1)
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def not_serving_reason(self) -> str:
+        if self.state == "unresponsive":
+            return (
+                f"its engine process has not answered for {time.monotonic() - self.last_heard:.0f} s "
+                f"(it is restarted after {self.hung_s:.0f} s); retry shortly or on another replica"
+            )
+        if self.state == "failed":
+            return (
+                f"its engine process failed {self.max_restarts + 1} times within "
+                f"{self.restart_window_s:.0f} s and is no longer restarted; this server cannot serve "
+                "the model until it is restarted (retry on another replica)"
+            )
+        if self.state == "stopped":
+            return "the server is shutting down; retry on another replica"
+        return super().not_serving_reason
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         """Spawn the engine and wait until its weights are loaded; ConfigError if they cannot be."""
         self._loop = asyncio.get_running_loop()
         self._ctx = zmq.asyncio.Context()
-        self._dir = tempfile.mkdtemp(prefix=f"bitserve-{self.id}-")
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{self.id}-")
+        Path(self._dir, _PID_FILE).write_text(str(os.getpid()))
         inbox, outbox = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._push = self._ctx.socket(zmq.PUSH)
         self._pull = self._ctx.socket(zmq.PULL)
@@ -222,6 +274,7 @@ class EngineClient(EngineLink):
             json.dump(self.spec, f)
         self._recv_task = self._loop.create_task(self._receive(), name=f"engine-{self.id}-recv")
         self.info = await self._spawn(spec_file, inbox, outbox)
+        self._watchdog_task = self._loop.create_task(self._watchdog(), name=f"engine-{self.id}-watchdog")
         return self.info
 
     async def _spawn(self, spec_file: str, inbox: str, outbox: str) -> dict[str, Any]:
@@ -234,6 +287,8 @@ class EngineClient(EngineLink):
             target=self._watch, args=(proc,), name=f"engine-{self.id}-watch", daemon=True
         ).start()
         info = await self._ready_fut
+        self.last_heard = time.monotonic()
+        self.state = "serving"
         self.ready = True
         log.info("engine %s (pid %d) ready", self.id, proc.pid)
         return info
@@ -254,7 +309,9 @@ class EngineClient(EngineLink):
             return
         if self._stopping:
             return
+        was_serving = self.state == "serving"
         self.ready = False
+        self.state = "restarting"
         log.error(
             "engine %s (pid %d) exited with code %d; failing its %d requests",
             self.id,
@@ -265,7 +322,7 @@ class EngineClient(EngineLink):
         self._fail_all(
             Unavailable(f"the engine process serving this model exited (code {rc}); retry shortly")
         )
-        if self.on_state is not None:
+        if self.on_state is not None and was_serving:  # an unresponsive one is NOT_SERVING already
             self.on_state(False)
         assert self._loop is not None
         self._restart_task = self._loop.create_task(self._restart())
@@ -287,19 +344,64 @@ class EngineClient(EngineLink):
             if self.on_state is not None:
                 self.on_state(True)
             return
-        log.error(
-            "engine %s: %d restarts within %.0f s; giving up",
-            self.id,
-            self.max_restarts,
-            self.restart_window_s,
+        if self._stopping:
+            return
+        self.state = "failed"
+        message = (
+            f"engine {self.id}: {self.max_restarts} restarts within {self.restart_window_s:.0f} s "
+            "used up; giving up (its models stay NOT_SERVING until the server is restarted)"
         )
+        log.error("%s", message)
+        if self.on_give_up is not None:
+            self.on_give_up(message)
+
+    async def _watchdog(self) -> None:
+        """Ping the engine; mark it unresponsive, and kill it when it stays silent (see the
+        module's docstring). A dead one is the exit watcher's, not this loop's."""
+        while not self._stopping:
+            await asyncio.sleep(self.heartbeat_s)
+            if self.state not in ("serving", "unresponsive"):
+                continue
+            with contextlib.suppress(Exception):
+                self._send([P.PING, next(self._pings)])
+            if self._pull.get(zmq.EVENTS) & zmq.POLLIN:
+                # Answers are waiting (this loop was busy elsewhere): the engine is alive.
+                self.last_heard = time.monotonic()
+            silent = time.monotonic() - self.last_heard
+            if self.state == "serving" and silent >= self.unresponsive_s:
+                self.state = "unresponsive"
+                self.ready = False
+                log.error(
+                    "engine %s (pid %s) has not answered for %.1f s: NOT_SERVING (killed after %.0f s)",
+                    self.id,
+                    self.pid,
+                    silent,
+                    self.hung_s,
+                )
+                if self.on_state is not None:
+                    self.on_state(False)
+            elif self.state == "unresponsive" and silent < self.unresponsive_s:
+                self.state = "serving"
+                self.ready = True
+                log.warning("engine %s answers again: SERVING", self.id)
+                if self.on_state is not None:
+                    self.on_state(True)
+            elif self.state == "unresponsive" and silent >= self.hung_s:
+                proc = self._proc
+                if proc is not None and proc.poll() is None:
+                    log.error("engine %s (pid %d) silent for %.1f s: killing it", self.id, proc.pid, silent)
+                    self.hangs += 1
+                    proc.kill()  # the exit watcher fails its requests and restarts it
+                    self.state = "restarting"
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Let the engine finish what it accepted (the front stops sending first), then end it."""
         self._stopping = True
         self.ready = False
-        if self._restart_task is not None:
-            self._restart_task.cancel()
+        self.state = "stopped"
+        for task in (self._restart_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
         proc = self._proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(Exception):
@@ -337,7 +439,8 @@ class EngineClient(EngineLink):
                     batch.append(pull.recv(zmq.NOBLOCK).result())
                 except zmq.Again:
                     break
-            self._dispatch_all([P.unpack(d) for d in batch], time.monotonic())
+            self.last_heard = now = time.monotonic()
+            self._dispatch_all([P.unpack(d) for d in batch], now)
 
     def _control(self, msg: list[Any]) -> None:
         op = msg[0]
@@ -347,6 +450,49 @@ class EngineClient(EngineLink):
         elif op == P.FAILED:
             if self._ready_fut is not None and not self._ready_fut.done():
                 self._ready_fut.set_exception(ConfigError(msg[1]))
+        # P.PONG: its arrival (last_heard) is all it says
+
+
+def sweep_stale_dirs(tmp: str | None = None, *, now: float | None = None) -> list[str]:
+    """Remove engine directories left by a front that is gone (killed with -9: no clean-up ran).
+    A directory is stale when the front named in it no longer runs, or, when it names none (or
+    cannot be read), once it is STALE_UNOWNED_S old. Returns the paths removed."""
+    root = Path(tmp or tempfile.gettempdir())
+    now = time.time() if now is None else now
+    removed = []
+    for d in root.glob(f"{DIR_PREFIX}e*"):
+        try:
+            if not d.is_dir() or d.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        try:
+            owner: int | None = int((d / _PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            owner = None
+        if owner is not None:
+            stale = not _alive(owner)
+        else:
+            try:
+                stale = now - d.stat().st_mtime > STALE_UNOWNED_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    if removed:
+        log.info("removed %d stale engine directories: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def resident_bytes(pid: int) -> int | None:

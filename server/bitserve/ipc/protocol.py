@@ -5,6 +5,7 @@ front -> core:  [GENERATE, rid, request dict]   a generation request (token ids,
                 [BATCH, rid, model, items]      one batch for a model with its own task head
                 [ABORT, [rid, ...]]             the callers are gone: drop these requests
                 [SHUTDOWN]                      finish what is accepted, then exit
+                [PING, seq]                     are you alive? (the front's watchdog)
 core -> front:  [READY, info]                   weights loaded: what was loaded, per model
                 [FAILED, message]               loading failed (the process then exits)
                 [TOKENS, [[rid, token, logprob, finish], ...], stats, finished]
@@ -16,6 +17,7 @@ core -> front:  [READY, info]                   weights loaded: what was loaded,
                                                 time of the first token (time.monotonic)], ...]
                 [RESULT, rid, result]           a SCORE or BATCH answer
                 [ERROR, rid, code, message]     a request failed (code: a grpc.StatusCode name)
+                [PONG, seq]                     the answer to PING, sent between steps
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bitserve.types import GenerationRequest, SamplingParams
 
 GENERATE, SCORE, BATCH, ABORT, SHUTDOWN = "gen", "score", "batch", "abort", "shutdown"
 READY, FAILED, TOKENS, RESULT, ERROR = "ready", "failed", "tokens", "result", "error"
+PING, PONG = "ping", "pong"  # the front's engine watchdog
 
 
 def pack(msg: list[Any]) -> bytes:

@@ -135,3 +135,22 @@ async def test_stop_answers_everything_accepted_then_refuses():
     assert [(await p)[0] for p in pending] == [i * 10 for i in range(6)]
     with pytest.raises(Unavailable):
         await b.submit([1])
+
+
+async def test_batch_statistics_stay_bounded_however_long_it_runs():
+    """Issue 17: `stats.sizes` kept every batch size forever (memory growing with uptime); it
+    keeps the last 1,024 (`batching.RECENT_SIZES`) while the counters count everything."""
+
+    async def process(batch: list[int]) -> list[int]:
+        return batch
+
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        process, max_batch_size=1, max_batch_delay_ms=0, max_queue_size=10, name="bounded"
+    )
+    b.start()
+    n = 3000
+    for i in range(n):
+        assert await b.submit([i]) == [i]
+    await b.stop()
+    assert b.stats.batches == n and b.stats.items == n
+    assert len(b.stats.sizes) == 1024 and set(b.stats.sizes) == {1}

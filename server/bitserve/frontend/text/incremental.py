@@ -1,21 +1,23 @@
 """The text of one generation as its tokens arrive: what may be streamed, where a stop string
-ends it, and the final text. Runs in the front, on the event loop (cheap per token)."""
+ends it, and the final text. Runs in the front, on the event loop: each token costs time in its
+own piece of text and the number of stop strings, never in the text's or the stops' length."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bitserve.frontend.text.stops import find_stop, stop_hold
+from bitserve.frontend.text.stops import StopStrings
 
 
 class TextState:
-    __slots__ = ("decoder", "stops", "stop_max", "text", "released", "sent", "stopped")
+    __slots__ = ("decoder", "stops", "text", "released", "sent", "stopped")
 
-    def __init__(self, new_decoder: Callable[[], Any], stops: Sequence[str] = ()):
+    def __init__(self, new_decoder: Callable[[], Any], stops: Sequence[str] | StopStrings = ()):
         self.decoder = new_decoder()
-        self.stops = tuple(stops)
-        self.stop_max = max((len(s) for s in self.stops), default=0)
+        # Compiled stop strings are shared by a request's texts (compiling is linear in their length).
+        compiled = stops if isinstance(stops, StopStrings) else StopStrings(stops)
+        self.stops = compiled.matcher() if len(compiled) else None
         self.text = ""  # decoded so far, cut at the first stop string
         self.released = 0  # characters of `text` that can no longer change (streamable)
         self.sent = 0  # characters handed out by `take`
@@ -27,18 +29,18 @@ class TextState:
         piece = self.decoder.step(token_id)
         if not piece:
             return
-        start = max(0, len(self.text) - self.stop_max + 1)
+        start = len(self.text)
         self.text += piece
-        if self.stops:
-            cut = find_stop(self.text, self.stops, start)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.stopped = True
-                self.released = len(self.text)
-                return
-            self.released = len(self.text) - stop_hold(self.text, self.stops)
-        else:
+        if self.stops is None:
             self.released = len(self.text)
+            return
+        at = self.stops.feed(piece)
+        if at is not None:
+            self.text = self.text[: start + at]
+            self.stopped = True
+            self.released = len(self.text)
+            return
+        self.released = len(self.text) - self.stops.hold
 
     def finish(self) -> str:
         """The final text: the decoder's held-back tail included (no stop string can follow)."""
