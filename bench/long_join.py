@@ -106,7 +106,7 @@ async def _run_join(target, model, prompts, row_tokens, warm, long_text, long_ne
 
 def gaps(times: list[list[float]], lo: float, hi: float) -> list[float]:
     """Every row's gaps between consecutive messages that end in (lo, hi]."""
-    out = []
+    out: list[float] = []
     for ts in times:
         out.extend(b - a for a, b in zip(ts, ts[1:], strict=False) if lo < b <= hi)
     return out
