@@ -75,19 +75,21 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 # A 4-layer GPT-2 for side-by-side runs with vLLM: vLLM's CPU attention takes head sizes of 32 and
-# up only (`tiny`'s are 16); positions up to 2,304 so that a 2,048-token prompt fits (bench.long_join).
-GPT2_TINY: dict[str, Any] = dict(n_layer=4, n_embd=128, n_head=4, n_inner=512, n_positions=2304)
+# up only (`tiny`'s are 16).
+GPT2_TINY: dict[str, Any] = dict(n_layer=4, n_embd=128, n_head=4, n_inner=512)
 
 
-def build_gpt2_tiny(path: Path, *, seed: int = 0) -> Path:
+def build_gpt2_tiny(path: Path, *, seed: int = 0, n_positions: int = 512) -> Path:
     """A random-weight GPT-2 with the tiny tokenizer, self-contained (tokenizer.json and
-    tokenizer_config.json beside the weights), so that vLLM loads it offline as well."""
+    tokenizer_config.json beside the weights), so that vLLM loads it offline as well. Its context
+    (`n_positions`) is what both servers size their KV for: 512 here and vLLM's max_model_len
+    alike; bench.long_join builds it longer for its 2,048-token prompt."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bitserve.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
-    tokenizer.model_max_length = GPT2_TINY["n_positions"]
+    tokenizer.model_max_length = n_positions
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -95,6 +97,7 @@ def build_gpt2_tiny(path: Path, *, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        n_positions=n_positions,
         **GPT2_TINY,
     )
     model = GPT2LMHeadModel(config)
@@ -494,6 +497,25 @@ VS_COLUMNS = [
 ]
 
 
+def model_settings(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> a model settings dict; numbers and true/false as such."""
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        key, sep, raw = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE")
+        value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
+
+
 def _span(xs: list[float | None], fmt: str) -> str | None:
     """A range over rounds ("lo-hi"; one value if all rounds agree in print), None if no value."""
     vals = sorted(x for x in xs if x is not None)
@@ -671,6 +693,7 @@ def run_vs_vllm(
                 "device": device,
                 "max_concurrent_sequences": args.max_concurrent or n_max,
                 "max_new_tokens_limit": 4096,
+                **model_settings(args.set),
             }
         )
         info["bitserve_startup_s"].append(round(time.perf_counter() - t, 1))
@@ -729,8 +752,9 @@ def vs_main(args: argparse.Namespace, command: str, started: float) -> int:
     if args.model:
         path, model_desc = Path(args.model), args.model
     else:
-        # A fixed place (the weights are seeded, so rebuilding gives the same checkpoint): vLLM
-        # keys its compile cache on the model, and a new temp path each run would recompile.
+        # A fixed place (the weights are seeded, so rebuilding gives the same checkpoint), so that
+        # vLLM's compile-cache key stays the same across runs; vLLM 0.32 on CPU still compiled
+        # again at each start here (60-110 s of its start-up on the loaded machine).
         kind = args.random_model or "gpt2-tiny"
         root = Path(tempfile.gettempdir()) / "bitserve-bench-vs-vllm"
         path, model_desc = build_random_model(kind, root, device), f"random {kind}"
@@ -866,6 +890,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     vs.add_argument(
         "--vllm-arg", action="append", default=[], help="an extra vLLM server argument (repeatable)"
+    )
+    vs.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a bitserve model setting for the server (e.g. persistent_batch=false), repeatable",
     )
     vs.add_argument("--vllm-max-model-len", type=int, default=512)
     vs.add_argument("--vllm-honor-eos", action="store_true", help="do not send ignore_eos")

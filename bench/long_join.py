@@ -35,7 +35,7 @@ if not __package__:
 import torch  # noqa: E402
 
 from bench import results as bench_results  # noqa: E402
-from bench.generation import InProcessServer, _span, build_gpt2_tiny, make_prompts  # noqa: E402
+from bench.generation import InProcessServer, _span, build_gpt2_tiny, make_prompts, model_settings  # noqa: E402
 
 MODEL_NAME = "bench-lm"
 TARGET = 3.0
@@ -49,6 +49,7 @@ def long_prompt(path: Path, n_tokens: int) -> str:
     from bitserve.models.tiny import CORPUS
 
     tok = AutoTokenizer.from_pretrained(str(path))
+    tok.model_max_length = 1 << 30  # the text is longer than the context until it is cut below
     text = " ".join(CORPUS[:11] * (1 + n_tokens // 100))
     ids = tok(text, add_special_tokens=False)["input_ids"][:n_tokens]
     return str(tok.decode(ids))
@@ -119,7 +120,10 @@ def pct(xs: list[float], q: float) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.long_join", description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="causal LM checkpoint (default: build the 4-layer GPT-2, 2,304 positions)")
+    p.add_argument(
+        "--model",
+        help="causal LM checkpoint (default: build the 4-layer GPT-2, --prompt-tokens + 256 positions)",
+    )
     p.add_argument("--rows", type=int, default=63, help="running streams")
     p.add_argument("--row-tokens", type=int, default=1024, help="max_new_tokens of each running row")
     p.add_argument("--warm-tokens", type=int, default=16, help="messages every row has before the join")
@@ -151,16 +155,6 @@ COLUMNS = [
 ]
 
 
-def _value(v: str) -> Any:
-    try:
-        return int(v)
-    except ValueError:
-        try:
-            return float(v)
-        except ValueError:
-            return v
-
-
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     command = bench_results.command_line("bench.long_join", argv)
@@ -168,17 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="bitserve-bench-")
-    path = Path(args.model) if args.model else build_gpt2_tiny(Path(tmp.name) / "gpt2-tiny")
+    path = (
+        Path(args.model)
+        if args.model
+        else build_gpt2_tiny(Path(tmp.name) / "gpt2-tiny", n_positions=args.prompt_tokens + 256)
+    )
     text = long_prompt(path, args.prompt_tokens)
     prompts = make_prompts(args.rows, 0)
-    extra_settings = dict(kv.split("=", 1) for kv in args.set)
     cfg = {
         "name": MODEL_NAME,
         "task": "generate",
         "path": str(path),
         "max_concurrent_sequences": args.rows + 1,
         "max_new_tokens_limit": 4096,
-        **{k: _value(v) for k, v in extra_settings.items()},
+        **model_settings(args.set),
     }
     print(
         f"# long join: a {args.prompt_tokens}-token prompt joins {args.rows} running streams\n"
