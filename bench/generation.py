@@ -3,6 +3,8 @@
     python -m bench.generation                      # tiny Llama on CPU, ~2-3 minutes
     python -m bench.generation --device cuda --random-model llama-1b --quantize none,int8,nf4 \
         --clients 1,8,64 --batch-sizes 1,8,64 --max-seconds 240
+    python -m bench.generation --vllm /work/vllm-venv/bin/python --clients 1,64 --repeat 3 \
+        --save generation-vs-vllm                    # side by side with vLLM's CPU build (below)
 
 Systems, per quantization mode and workload:
   (a) naive      one in-process `model.generate()` at a time
@@ -15,6 +17,12 @@ Workloads: `equal` (every request 32 new tokens) and `mixed` (max_new_tokens dra
 8..128 with a fixed seed). Prints a markdown table and the target checks; with `--save NAME`,
 writes bench/results/NAME.json (command, git revision, machine, every row and round; the docs'
 tables are rendered from it by scripts/render_tables.py) and NAME.png.
+
+With `--vllm PYTHON` (issue 16): the same prompts and client process against bitserve's gRPC
+server (unary and GenerateStream) and vLLM's OpenAI server (bench/vllm_server.py; greedy,
+ignore_eos), each started alone, in `--repeat` interleaved rounds beside the in-process (a) and
+(b) of each round; the table gives ranges over rounds and per-round ratios (x static B, x vLLM,
+stream / unary), and the targets are checked round by round.
 """
 
 from __future__ import annotations
