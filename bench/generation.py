@@ -148,14 +148,6 @@ def build_random_model(kind: str, root: Path, device: str) -> Path:
     return path
 
 
-def causal_lm_class() -> Any:
-    """The transformers class the server's engine loads a generate model with."""
-    from bitserve.engine.heads import model_half
-    from bitserve.types import Task
-
-    return model_half(Task.GENERATE, "head").model_class()
-
-
 def make_prompts(n: int, seed: int) -> list[str]:
     from bitserve.models.tiny import CORPUS
 
@@ -667,6 +659,8 @@ def run_vs_vllm(
     pool: ProcessPoolExecutor,
 ) -> tuple[list[list[Result]], dict[str, Any]]:
     """Interleaved rounds: in-process baselines, then bitserve's server alone, then vLLM's alone."""
+    from transformers import AutoModelForCausalLM
+
     from bench._clients import run_openai_clients
     from bench.vllm_server import VllmServer
     from bitserve.models.loading import load_checkpoint
@@ -679,7 +673,7 @@ def run_vs_vllm(
     for rnd in range(args.repeat):
         print(f"round {rnd + 1}/{args.repeat}", flush=True)
         res: list[Result] = []
-        loaded = load_checkpoint(str(path), causal_lm_class(), dtype=args.dtype, device=device)
+        loaded = load_checkpoint(str(path), AutoModelForCausalLM, dtype=args.dtype, device=device)
         base = InProcess(loaded)
         for wl, jobs in workloads.items():
             if 1 in args.clients:
@@ -927,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.vllm:
         return vs_main(args, command, started)
+    from transformers import AutoModelForCausalLM
+
     from bitserve.models.loading import load_checkpoint
 
     device = args.device
@@ -990,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
                 if {"naive", "static"} - skip:
                     loaded = load_checkpoint(
                         str(path),
-                        causal_lm_class(),
+                        AutoModelForCausalLM,
                         quantize=mode,
                         dtype=args.dtype,
                         device=device,

@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save", metavar="NAME", help="write bench/results/NAME.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from bitserve.frontend.generate import CausalLMGenerateEngine
     from bitserve.models.loading import load_checkpoint
     from bitserve.models.tiny import build_causal_lm
 
@@ -119,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = tempfile.TemporaryDirectory()
     path = args.model or str(build_causal_lm(Path(tmp.name) / "lm", max_positions=512))
-    loaded = load_checkpoint(path, CausalLMGenerateEngine.auto_class(), device="cpu")
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_checkpoint(path, AutoModelForCausalLM, device="cpu")
     print("| " + " | ".join(c["title"] for c in columns) + " |")
     print("|" + "---|" * len(columns))
     for wl, jobs in make_workloads(args.requests, 0).items():

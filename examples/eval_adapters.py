@@ -68,6 +68,7 @@ def accuracy(pred: list[str], rows: list[dict], names: dict[str, str] | None = N
 
 
 async def eval_smollm2(quantize: str) -> dict[str, float]:
+    from bitserve.engine.workers import load
     from bitserve.frontend.instruct import InstructClassifyEngine, InstructSentimentEngine
     from bitserve.metrics import Metrics
     from bitserve.settings import ModelSettings
@@ -77,8 +78,8 @@ async def eval_smollm2(quantize: str) -> dict[str, float]:
     c_set = ModelSettings(**{**served_entry("classify"), **override})
     names = served_label_of(list(c_set.labels))
     started = time.monotonic()
-    sent = InstructSentimentEngine(s_set, InstructSentimentEngine.load(s_set), Metrics())
-    cls = InstructClassifyEngine(c_set, InstructClassifyEngine.load(c_set), Metrics())  # shared weights
+    sent = InstructSentimentEngine(s_set, load(s_set), Metrics())
+    cls = InstructClassifyEngine(c_set, load(c_set), Metrics())  # shared weights
     load_s = time.monotonic() - started
     await sent.start()
     await cls.start()
@@ -105,12 +106,13 @@ async def eval_smollm2(quantize: str) -> dict[str, float]:
 
 
 async def eval_classifier(path: str, quantize: str) -> dict[str, float]:
+    from bitserve.engine.workers import load
     from bitserve.frontend.classify import HeadClassifyEngine
     from bitserve.metrics import Metrics
     from bitserve.settings import ModelSettings
 
     s = ModelSettings(name="minilm", task="classify", path=path, quantize=quantize, max_batch_size=8)
-    e = HeadClassifyEngine(s, HeadClassifyEngine.load(s), Metrics())
+    e = HeadClassifyEngine(s, load(s), Metrics())
     await e.start()
     try:
         rows = eval_set("topics_eval.jsonl")

@@ -103,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitserve: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "check-config":
+        from bitserve.api.security import load_token_tenants
+
+        try:  # the token file/env too: a token naming an undefined tenant is a config error
+            load_token_tenants(settings.server)
+        except ConfigError as e:
+            print(f"bitserve: config error: {e}", file=sys.stderr)
+            return 2
         print(f"config OK: {len(settings.models)} models")
         return 0
     logging.basicConfig(

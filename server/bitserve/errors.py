@@ -23,9 +23,12 @@ def clip_message(message: str) -> str:
 class BitserveError(Exception):
     code: str = "INTERNAL"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
+        # Seconds after which a retry may succeed (a tenant's rate window reopening): the
+        # servicer sends it as a google.rpc.RetryInfo status detail.
+        self.retry_after = retry_after
 
 
 class InvalidArgument(BitserveError):

@@ -78,6 +78,40 @@ class Metrics:
             ["model", "task"],
             registry=r,
         )
+        # Per tenant (frontend/tenants.py): label values are configured tenant names, or
+        # "(none)" for a token that names no tenant; created at start, never from a request.
+        self.tenant_requests = Counter(
+            "bitserve_tenant_requests",
+            "Inference RPCs answered per tenant, by final status code.",
+            ["tenant", "code"],
+            registry=r,
+        )
+        self.tenant_prompt_tokens = Counter(
+            "bitserve_tenant_prompt_tokens", "Prompt tokens admitted per tenant.", ["tenant"], registry=r
+        )
+        self.tenant_generated_tokens = Counter(
+            "bitserve_tenant_generated_tokens", "Tokens generated per tenant.", ["tenant"], registry=r
+        )
+        self.tenant_queue_wait = Histogram(
+            "bitserve_tenant_queue_wait_seconds",
+            "Per tenant, a sequence's time from admission in the front to its first token "
+            "(queue wait plus prefill).",
+            ["tenant"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tenant_limited = Counter(
+            "bitserve_tenant_limited",
+            "Requests refused with RESOURCE_EXHAUSTED per tenant, by the limit they hit.",
+            ["tenant", "limit"],
+            registry=r,
+        )
+        self.tenant_limit_usage = Gauge(
+            "bitserve_tenant_limit_usage_ratio",
+            "Per tenant and configured limit, the part of it in use now (1 = at the limit).",
+            ["tenant", "limit"],
+            registry=r,
+        )
         self.model_memory = Gauge(
             "bitserve_model_weight_memory_bytes",
             "Weight memory of a loaded model.",

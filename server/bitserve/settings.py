@@ -21,11 +21,57 @@ from bitserve.types import Task
 
 ENV_PREFIX = "BITSERVE_"
 QuantizeMode = Literal["none", "int8", "nf4", "fp4"]
+_TENANT_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 _SIZE = re.compile(r"\d+(\.\d+)?[KMG]i?B")  # what accelerate parses: 500MB, 1.5GiB
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TenantSettings(_Strict):
+    """One tenant's limits (frontend/tenants.py enforces them); each is off when unset."""
+
+    requests_per_second: float | None = Field(
+        None, gt=0, description="Inference RPCs per second, every task (a moving window of `burst`)."
+    )
+    burst: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most RPCs at once within the rate: `burst` calls per burst/requests_per_second "
+            "seconds (rounded up to whole seconds). Default: requests_per_second, rounded up."
+        ),
+    )
+    max_concurrent_sequences: int | None = Field(
+        None, ge=1, description="Generation sequences queued or running at once, across models."
+    )
+    prompt_tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt tokens admitted per minute (a fixed one-minute window)."
+    )
+    generated_tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Generated tokens per minute: a request reserves texts x max_new_tokens when admitted, "
+            "and what it did not generate is given back when it finishes."
+        ),
+    )
+    queue_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "Fraction of each generation model's room (max_queue_size + max_concurrent_sequences) "
+            "this tenant's sequences may take: the rest stays free for the others."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_burst(self) -> TenantSettings:
+        if self.burst is not None and self.requests_per_second is None:
+            raise ValueError("burst needs requests_per_second")
+        return self
 
 
 class ServerSettings(_Strict):
@@ -66,6 +112,15 @@ class ServerSettings(_Strict):
     auth_tokens_env: str | None = Field(
         None, description="Environment variable holding accepted bearer tokens (comma-separated)."
     )
+    # Tenants (frontend/tenants.py): a token file line `<token> <tenant>` (an env item the same)
+    # puts the token's callers in that tenant; without tenants everything behaves as before.
+    tenants: dict[str, TenantSettings] = Field(
+        default_factory=dict,
+        description="Tenant name -> its limits; tokens name their tenant in auth_tokens_file/env.",
+    )
+    default_tenant: str | None = Field(
+        None, description="Tenant of the tokens that name none (default: no tenant, no limits)."
+    )
     auth_health: bool = Field(
         False, description="Require a token for grpc.health.v1 too (default: health stays open for probes)."
     )
@@ -83,6 +138,14 @@ class ServerSettings(_Strict):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in self.tenants:
+            if not _TENANT_NAME.fullmatch(name):
+                raise ValueError(f"tenants.{name}: a tenant name is letters, digits, '.', '_' or '-'")
+        if self.default_tenant is not None and self.default_tenant not in self.tenants:
+            raise ValueError(
+                f"default_tenant: {self.default_tenant!r} is not defined in server.tenants "
+                f"(defined: {', '.join(sorted(self.tenants)) or 'none'})"
+            )
         return self
 
 

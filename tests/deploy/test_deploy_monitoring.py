@@ -71,15 +71,27 @@ def problems(exprs: list[str], exported: dict[str, set[str]]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_models, server_factory) -> dict[str, set[str]]:
-    # A generation model and a batched (classify) one: queue wait is a batcher metric.
+def exported(tiny_models, server_factory, tmp_path_factory) -> dict[str, set[str]]:
+    # A generation model and a batched (classify) one: queue wait is a batcher metric. A tenant
+    # with every kind of limit, for the per-tenant row and the near-quota alert.
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text("monitoring-test-token acme\n")
+    limits = {
+        "requests_per_second": 100,
+        "max_concurrent_sequences": 64,
+        "queue_share": 0.5,
+        "prompt_tokens_per_minute": 100_000,
+        "generated_tokens_per_minute": 100_000,
+    }
     srv = server_factory(
         [
             {"name": "lm", "task": "generate", "path": str(tiny_models["lm"])},
             {"name": "topics", "task": "classify", "path": str(tiny_models["topics"])},
-        ]
+        ],
+        auth_tokens_file=str(tokens),
+        tenants={"acme": limits},
     )
-    with Client(srv.target) as c:
+    with Client(srv.target, token="monitoring-test-token") as c:
         c.generate("hello there", max_new_tokens=4)
         c.classify(["markets fell", "the match ended"], model="topics")
         list(c.generate_stream("hello", max_new_tokens=3))
@@ -117,6 +129,12 @@ def test_dashboard_covers_the_serving_signals():
         "bitserve_batch_size_bucket",
         "bitserve_model_weight_memory_bytes",
         "bitserve_running_sequences",
+        # per tenant
+        "bitserve_tenant_requests_total",
+        "bitserve_tenant_generated_tokens_total",
+        "bitserve_tenant_prompt_tokens_total",
+        "bitserve_tenant_queue_wait_seconds_bucket",
+        "bitserve_tenant_limit_usage_ratio",
     ):
         assert metric in text, metric
     assert re.search(r"sum by \(model, code\) \(rate\(bitserve_requests_total\{[^}]*code!=\"OK\"", text)
@@ -130,6 +148,7 @@ def test_alerts_cover_errors_saturation_latency_and_loading():
         "BitserveQueueSaturated",
         "BitserveLatencyP99High",
         "BitserveModelNotLoaded",
+        "BitserveTenantNearQuota",
     } <= set(alerts)
     assert "histogram_quantile(0.99" in alerts["BitserveLatencyP99High"]["expr"]
     assert "bitserve_model_loaded" in alerts["BitserveModelNotLoaded"]["expr"]

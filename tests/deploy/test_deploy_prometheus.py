@@ -38,7 +38,7 @@ def test_promtool_checks_the_rules():
         [PROMTOOL, "check", "rules", str(MONITORING / "rules.yaml")], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 12 rules found" in r.stdout
+    assert "SUCCESS: 14 rules found" in r.stdout
 
 
 @needs

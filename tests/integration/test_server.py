@@ -86,17 +86,18 @@ def test_health_overall_and_per_model(srv):
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(tiny_models, monkeypatch):
-    from bitserve.frontend.classify import HeadClassifyEngine
+    from bitserve.frontend import registry
     from tests.conftest import RunningServer
 
     gate = threading.Event()
-    original = HeadClassifyEngine.load.__func__
+    original = registry.load_front
 
-    def slow_load(cls, settings):
+    def slow_load(*args, **kwargs):
         gate.wait(30)
-        return original(cls, settings)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(HeadClassifyEngine, "load", classmethod(slow_load))
+    # The front's half of loading (tokenizer, config) gates readiness as the engine's does.
+    monkeypatch.setattr(registry, "load_front", slow_load)
     from bitserve.settings import build_settings
 
     settings = build_settings(
@@ -205,6 +206,7 @@ def test_sentiment_normalizes_labels(client, tiny_models):
 
 
 def test_sentiment_with_unmappable_labels_is_a_clear_error(tiny_models):
+    from bitserve.engine.workers import load
     from bitserve.errors import ConfigError
     from bitserve.frontend.classify import HeadSentimentEngine
     from bitserve.metrics import Metrics
@@ -212,7 +214,7 @@ def test_sentiment_with_unmappable_labels_is_a_clear_error(tiny_models):
 
     ms = ModelSettings(name="x", task="sentiment", path=str(tiny_models["tags"]))
     with pytest.raises(ConfigError, match="cannot map labels"):
-        HeadSentimentEngine(ms, HeadSentimentEngine.load(ms), Metrics(), None)
+        HeadSentimentEngine(ms, load(ms), Metrics(), None)
 
 
 # Translate -------------------------------------------------------------------------------------

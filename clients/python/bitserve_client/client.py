@@ -17,6 +17,7 @@ from . import security
 from .errors import from_rpc_error
 from .pb.bitserve.v1 import inference_pb2 as pb
 from .pb.bitserve.v1 import inference_pb2_grpc as pb_grpc
+from .retry import RetryInfoPolicy
 
 _FINISH = {
     pb.FINISH_REASON_LENGTH: "length",
@@ -226,6 +227,8 @@ class Client:
         )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
+        # RESOURCE_EXHAUSTED with a RetryInfo is waited out and resent (bitserve_client.retry).
+        self.retry_policy = RetryInfoPolicy()
 
     def close(self) -> None:
         self._channel.close()
@@ -238,7 +241,8 @@ class Client:
 
     def _call(self, method, request, timeout):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            t = self.timeout if timeout is None else timeout
+            return self.retry_policy.call(lambda: method(request, timeout=t))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -437,6 +441,8 @@ class AsyncClient:
         )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
+        # RESOURCE_EXHAUSTED with a RetryInfo is waited out and resent (bitserve_client.retry).
+        self.retry_policy = RetryInfoPolicy()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -449,7 +455,8 @@ class AsyncClient:
 
     async def _call(self, method, request, timeout):
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            t = self.timeout if timeout is None else timeout
+            return await self.retry_policy.acall(lambda: method(request, timeout=t))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import grpc
 
+from .retry import retry_delay
+
 
 class BitserveError(Exception):
     """A call failed. `.code` is the grpc.StatusCode, `.message` the server's explanation."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, retry_after: float | None = None):
         super().__init__(f"{(code or self.code).name}: {message}")
         self.message = message
+        # Seconds the server asked to wait before retrying (google.rpc.RetryInfo), if it said.
+        self.retry_after = retry_after
         if code is not None:
             self.code = code
 
@@ -73,4 +77,4 @@ def from_rpc_error(e: grpc.RpcError) -> BitserveError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(e)
     cls = _BY_CODE.get(code, BitserveError)
-    return cls(details, code)
+    return cls(details, code, retry_delay(e))

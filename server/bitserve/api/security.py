@@ -7,6 +7,7 @@ is kept in settings. Health checks stay open for probes unless `auth_health` is 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Mapping
@@ -39,25 +40,84 @@ def server_credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
     )
 
 
-def load_tokens(s: ServerSettings, environ: Mapping[str, str] | None = None) -> list[bytes]:
-    """Accepted bearer tokens; empty when token auth is off."""
+def _entries(setting: str, items: list[tuple[str, str]], s: ServerSettings) -> list[tuple[bytes, str | None]]:
+    """(token, tenant) per `<token>` or `<token> <tenant>` item; `where` names each item's place."""
+    out: list[tuple[bytes, str | None]] = []
+    for where, item in items:
+        token, *rest = item.split()
+        if len(rest) > 1:
+            raise ConfigError(f"server.{setting}: {where}: expected '<token>' or '<token> <tenant>'")
+        tenant = rest[0] if rest else s.default_tenant
+        if tenant is not None and tenant not in s.tenants:
+            # The line or item, never the token itself: a config error must not leak a secret.
+            raise ConfigError(
+                f"server.{setting}: {where} names tenant {tenant!r}, which server.tenants does not "
+                f"define (defined: {', '.join(sorted(s.tenants)) or 'none'})"
+            )
+        out.append((token.encode(), tenant))
+    return out
+
+
+def load_token_tenants(
+    s: ServerSettings, environ: Mapping[str, str] | None = None
+) -> list[tuple[bytes, str | None]]:
+    """Accepted bearer tokens with their tenant (None: no tenant); empty when token auth is off.
+
+    A line of auth_tokens_file (an item of auth_tokens_env) is `<token>` or `<token> <tenant>`;
+    a token that names no tenant belongs to `server.default_tenant`."""
     environ = os.environ if environ is None else environ
-    tokens: list[str] = []
+    out: list[tuple[bytes, str | None]] = []
     if s.auth_tokens_file:
         lines = _read("auth_tokens_file", s.auth_tokens_file).decode("utf-8", "replace").splitlines()
-        found = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+        found = [
+            (f"line {i}", t.strip())
+            for i, t in enumerate(lines, 1)
+            if t.strip() and not t.strip().startswith("#")
+        ]
         if not found:
             raise ConfigError(f"server.auth_tokens_file: {s.auth_tokens_file!r} holds no token")
-        tokens += found
+        out += _entries("auth_tokens_file", found, s)
     if s.auth_tokens_env:
         value = environ.get(s.auth_tokens_env, "")
-        found = [t.strip() for t in value.split(",") if t.strip()]
-        if not found:
+        items = [(f"item {i}", t.strip()) for i, t in enumerate(value.split(","), 1) if t.strip()]
+        if not items:
             raise ConfigError(
                 f"server.auth_tokens_env: environment variable {s.auth_tokens_env} holds no token"
             )
-        tokens += found
-    return [t.encode() for t in tokens]
+        out += _entries("auth_tokens_env", items, s)
+    return out
+
+
+def load_tokens(s: ServerSettings, environ: Mapping[str, str] | None = None) -> list[bytes]:
+    """Accepted bearer tokens; empty when token auth is off."""
+    return [t for t, _ in load_token_tenants(s, environ)]
+
+
+def presented_token(metadata) -> bytes | None:
+    """The token of `authorization: Bearer <token>` metadata, or None."""
+    value = next((v for k, v in metadata or () if k == "authorization"), None)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    scheme, _, presented = value.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return None
+    return presented.strip().encode()
+
+
+class TenantOf:
+    """Token -> tenant name, for a call TokenAuth has let in. Looked up by the token's SHA-256,
+    so the time a lookup takes tells nothing about how much of a token matched."""
+
+    def __init__(self, entries: list[tuple[bytes, str | None]]):
+        self._by_digest = {hashlib.sha256(t).digest(): tenant for t, tenant in entries}
+
+    def __call__(self, metadata) -> str | None:
+        token = presented_token(metadata)
+        if token is None:
+            return None
+        return self._by_digest.get(hashlib.sha256(token).digest())
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):

@@ -22,6 +22,7 @@ from bitserve.api import reflection, security, undecodable
 from bitserve.api.servicer import InferenceServicer
 from bitserve.frontend.base import Engine
 from bitserve.frontend.registry import ModelRegistry
+from bitserve.frontend.tenants import Tenants
 from bitserve.metrics import Metrics
 from bitserve.settings import Settings
 from bitserve_client.pb.bitserve.v1 import inference_pb2 as pb
@@ -39,6 +40,7 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.registry = ModelRegistry(settings, self.metrics)
+        self.tenants = Tenants(settings.server.tenants, self.metrics)
         self.health = HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -49,7 +51,8 @@ class Server:
 
     async def start(self, *, wait_until_loaded: bool = True) -> None:
         s = self.settings.server
-        tokens = security.load_tokens(s)
+        entries = security.load_token_tenants(s)
+        tokens = [t for t, _ in entries]
         credentials = security.server_credentials(s)
         self._grpc = grpc.aio.server(
             interceptors=[security.TokenAuth(tokens, protect_health=s.auth_health)] if tokens else None,
@@ -59,7 +62,13 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.servicer = InferenceServicer(self.settings, self.registry, self.metrics)
+        self.servicer = InferenceServicer(
+            self.settings,
+            self.registry,
+            self.metrics,
+            tenants=self.tenants,
+            tenant_of=security.TenantOf(entries),
+        )
         undecodable.add_servicer(pb_grpc.add_InferenceServicer_to_server, self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if s.reflection:

@@ -11,9 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from bitserve.api import convert
 from bitserve.errors import BitserveError, Unavailable, clip_message
@@ -21,6 +25,7 @@ from bitserve.frontend import chat
 from bitserve.frontend.base import ClassifyEngine, GenerateEngine, SentimentEngine, TranslateEngine
 from bitserve.frontend.context import current_client
 from bitserve.frontend.registry import ModelRegistry
+from bitserve.frontend.tenants import Tenant, Tenants, current_tenant, fairness_key
 from bitserve.metrics import Metrics
 from bitserve.settings import Settings
 from bitserve.types import SamplingParams, Task
@@ -54,6 +59,21 @@ async def _stream(
         await stream.aclose()  # type: ignore[attr-defined]
 
 
+def _retry_info(code: grpc.StatusCode, message: str, retry_after: float | None) -> tuple:
+    """`grpc-status-details-bin` trailing metadata holding a google.rpc.RetryInfo, when the
+    error says when to retry (a tenant's limit); else no metadata."""
+    if retry_after is None:
+        return ()
+    info = any_pb2.Any()
+    info.Pack(
+        error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=int(retry_after), nanos=int((retry_after % 1) * 1e9))
+        )
+    )
+    status = status_pb2.Status(code=code.value[0], message=message, details=[info])
+    return tuple(rpc_status.to_status(status).trailing_metadata)
+
+
 class _Call:
     """Per-RPC bookkeeping: admission, status mapping, request counter and duration histogram."""
 
@@ -62,19 +82,27 @@ class _Call:
     ):
         self.servicer, self.context, self.task, self.method = servicer, context, task, method
         self.model = UNRESOLVED_MODEL  # replaced by the resolved engine's name
+        self.tenant: Tenant | None = None
         self._start = 0.0
 
     async def __aenter__(self) -> _Call:
         self._start = time.perf_counter()
         self.servicer._inflight += 1
-        md = dict(self.context.invocation_metadata() or ())
-        current_client.set(str(md.get("x-client-id") or self.context.peer() or ""))
+        metadata = self.context.invocation_metadata() or ()
+        md = dict(metadata)
+        tenants = self.servicer._tenants
+        self.tenant = tenants.get(self.servicer._tenant_of(metadata)) if tenants else None
+        current_tenant.set(self.tenant)
+        caller = str(md.get("x-client-id") or self.context.peer() or "")
+        current_client.set(fairness_key(self.tenant.name if self.tenant else None, caller))
         return self
 
     def begin(self, request) -> str:
         """Checks made before any work: shutdown, the byte budget, the model name."""
         if self.servicer.draining:
             raise Unavailable("server is shutting down; retry on another replica")
+        if self.tenant is not None:
+            self.tenant.admit_call()
         convert.check_request_size(request, self.servicer._server)
         name = convert.model_name_from(request.model)
         if name in self.servicer._declared:
@@ -90,10 +118,12 @@ class _Call:
         self.servicer._inflight -= 1
         code = grpc.StatusCode.OK
         message = ""
+        retry_after: float | None = None
         if exc is None:
             pass
         elif isinstance(exc, BitserveError):
             code, message = grpc.StatusCode[exc.code], clip_message(exc.message)
+            retry_after = exc.retry_after
         elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             # GeneratorExit: grpc closed a stream whose caller left.
             code = grpc.StatusCode.CANCELLED
@@ -113,18 +143,31 @@ class _Call:
             message = ""
         metrics = self.servicer._metrics
         metrics.requests.labels(self.model, self.task.value, self.method, code.name).inc()
+        self.servicer._tenants.count(self.tenant, code.name)
         metrics.request_duration.labels(self.model, self.task.value, self.method, code.name).observe(
             time.perf_counter() - self._start
         )
         if message:
-            await self.context.abort(code, message)  # raises AbortError: ends the RPC
+            # raises AbortError: ends the RPC
+            await self.context.abort(code, message, trailing_metadata=_retry_info(code, message, retry_after))
         # A caller that left needs no error raised to grpc (it would log it); cancellation itself
         # propagates, as asyncio expects.
         return gone and not isinstance(exc, (asyncio.CancelledError, GeneratorExit))
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics):
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        *,
+        tenants: Tenants | None = None,
+        tenant_of: Callable[[Any], str | None] | None = None,
+    ):
+        """`tenant_of`: the tenant named by a call's metadata (its bearer token), or None."""
+        self._tenants = tenants if tenants is not None else Tenants({})
+        self._tenant_of = tenant_of or (lambda metadata: None)
         self._server = settings.server
         self._registry = registry
         self._metrics = metrics

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from bitserve.errors import InvalidArgument, ResourceExhausted
+from bitserve.frontend import tenants
 from bitserve.frontend.base import Engine, GenerateEngine, register
 from bitserve.frontend.context import current_client
 from bitserve.frontend.text.detokenize import decoder_factory
@@ -67,6 +68,7 @@ class TokenCollector:
         self.last = 0.0
         self.rid = 0
         self.done = False
+        self.ticket: tenants.Ticket | None = None  # the tenant's hold, given back at the end
 
     def on_token(self, token: int, logprob: float | None, finish: str | None, now: float) -> None:
         m = self.engine.gen_metrics
@@ -75,6 +77,8 @@ class TokenCollector:
             m.itl.observe(now - self.last)
         else:
             m.ttft.observe(now - self.started)
+            if self.ticket is not None:
+                self.ticket.first_token(now - self.started)
         self.last = now
         self.ids.append(token)
         lp = None
@@ -97,6 +101,7 @@ class TokenCollector:
 
     def _finish(self, finish: str, lp: TokenLogprob | None) -> None:
         self.done = True
+        self.release_ticket()
         reason = FinishReason.STOP if finish == "stop-string" else _FINISH[finish]
         if self.text is not None:
             text = self.text.finish()
@@ -117,7 +122,12 @@ class TokenCollector:
 
     def on_error(self, exc: BaseException) -> None:
         self.done = True
+        self.release_ticket()
         self.on_done(exc)
+
+    def release_ticket(self) -> None:
+        if self.ticket is not None:
+            self.ticket.finish(len(self.ids))
 
 
 class GenerationFront(Engine):
@@ -211,15 +221,24 @@ class GenerationFront(Engine):
         """Generate for every prompt; the ones still running leave the engine if this is
         cancelled or one of them fails."""
         self.admit(len(prompts))
+        tickets = tenants.admit_sequences(self.name, self.limit, [len(p) for p in prompts], n)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = []
         collectors: list[TokenCollector] = []
-        for p in prompts:
+        for p, ticket in zip(prompts, tickets):
             fut = loop.create_future()
             c = TokenCollector(
                 self, len(p), params, on_done=_resolver(fut, self._released), stop_ids=frozenset(stop_ids)
             )
-            self.submit(p, params, n, deadline, c, stop_ids)
+            c.ticket = ticket
+            try:
+                self.submit(p, params, n, deadline, c, stop_ids)
+            except BaseException:  # the engine is down (restarting): nothing of this request stays held
+                for t in tickets[len(collectors) :]:
+                    if t is not None:
+                        t.finish(0)
+                self._abandon(collectors)
+                raise
             futures.append(fut)
             collectors.append(c)
         try:
@@ -231,6 +250,7 @@ class GenerationFront(Engine):
         live = [c for c in collectors if not c.done]
         for c in live:
             c.done = True
+            c.release_ticket()
             self._released()
         if live:
             self.core.abort([c.rid for c in live])
@@ -261,8 +281,14 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
             if isinstance(result, BaseException):
                 queue.put_nowait(result)
 
+        (ticket,) = tenants.admit_sequences(self.name, self.limit, [len(prompt)], n)
         c = TokenCollector(self, len(prompt), params, on_done=done, on_chunk=queue.put_nowait)
-        self.submit(prompt, params, n, deadline, c)
+        c.ticket = ticket
+        try:
+            self.submit(prompt, params, n, deadline, c)
+        except BaseException:  # the engine is down (restarting): the tenant's hold goes back
+            c.release_ticket()
+            raise
         try:
             while True:
                 item = await queue.get()

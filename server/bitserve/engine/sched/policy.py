@@ -39,6 +39,11 @@ class Decision:
     wait_until: float | None = None  # nothing to do before then (idle batching window)
 
 
+# Separates the tenant from the caller in `Waiting.client` ("acme\x1fpeer"): the front writes it
+# for authenticated tenants (frontend/tenants.py); a client without it is in the unnamed tenant.
+TENANT_SEP = "\x1f"
+
+
 def fair_order(waiting: Sequence[Waiting], last_served: dict[str, int] | None = None) -> list[int]:
     """Indices of `waiting` round-robin across clients, each client's own requests in arrival
     order: a client with many queued requests cannot starve one with a few. The client served
@@ -51,6 +56,40 @@ def fair_order(waiting: Sequence[Waiting], last_served: dict[str, int] | None = 
     served = last_served or {}
     order: list[int] = []
     lanes = [queues[c] for c in sorted(queues, key=lambda c: served.get(c, -1))]
+    depth = 0
+    while len(order) < len(waiting):
+        for lane in lanes:
+            if depth < len(lane):
+                order.append(lane[depth])
+        depth += 1
+    return order
+
+
+def tenant_key(client: str) -> str:
+    """The `last_served` key of a client's tenant ("" + TENANT_SEP for the unnamed tenant)."""
+    return client.partition(TENANT_SEP)[0] + TENANT_SEP if TENANT_SEP in client else TENANT_SEP
+
+
+def tenant_fair_order(waiting: Sequence[Waiting], last_served: dict[str, int] | None = None) -> list[int]:
+    """`fair_order` on two levels: round-robin across tenants (the part of `client` before
+    TENANT_SEP), and within each tenant across its callers. A tenant with many callers gets
+    no more turns than one with a single caller. The tenant served longest ago (`last_served`
+    under `tenant_key`) goes first; with one tenant (none configured) this is `fair_order`."""
+    tenants: dict[str, list[int]] = {}
+    for i, w in enumerate(waiting):
+        tenants.setdefault(tenant_key(w.client), []).append(i)
+    if len(tenants) <= 1:
+        return fair_order(waiting, last_served)
+    served = last_served or {}
+
+    def tenant_served(key: str) -> int:  # Policy.schedule records each tenant under its key
+        return served.get(key, -1)
+
+    lanes = []
+    for tenant in sorted(tenants, key=tenant_served):
+        idx = tenants[tenant]
+        lanes.append([idx[k] for k in fair_order([waiting[i] for i in idx], served)])
+    order: list[int] = []
     depth = 0
     while len(order) < len(waiting):
         for lane in lanes:
@@ -89,7 +128,7 @@ class Policy:
         admit: list[int] = []
         longest = 0
         views = [waiting[i] for i in live]
-        for k in fair_order(views, self.last_served):
+        for k in tenant_fair_order(views, self.last_served):
             if len(remaining) + len(admit) >= b.max_concurrent:
                 break
             n = views[k].prompt_len
@@ -99,6 +138,7 @@ class Policy:
             admit.append(live[k])
             self.admissions += 1
             self.last_served[views[k].client] = self.admissions
+            self.last_served[tenant_key(views[k].client)] = self.admissions
         if len(self.last_served) > 10_000:  # forget the clients served longest ago
             keep = sorted(self.last_served, key=self.last_served.__getitem__)[-5_000:]
             self.last_served = {c: self.last_served[c] for c in keep}
