@@ -54,8 +54,12 @@ def test_reflection_finds_the_contract_by_its_path_and_by_symbol(srv, version):
     )
     for r in (by_name, by_symbol):
         assert not r.HasField("error_response"), r.error_response.error_message
-        (f,) = _files(r)
-        assert f.name == "bitserve/v1/inference.proto" and f.package == "bitserve.v1"
+        # The contract and what it imports (descriptor.proto, for its `since` options): a
+        # reflection client needs every file to build the descriptors.
+        files = {f.name: f for f in _files(r)}
+        assert set(files) == {"bitserve/v1/inference.proto", "google/protobuf/descriptor.proto"}
+        f = files["bitserve/v1/inference.proto"]
+        assert f.package == "bitserve.v1"
         assert [m.name for m in f.service[0].method][:2] == ["Generate", "GenerateStream"]
 
 
