@@ -5,13 +5,13 @@ the front, so an engine process killed with SIGKILL changes none of them."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import statistics
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -274,37 +274,29 @@ def test_a_tenant_at_its_limit_leaves_another_tenants_latency_alone(srv):
                 times.append(time.perf_counter() - start)
         return times
 
-    outcomes: dict[str, int] = {}
-    lock = threading.Lock()
     hog_t = srv.server.tenants.get("hog")
+    outcomes: dict[str, int] = {"OK": 0, "RESOURCE_EXHAUSTED": 0}
 
     def contended(n: int) -> list[float]:
-        stop = threading.Event()
-
-        def hog(i: int) -> None:
-            with _client(srv, "hog", max_attempts=1) as c:
-                while not stop.is_set():
-                    try:
-                        c.generate(f"hog {i}", model="lm", max_new_tokens=64)
-                        key = "OK"
-                    except ResourceExhaustedError:
-                        key = "RESOURCE_EXHAUSTED"
-                        time.sleep(0.05)  # ignores RetryInfo, resends 20 times a second
-                    with lock:
-                        outcomes[key] = outcomes.get(key, 0) + 1
-
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(hog, i) for i in range(8)]
-            try:
-                deadline = time.monotonic() + 30
-                while hog_t.sequences < 2 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert hog_t.sequences == 2  # at its limit
-                return victim_latencies(n)
-            finally:
-                stop.set()
-                for f in futures:
-                    f.result(60)
+        # The hog is another customer: its 8 callers run in their own process, as they would
+        # (in this process they would also compete with the victim's client for the GIL).
+        ctx = multiprocessing.get_context("spawn")
+        stop, counts = ctx.Event(), ctx.Array("i", 2)
+        procs = [ctx.Process(target=_hog, args=(srv.target, _token("hog"), stop, counts)) for _ in range(2)]
+        for pr in procs:
+            pr.start()
+        try:
+            deadline = time.monotonic() + 60
+            while hog_t.sequences < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert hog_t.sequences == 2  # at its limit
+            return victim_latencies(n)
+        finally:
+            stop.set()
+            for pr in procs:
+                pr.join(60)
+            outcomes["OK"] += counts[0]
+            outcomes["RESOURCE_EXHAUSTED"] += counts[1]
 
     victim_latencies(3)  # warm-up
     idle: list[float] = []
@@ -321,6 +313,30 @@ def test_a_tenant_at_its_limit_leaves_another_tenants_latency_alone(srv):
     assert p50_busy <= 2 * p50_idle
     refused = srv.server.metrics.tenant_requests.labels("victim", "RESOURCE_EXHAUSTED")._value.get()
     assert refused == 0
+
+
+def _hog(target: str, token: str, stop, counts) -> None:
+    """4 callers of the hog tenant in this (spawned) process, sending until `stop`; refused
+    calls ignore RetryInfo and resend 20 times a second. counts: [OK, RESOURCE_EXHAUSTED]."""
+
+    def caller(i: int) -> None:
+        with Client(target, token=token, timeout=60, service_config={}) as c:
+            c.retry_policy = RetryInfoPolicy(max_attempts=1)
+            while not stop.is_set():
+                try:
+                    c.generate(f"hog {i}", model="lm", max_new_tokens=64)
+                    k = 0
+                except ResourceExhaustedError:
+                    k = 1
+                    time.sleep(0.05)
+                with counts.get_lock():
+                    counts[k] += 1
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 # metering ------------------------------------------------------------------------------------
