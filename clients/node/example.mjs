@@ -45,6 +45,15 @@ try {
   show("ListModels", models);
   show("Generate", await unary("Generate", { texts: ["The capital of France is"], parameters: { max_new_tokens: 16 } }));
   show("GenerateStream", await stream("GenerateStream", { texts: ["Once upon a time"], parameters: { max_new_tokens: 8 } }));
+  // Structured output and sampling controls: the schema is JSON text; a choice is a list.
+  const schema = { type: "object", properties: { age: { type: "integer", minimum: 0, maximum: 120 } }, required: ["age"] };
+  show(
+    "GenerateStructured",
+    await unary("Generate", {
+      texts: ["A user as JSON:"],
+      parameters: { max_new_tokens: 32, n: 2, top_logprobs: 2, logit_bias: { 0: -100 }, constraint: { json_schema: JSON.stringify(schema) } },
+    }),
+  );
   const question = [{ role: "user", content: "What is the capital of France?" }];
   show("Chat", await unary("Chat", { messages: question, parameters: { max_new_tokens: 24 } }));
   show("ChatStream", await stream("ChatStream", { messages: question, parameters: { max_new_tokens: 8 } }));
@@ -57,6 +66,9 @@ try {
   );
   show("Sentiment", await unary("Sentiment", { texts: ["I love this movie, it is wonderful!", "This is terrible, I hate it."] }));
   show("Translate", await unary("Translate", { texts: ["Where is the train station?"], source_lang: "en", target_lang: "fr" }));
+  const tokens = await unary("Tokenize", { texts: ["in the"], model: "smollm2" });
+  show("Tokenize", tokens);
+  show("Detokenize", await unary("Detokenize", { ids: tokens.results[0].ids, model: "smollm2" }));
   try {
     await unary("Chat", { messages: [{ role: "wizard", content: "hi" }] });
   } catch (err) {

@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="override server.host")
     s.add_argument("--port", type=int, help="override server.port")
     s.add_argument("--metrics-port", type=int, help="override server.metrics_port (-1 disables)")
+    s.add_argument(
+        "--openai-port", type=int, help="override server.openai_port (OpenAI-compatible HTTP; 0: a free port)"
+    )
     s.add_argument("--log-level", help="override server.log_level")
     s.add_argument("--metrics-host", help="override server.metrics_host (default: --host)")
     s.add_argument("--tls-cert", help="override server.tls_cert_file (PEM; serve TLS)")
@@ -69,6 +72,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "host": getattr(args, "host", None),
             "port": getattr(args, "port", None),
             "metrics_port": getattr(args, "metrics_port", None),
+            "openai_port": getattr(args, "openai_port", None),
             "log_level": getattr(args, "log_level", None),
             "metrics_host": getattr(args, "metrics_host", None),
             "tls_cert_file": getattr(args, "tls_cert", None),

@@ -80,6 +80,15 @@ class ServerSettings(_Strict):
     metrics_port: int = Field(
         8000, ge=-1, le=65535, description="Prometheus HTTP port; 0 picks a free one, -1 disables."
     )
+    openai_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+            "/v1/models) on `host`; unset (the default) turns it off, 0 picks a free port."
+        ),
+    )
     max_texts_per_request: int = Field(256, ge=1, description="Most texts one request may carry.")
     max_text_chars: int = Field(100_000, ge=1, description="Longest text accepted, in characters.")
     grace_period_s: float = Field(

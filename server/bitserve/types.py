@@ -20,6 +20,19 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What the output must be: `kind` is one of CONSTRAINT_KINDS; `value` is the JSON schema
+    text, the regular expression, the EBNF grammar, for "choice" a JSON list of strings, and ""
+    for "json_object" (any JSON object)."""
+
+    kind: str
+    value: str
+
+
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -29,6 +42,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    # Structured output and the controls peers have (issue 20).
+    n: int = 1  # completions per prompt (one tokenization; identical prompts share a prefill)
+    top_logprobs: int = 0  # alternatives per generated token, with their logprobs (implies logprobs)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); -100 bans
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -48,6 +66,7 @@ class TokenLogprob:
     id: int
     text: str
     logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob) alternatives, best first
 
 
 @dataclass
@@ -117,3 +136,13 @@ class GenerationRequest:
     stop_ids: tuple[int, ...] = ()  # token ids that end the answer (besides the model's EOS)
     deadline: float | None = None  # time.monotonic() value (one clock for all processes)
     client: str = ""  # who asked: admission is fair across clients
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One text through the model's tokenizer: ids with their character spans and spellings."""
+
+    text: str
+    ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]  # [start, end) in characters, one per id
+    tokens: tuple[str, ...]

@@ -190,10 +190,19 @@ CASES = [
     ("Translate", T(texts=(LONG_PROMPT,)), IA, "texts[0]"),
     ("Translate", T(model="sent"), FP, "model 'sent'"),
     ("Translate", T(model="nope"), NF, "model 'nope'"),
+    # Tokenize / Detokenize
+    ("Tokenize", pb.TokenizeRequest(model="lm"), IA, "texts: at least one text"),
+    ("Tokenize", pb.TokenizeRequest(texts=[""], model="lm"), IA, "texts[0] is empty"),
+    ("Tokenize", pb.TokenizeRequest(texts=["x" * 5000], model="lm"), IA, "texts[0] is 5000 characters"),
+    ("Tokenize", pb.TokenizeRequest(texts=["hi"], messages=[pb.ChatMessage(role="user", content="hi")], model="lm"), IA, "texts or messages"),
+    ("Tokenize", pb.TokenizeRequest(messages=[pb.ChatMessage(role="user", content="hi")], model="lm"), FP, "no chat template"),
+    ("Tokenize", pb.TokenizeRequest(texts=["hi"], model="nope"), NF, "model 'nope'"),
+    ("Detokenize", pb.DetokenizeRequest(ids=[1, 10**9], model="lm"), IA, "ids[1] is 1000000000"),
+    ("Detokenize", pb.DetokenizeRequest(ids=[1], model="nope"), NF, "model 'nope'"),
     # Bytes that are no protobuf at all, on every method
     *[
         (m, b"\xff\xff\xff\xff", IA, "is not a valid")
-        for m in ("Generate", "GenerateStream", "Classify", "Sentiment", "Translate", "ListModels")
+        for m in ("Generate", "GenerateStream", "Classify", "Sentiment", "Translate", "ListModels", "Tokenize", "Detokenize")
     ],
 ]  # fmt: skip
 

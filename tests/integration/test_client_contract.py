@@ -2,9 +2,10 @@
 field that the server's (older) contract does not have, instead of the server dropping it.
 
 The "older server" is a stub servicer speaking revision 1 (ListModels without the version
-fields, as every server before revision 2 answers). No field of a request is newer than
-revision 1 yet, so the tests mark one (`logprobs`) as newer through the one seam that reads the
-`since` marks, `contract.field_since`.
+fields, as every server before revision 2 answers). The Python client's options carry no field
+newer than revision 1 yet (revision 3's n, top_logprobs, logit_bias and constraint are not among
+them), so the tests mark one (`logprobs`) as newer through the one seam that reads the `since`
+marks, `contract.field_since`.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def test_the_server_reports_its_version_and_contract_revision(srv):
         assert c.server_info() == ServerInfo(
             version=bitserve.__version__, contract_revision=CONTRACT_REVISION
         )
-    assert CONTRACT_REVISION == pb.DESCRIPTOR.GetOptions().Extensions[pb.contract_revision] == 2
+    assert CONTRACT_REVISION == pb.DESCRIPTOR.GetOptions().Extensions[pb.contract_revision] == 3
 
 
 def test_a_server_from_before_versions_reads_as_revision_1(old_server):

@@ -74,13 +74,14 @@ def grpcurl_runs(srv):
     return runs
 
 
-def _runs_of(grpcurl_runs, method: str) -> list[tuple[dict, list]]:
-    """(request, response values) of each documented call of `method`."""
+def _runs_of(grpcurl_runs, method: str, structured: bool = False) -> list[tuple[dict, list]]:
+    """(request, response values) of each documented call of `method` (with a constraint, or not)."""
     found = []
     for argv, stdout in grpcurl_runs.values():
         if argv[-1] == method:
             request = json.loads(argv[argv.index("-d") + 1]) if "-d" in argv else {}
-            found.append((request, _json_values(stdout)))
+            if ("constraint" in request.get("parameters", {})) == structured:
+                found.append((request, _json_values(stdout)))
     return found
 
 
@@ -123,6 +124,22 @@ def test_grpcurl_chat_and_streams_answer_what_the_python_client_gets(grpcurl_run
     assert messages[-1]["final"]["text"] == ref.text
 
 
+def test_grpcurl_structured_output_and_sampling_controls(grpcurl_runs, tiny_chat_lm):
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    ((request, (response,)),) = _runs_of(grpcurl_runs, "bitserve.v1.Inference/Generate", structured=True)
+    (g,) = response["generations"]
+    assert g["finish_reason"] == "FINISH_REASON_EOS"
+    jsonschema.validate(json.loads(g["text"]), json.loads(request["parameters"]["constraint"]["json_schema"]))
+    tok = AutoTokenizer.from_pretrained(tiny_chat_lm)
+    assert g["prompt_tokens"] == len(tok(request["texts"][0])["input_ids"])
+    assert all(len(t["top"]) == 2 and t["id"] != 0 for t in g["logprobs"])  # top_logprobs implies logprobs
+    ((request, (response,)),) = _runs_of(grpcurl_runs, "bitserve.v1.Inference/Chat", structured=True)
+    options = request["parameters"]["constraint"]["choice"]["options"]
+    assert len(response["generations"]) == 2 and all(x["text"] in options for x in response["generations"])
+
+
 def test_grpcurl_task_rpcs_and_list_models(grpcurl_runs, client):
     ((request, (response,)),) = _runs_of(grpcurl_runs, "bitserve.v1.Inference/Classify")
     (result,) = response["results"]
@@ -147,6 +164,16 @@ def test_grpcurl_task_rpcs_and_list_models(grpcurl_runs, client):
     assert health == {"status": "SERVING"}
 
 
+def test_grpcurl_tokenize_and_detokenize_answer_what_the_python_client_gets(grpcurl_runs, client):
+    ((request, (response,)),) = _runs_of(grpcurl_runs, "bitserve.v1.Inference/Tokenize")
+    ref = client.tokenize(request["texts"][0], model=request["model"])
+    (got,) = response["results"]
+    assert [int(i) for i in got["ids"]] == list(ref.ids) and got["tokens"] == list(ref.tokens)
+    assert [(o.get("start", 0), o.get("end", 0)) for o in got["offsets"]] == list(ref.offsets)
+    ((request, (response,)),) = _runs_of(grpcurl_runs, "bitserve.v1.Inference/Detokenize")
+    assert response.get("text", "") == client.detokenize(request["ids"], model=request["model"])
+
+
 @pytest.mark.registry
 @pytest.mark.timeout(420)
 def test_the_node_example_calls_every_rpc(srv, client):
@@ -164,7 +191,12 @@ def test_the_node_example_calls_every_rpc(srv, client):
     )
     assert out.returncode == 0, out.stderr
     results = {r["rpc"]: r["result"] for r in map(json.loads, out.stdout.splitlines())}
-    assert set(results) == RPCS | {"error"}
+    assert set(results) == RPCS | {"error", "GenerateStructured"}
+    structured = results["GenerateStructured"]["generations"]
+    assert len(structured) == 2  # n
+    for g in structured:
+        assert g["finish_reason"] == "FINISH_REASON_EOS" and 0 <= json.loads(g["text"])["age"] <= 120
+        assert all(len(t["top"]) == 2 and t["id"] != 0 for t in g["logprobs"])
     question = [{"role": "user", "content": "What is the capital of France?"}]
     assert results["Chat"]["generation"]["text"] == client.chat(question, max_new_tokens=24).text
     assert results["ChatStream"][-1]["final"]["text"] == client.chat(question, max_new_tokens=8).text
@@ -174,6 +206,9 @@ def test_the_node_example_calls_every_rpc(srv, client):
     model = results["ListModels"]["models"][0]
     assert model["parameter_count"] == str(client.list_models()[0].parameter_count)  # longs: String
     assert model["ready"] is True and model["quality_report"] is None
+    tokens = client.tokenize("in the", model="smollm2")
+    assert results["Tokenize"]["results"][0]["ids"] == list(tokens.ids)
+    assert results["Detokenize"]["text"] == client.detokenize(tokens.ids, model="smollm2")
     assert results["error"] == {
         "code": "INVALID_ARGUMENT",
         "details": "messages[0].role must be one of system, user, assistant; got 'wizard'",

@@ -1,6 +1,7 @@
 """README.md's Python examples, executed against what `bitserve serve` serves (the default config).
 
-Each ```python block runs as written, with `localhost:50051` replaced by the test server's address.
+Each ```python block runs as written, with `localhost:50051` replaced by the test server's address
+(and `localhost:8080`, the OpenAI-compatible HTTP port the README configures, by its HTTP port).
 Where a bare expression is followed by a comment line holding a Python literal (`# 'Paris.'`,
 `# [('positive', 0.667)]`), the expression's value must equal it (numbers to the shown precision).
 """
@@ -77,6 +78,7 @@ def test_readme_has_python_examples_with_shown_outputs():
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_readme_python_block_runs_and_shows_what_it_prints(demo_server, index):
     block = _python_blocks()[index].replace("localhost:50051", demo_server.target)
+    block = block.replace("localhost:8080", f"127.0.0.1:{demo_server.openai_port}")
     shown = dict(_shown_outputs(block))
     tree = ast.fix_missing_locations(_Recorder(set(shown)).visit(ast.parse(block)))
     recorded: dict[int, object] = {}

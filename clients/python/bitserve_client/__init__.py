@@ -35,6 +35,7 @@ from .results import (
     TokenLogprob,
     Translation,
 )
+from .tokens import Tokens
 
 __version__ = client_version()
 
@@ -54,6 +55,7 @@ __all__ = [
     "ServerInfo",
     "StreamEvent",
     "TokenLogprob",
+    "Tokens",
     "Translation",
     "BitserveError",
     "CancelledError",

@@ -21,6 +21,7 @@ from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
 from . import calls, contract, security
 from . import channel as _ch
+from . import tokens as _tok
 from .calls import Call, Message
 from .errors import from_rpc_error
 from .results import Generation, ModelInfo, ServerInfo, StreamEvent
@@ -150,6 +151,30 @@ class Client(_Face):
         """The server's release and contract revision (ListModels)."""
         return self._unary(calls.server_info(options))
 
+    def tokenize(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        model: str | None = None,
+        add_special_tokens: bool = True,
+        messages: Sequence[Message] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """`Tokens` of a text (a list for a list); or of `messages` as Chat renders them."""
+        req, single = _tok.tokenize_request(texts, model, add_special_tokens, messages)
+        return self._unary(Call("Tokenize", req, lambda r: _tok.tokens_of(r, single), timeout))
+
+    def detokenize(
+        self,
+        ids: Sequence[int],
+        *,
+        model: str | None = None,
+        skip_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> str:
+        req = _tok.detokenize_request(ids, model, skip_special_tokens)
+        return self._unary(Call("Detokenize", req, lambda r: str(r.text), timeout))
+
 
 class AsyncClient(_Face):
     """asyncio client with the same methods as `Client` (awaitable; streams are async iterators)."""
@@ -232,3 +257,26 @@ class AsyncClient(_Face):
 
     async def server_info(self, **options: Unpack[CallOptions]) -> ServerInfo:
         return await self._unary(calls.server_info(options))
+
+    async def tokenize(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        model: str | None = None,
+        add_special_tokens: bool = True,
+        messages: Sequence[Message] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        req, single = _tok.tokenize_request(texts, model, add_special_tokens, messages)
+        return await self._unary(Call("Tokenize", req, lambda r: _tok.tokens_of(r, single), timeout))
+
+    async def detokenize(
+        self,
+        ids: Sequence[int],
+        *,
+        model: str | None = None,
+        skip_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> str:
+        req = _tok.detokenize_request(ids, model, skip_special_tokens)
+        return await self._unary(Call("Detokenize", req, lambda r: str(r.text), timeout))

@@ -5,13 +5,15 @@ The only module (with the servicer) that touches protobuf messages.
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Sequence
 from typing import Any
 
-from bitserve.errors import MAX_ECHO_CHARS, InvalidArgument
+from bitserve.api import checks
+from bitserve.errors import InvalidArgument
 from bitserve.settings import ServerSettings
 from bitserve.types import (
+    Constraint,
     FinishReason,
     Generation,
     LabelScore,
@@ -20,12 +22,12 @@ from bitserve.types import (
     SentimentResult,
     StreamChunk,
     Task,
+    Tokenized,
     TokenLogprob,
     Translation,
 )
 from bitserve_proto.v1 import inference_pb2 as pb
 
-MAX_STOP_SEQUENCES = 16
 MAX_LANGUAGE_CODE_CHARS = 32
 
 _TASK_TO_PB = {
@@ -42,31 +44,14 @@ _FINISH_TO_PB = {
 
 
 # requests -------------------------------------------------------------------------------------
+# The checks themselves are shared with the HTTP front (`api.checks`); these adapt messages.
 def check_request_size(request: Any, server: ServerSettings) -> None:
     """The per-request byte budget (texts x characters), checked before any work."""
-    size = request.ByteSize()
-    if size > server.max_request_bytes:
-        raise InvalidArgument(
-            f"request is {size} bytes; the limit is server.max_request_bytes={server.max_request_bytes} "
-            "(send fewer or shorter texts per request)"
-        )
+    checks.check_size(request.ByteSize(), server)
 
 
-def model_name_from(name: str) -> str:
-    if len(name) > MAX_ECHO_CHARS:
-        raise InvalidArgument(
-            f"model: the name is {len(name)} characters; model names are at most {MAX_ECHO_CHARS}"
-        )
-    return name
-
-
-def check_fits_queue(n_texts: int, model: str, max_queue_size: int) -> None:
-    """More texts than the queue holds can never be admitted: that is the caller's to fix."""
-    if n_texts > max_queue_size:
-        raise InvalidArgument(
-            f"texts: {n_texts} texts can never fit model {model!r}'s queue "
-            f"(max_queue_size={max_queue_size}); send at most {max_queue_size} per request"
-        )
+model_name_from = checks.model_name
+check_fits_queue = checks.fits_queue
 
 
 def language_from(field: str, code: str) -> str | None:
@@ -78,60 +63,39 @@ def language_from(field: str, code: str) -> str | None:
 
 
 def texts_from(texts: Sequence[str], server: ServerSettings, *, exactly_one: bool = False) -> list[str]:
-    out = list(texts)
-    if not out:
-        raise InvalidArgument("texts: at least one text is required")
-    if exactly_one and len(out) != 1:
-        raise InvalidArgument(f"texts: GenerateStream takes exactly one text, got {len(out)}")
-    if len(out) > server.max_texts_per_request:
-        raise InvalidArgument(
-            f"texts: {len(out)} texts exceed the limit of {server.max_texts_per_request} per request"
-        )
-    for i, t in enumerate(out):
-        if not t.strip():
-            raise InvalidArgument(f"texts[{i}] is empty")
-        if len(t) > server.max_text_chars:
-            raise InvalidArgument(f"texts[{i}] is {len(t)} characters; the limit is {server.max_text_chars}")
-    return out
+    return checks.texts(texts, server, exactly_one="GenerateStream" if exactly_one else None)
 
 
 def sampling_from(
     p: pb.GenerationParameters, default_max_new_tokens: int, max_stop_chars: int | None = None
 ) -> SamplingParams:
-    def bad(field: str, rule: str, value: object) -> InvalidArgument:
-        return InvalidArgument(f"parameters.{field} must be {rule}, got {value}")
-
-    for field in ("temperature", "top_p", "repetition_penalty"):
-        v = getattr(p, field)
-        if not math.isfinite(v):
-            raise bad(field, "a finite number", v)
-    if p.temperature < 0 or p.temperature > 100:
-        raise bad("temperature", "in [0, 100] (0 = greedy)", p.temperature)
-    if p.top_p < 0 or p.top_p > 1:
-        raise bad("top_p", "in (0, 1] (0 = off)", p.top_p)
-    if p.repetition_penalty < 0:
-        raise bad("repetition_penalty", "> 0 (0 = off)", p.repetition_penalty)
-    if len(p.stop) > MAX_STOP_SEQUENCES:
-        raise bad("stop", f"at most {MAX_STOP_SEQUENCES} sequences", len(p.stop))
-    for i, s in enumerate(p.stop):
-        if not s:
-            raise InvalidArgument(f"parameters.stop[{i}] is empty")
-    stop_chars = sum(len(s) for s in p.stop)
-    if max_stop_chars is not None and stop_chars > max_stop_chars:
-        raise InvalidArgument(
-            f"parameters.stop: {stop_chars} characters in all; the limit is "
-            f"server.max_stop_chars={max_stop_chars}"
-        )
-    return SamplingParams(
-        max_new_tokens=p.max_new_tokens or default_max_new_tokens,
-        temperature=float(p.temperature),
-        top_k=int(p.top_k),
-        top_p=float(p.top_p) if 0 < p.top_p < 1 else 1.0,
-        repetition_penalty=float(p.repetition_penalty) if p.repetition_penalty > 0 else 1.0,
-        stop=tuple(p.stop),
+    return checks.sampling(
+        default_max_new_tokens,
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        repetition_penalty=p.repetition_penalty,
+        stop=p.stop,
         seed=int(p.seed) if p.HasField("seed") else None,
-        logprobs=bool(p.logprobs),
+        logprobs=p.logprobs,
+        n=int(p.n) or 1,
+        top_logprobs=int(p.top_logprobs),
+        logit_bias=sorted((int(t), float(b)) for t, b in p.logit_bias.items()),
+        constraint=constraint_from(p.constraint) if p.HasField("constraint") else None,
+        max_stop_chars=max_stop_chars,
     )
+
+
+def constraint_from(c: pb.Constraint) -> Constraint | None:
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "choice":
+        return Constraint("choice", json.dumps(list(c.choice.options)))
+    if kind == "json_object":
+        return Constraint("json_object", "") if c.json_object else None
+    return Constraint(kind, str(getattr(c, kind)))
 
 
 def candidate_labels_from(labels: Sequence[str], server: ServerSettings) -> list[str]:
@@ -156,7 +120,15 @@ def candidate_labels_from(labels: Sequence[str], server: ServerSettings) -> list
 
 # results --------------------------------------------------------------------------------------
 def _logprobs_pb(items: Sequence[TokenLogprob]) -> list[pb.TokenLogprob]:
-    return [pb.TokenLogprob(id=t.id, text=t.text, logprob=t.logprob) for t in items]
+    return [
+        pb.TokenLogprob(
+            id=t.id,
+            text=t.text,
+            logprob=t.logprob,
+            top=[pb.TopLogprob(id=i, text=x, logprob=v) for i, x, v in t.top],
+        )
+        for t in items
+    ]
 
 
 def generation_pb(g: Generation) -> pb.Generation:
@@ -167,6 +139,13 @@ def generation_pb(g: Generation) -> pb.Generation:
         prompt_tokens=g.prompt_tokens,
         logprobs=_logprobs_pb(g.logprobs),
     )
+
+
+def chat_response(model: str, gens: Sequence[Generation]) -> pb.ChatResponse:
+    out = pb.ChatResponse(model=model, generation=generation_pb(gens[0]))
+    if len(gens) > 1:
+        out.generations.extend(generation_pb(g) for g in gens)
+    return out
 
 
 def generate_response(model: str, gens: Sequence[Generation]) -> pb.GenerateResponse:
@@ -202,6 +181,21 @@ def sentiment_response(model: str, results: Sequence[SentimentResult]) -> pb.Sen
 
 def translate_response(model: str, results: Sequence[Translation]) -> pb.TranslateResponse:
     return pb.TranslateResponse(model=model, results=[pb.Translation(text=r.text) for r in results])
+
+
+def tokenize_response(model: str, results: Sequence[Tokenized]) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(
+        model=model,
+        results=[
+            pb.Tokens(
+                ids=r.ids,
+                offsets=[pb.TokenOffset(start=a, end=b) for a, b in r.offsets],
+                tokens=r.tokens,
+                text=r.text,
+            )
+            for r in results
+        ],
+    )
 
 
 def model_info_pb(m: ModelInfo, *, with_path: bool = True) -> pb.ModelInfo:

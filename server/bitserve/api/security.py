@@ -120,6 +120,21 @@ class TenantOf:
         return self._by_digest.get(hashlib.sha256(token).digest())
 
 
+def check_bearer(tokens: list[bytes], value: str | None, carrier: str) -> str | None:
+    """None when `value` (an authorization header or metadata value) is `Bearer <an accepted
+    token>`, else why not (never quoting what was sent). Both fronts check tokens here."""
+    if value is None:
+        return f"missing credentials: send {carrier} 'authorization: Bearer <token>'"
+    scheme, _, presented = value.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return f"malformed authorization {carrier}: expected 'Bearer <token>'"
+    candidate = presented.strip().encode()
+    ok = False
+    for t in tokens:  # no early exit: the time taken does not tell which token matched
+        ok |= hmac.compare_digest(t, candidate)
+    return None if ok else "invalid bearer token"
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED unless the call carries `authorization: Bearer <an accepted token>`."""
 
@@ -130,18 +145,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     def _accepts(self, metadata) -> str | None:
         """None when the caller is authenticated, else why not (never quoting what it sent)."""
         value = next((v for k, v in metadata or () if k == "authorization"), None)
-        if value is None:
-            return "missing credentials: send metadata 'authorization: Bearer <token>'"
         if isinstance(value, bytes):
             value = value.decode("latin-1")
-        scheme, _, presented = value.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            return "malformed authorization metadata: expected 'Bearer <token>'"
-        candidate = presented.strip().encode()
-        ok = False
-        for t in self._tokens:  # no early exit: the time taken does not tell which token matched
-            ok |= hmac.compare_digest(t, candidate)
-        return None if ok else "invalid bearer token"
+        return check_bearer(self._tokens, value, "metadata")
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)

@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import start_http_server
 
-from bitserve.api import reflection, security, undecodable
+from bitserve.api import checks, reflection, security, undecodable
+from bitserve.api.openai import HttpServer
 from bitserve.api.servicer import InferenceServicer
 from bitserve.frontend.base import Engine
 from bitserve.frontend.registry import ModelRegistry
@@ -45,8 +46,11 @@ class Server:
         self.registry = ModelRegistry(settings, self.metrics)
         self.tenants = Tenants(settings.server.tenants, self.metrics)
         self.health = HealthServicer()
+        self.gate = checks.Gate(settings)  # shutdown and in-flight calls, for both fronts
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.openai_port: int | None = None
+        self._openai: HttpServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: WSGIServer | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -74,6 +78,7 @@ class Server:
             self.settings,
             self.registry,
             self.metrics,
+            self.gate,
             tenants=self.tenants,
             tenant_of=security.TenantOf(entries),
         )
@@ -95,6 +100,9 @@ class Server:
                 s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
             )
             self.metrics_port = self._http.server_port
+        if s.openai_port is not None:
+            self._openai = HttpServer(self.settings, self.registry, self.metrics, self.gate)
+            self.openai_port = await self._openai.start()
         for name in ("", SERVICE_NAME, *(m.name for m in self.settings.models)):
             await self.health.set(name, _NOT_SERVING)
         await self._grpc.start()
@@ -107,6 +115,8 @@ class Server:
             s.metrics_host or s.host,
             self.metrics_port,
         )
+        if self.openai_port is not None:
+            log.info("OpenAI-compatible HTTP on %s:%d", s.host, self.openai_port)
         self._loading = asyncio.get_running_loop().create_task(self._load())
         if wait_until_loaded:
             await self._loading
@@ -153,14 +163,16 @@ class Server:
         grace = self.settings.server.grace_period_s if grace is None else grace
         end = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
-        if self.servicer is not None:
-            self.servicer.draining = True
+        self.gate.draining = True
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        while self.servicer is not None and self.servicer.inflight > 0 and time.monotonic() < end:
+        while self.gate.inflight > 0 and time.monotonic() < end:
             await asyncio.sleep(0.05)
         if self._grpc is not None:
             await self._grpc.stop(max(end - time.monotonic(), 0.0))
+        if self._openai is not None:
+            await self._openai.stop()
+            self._openai = None
         await self.registry.stop_all()
         if self._http is not None:
             self._http.shutdown()

@@ -20,10 +20,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 import bitserve
-from bitserve.api import convert
-from bitserve.errors import BitserveError, Unavailable, clip_message
-from bitserve.frontend import chat
-from bitserve.frontend.base import ClassifyEngine, GenerateEngine, SentimentEngine, TranslateEngine
+from bitserve.api import checks, convert
+from bitserve.errors import BitserveError, InvalidArgument, Unavailable, clip_message
+from bitserve.frontend import tokens
+from bitserve.frontend.base import ClassifyEngine, Engine, GenerateEngine, SentimentEngine, TranslateEngine
 from bitserve.frontend.context import current_client
 from bitserve.frontend.registry import ModelRegistry
 from bitserve.frontend.tenants import Tenant, Tenants, current_tenant, fairness_key
@@ -44,9 +44,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-# Label value for requests whose `model` names no configured model: client-chosen strings must
-# not become label values (each would add series without bound). Not a valid model name.
-UNRESOLVED_MODEL = "(unresolved)"
+UNRESOLVED_MODEL = checks.UNRESOLVED_MODEL
 
 
 async def _stream(
@@ -89,7 +87,7 @@ class _Call:
 
     async def __aenter__(self) -> _Call:
         self._start = time.perf_counter()
-        self.servicer._inflight += 1
+        self.servicer.gate.inflight += 1
         metadata = self.context.invocation_metadata() or ()
         md = dict(metadata)
         tenants = self.servicer._tenants
@@ -105,10 +103,8 @@ class _Call:
             raise Unavailable("server is shutting down; retry on another replica")
         if self.tenant is not None:
             self.tenant.admit_call()
-        convert.check_request_size(request, self.servicer._server)
-        name = convert.model_name_from(request.model)
-        if name in self.servicer._declared:
-            self.model = name
+        name = self.servicer.gate.begin(request.ByteSize(), request.model)
+        self.model = self.servicer.gate.label(name)
         return name
 
     def _expired(self) -> bool:
@@ -117,7 +113,7 @@ class _Call:
         return remaining is not None and remaining <= DEADLINE_SLACK_S
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
-        self.servicer._inflight -= 1
+        self.servicer.gate.inflight -= 1
         code = grpc.StatusCode.OK
         message = ""
         retry_after: float | None = None
@@ -163,6 +159,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         settings: Settings,
         registry: ModelRegistry,
         metrics: Metrics,
+        gate: checks.Gate | None = None,
         *,
         tenants: Tenants | None = None,
         tenant_of: Callable[[Any], str | None] | None = None,
@@ -173,14 +170,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._server = settings.server
         self._registry = registry
         self._metrics = metrics
-        self._declared = {m.name for m in settings.models}
-        self._inflight = 0
-        self.draining = False  # set at shutdown: new inference calls get UNAVAILABLE
+        self.gate = gate or checks.Gate(settings)  # shared with the HTTP front, when it runs
 
     @property
     def inflight(self) -> int:
-        """Inference calls accepted and not yet answered."""
-        return self._inflight
+        """Inference calls accepted and not yet answered (on both fronts)."""
+        return self.gate.inflight
+
+    @property
+    def draining(self) -> bool:
+        return self.gate.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.gate.draining = value
 
     def _call(self, context, task: Task, method: str) -> _Call:
         return _Call(self, context, task, method)
@@ -216,12 +219,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield message
 
     async def _chat_prompt(self, request: pb.ChatRequest, engine: GenerateEngine) -> TokenPrompt:
-        chat.check_message_count(len(request.messages), self._server.max_chat_messages)
-        pairs = [(m.role, m.content) for m in request.messages]
-        messages = chat.messages_from(pairs, self._server.max_text_chars)
-        # Templates are Python (jinja): rendered and encoded off the event loop, like tokenization.
-        ids = await engine.off_loop(chat.prompt_ids, engine.tokenizer, messages, engine.name)
-        return TokenPrompt(tuple(ids), "messages (the rendered chat prompt)")
+        return await checks.chat_prompt(engine, [(m.role, m.content) for m in request.messages], self._server)
 
     async def Chat(self, request: pb.ChatRequest, context) -> pb.ChatResponse | None:
         async with self._call(context, Task.GENERATE, "Chat") as call:
@@ -230,8 +228,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.model = engine.name
             params = self._params(request, engine)
             prompt = await self._chat_prompt(request, engine)
-            (gen,) = await engine.generate([prompt], params, deadline=_deadline(context))
-            return pb.ChatResponse(model=engine.name, generation=convert.generation_pb(gen))
+            gens = await engine.generate([prompt], params, deadline=_deadline(context))
+            return convert.chat_response(engine.name, gens)
         return None  # the caller left (cancelled, deadline): nothing to answer
 
     async def ChatStream(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -290,6 +288,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 deadline=_deadline(context),
             )
             return convert.translate_response(engine.name, results)
+        return None  # the caller left (cancelled, deadline): nothing to answer
+
+    # Tokenize / Detokenize (issue 20) --------------------------------------------------------
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse | None:
+        async with self._call(context, self.gate.task_of(request.model), "Tokenize") as call:
+            name = call.begin(request)
+            engine = self._registry.get(call.task, name, Engine)
+            call.model = engine.name
+            if request.messages:
+                if request.texts:
+                    raise InvalidArgument("send texts or messages, not both")
+                pairs = [(m.role, m.content) for m in request.messages]
+                texts = [await checks.chat_text(engine, pairs, self._server)]
+            else:
+                texts = convert.texts_from(request.texts, self._server)
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            results = await engine.off_loop(tokens.tokenize, engine.tokenizer, texts, add)
+            return convert.tokenize_response(engine.name, results)
+        return None  # the caller left (cancelled, deadline): nothing to answer
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse | None:
+        async with self._call(context, self.gate.task_of(request.model), "Detokenize") as call:
+            name = call.begin(request)
+            engine = self._registry.get(call.task, name, Engine)
+            call.model = engine.name
+            text = await engine.off_loop(
+                tokens.detokenize, engine.tokenizer, list(request.ids), request.skip_special_tokens
+            )
+            return pb.DetokenizeResponse(model=engine.name, text=text)
         return None  # the caller left (cancelled, deadline): nothing to answer
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

@@ -53,8 +53,9 @@ class Core:
         self._wait_until: float | None = None
         self._last_stats: Any = None
         # Requests the front wants whole (unary, no stop strings): rid -> (ids, logprobs, time
-        # of the first token); one message when they finish instead of one per token.
-        self._whole: dict[int, tuple[list[int], list[float | None], list[float]]] = {}
+        # of the first token, top alternatives); one message when they finish instead of one
+        # per token.
+        self._whole: dict[int, tuple[list[int], list[float | None], list[float], list[Any]]] = {}
         self._pending = self._no_pending()
 
     def handle(self, msg: list[Any]) -> None:
@@ -80,7 +81,7 @@ class Core:
                 self.send([P.ERROR, rid, "FAILED_PRECONDITION", "this engine has no causal LM"])
                 return
             if msg[2].get("whole"):
-                self._whole[rid] = ([], [], [])
+                self._whole[rid] = ([], [], [], [])
             self.w.scheduler.add(P.request_from_wire(rid, msg[2]))
             self._wait_until = None
         elif op in (P.SCORE, P.BATCH):
@@ -117,15 +118,19 @@ class Core:
             if buf is None:
                 tokens.append(list(t))
                 continue
-            ids, lps, first = buf
+            ids, lps, first, tops = buf
             ids.append(t[1])
             lps.append(t[2])
+            tops.append(t[4])
             if not first:
                 first.append(now)
             if t[3] is not None:
                 del self._whole[t[0]]
                 any_lp = any(lp is not None for lp in lps)
-                finished.append([t[0], ids, lps if any_lp else None, t[3], first[0]])
+                any_top = any(top is not None for top in tops)
+                finished.append(
+                    [t[0], ids, lps if any_lp else None, t[3], first[0], tops if any_top else None]
+                )
         p = self._pending
         if r.batch_size:
             p["steps"].append([r.batch_size, r.batch_models])

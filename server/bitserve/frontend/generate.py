@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -18,6 +20,7 @@ from bitserve.frontend.text.incremental import TextState
 from bitserve.frontend.text.stops import StopStrings
 from bitserve.metrics import Metrics
 from bitserve.types import (
+    CONSTRAINT_KINDS,
     FinishReason,
     Generation,
     GenerationRequest,
@@ -28,6 +31,11 @@ from bitserve.types import (
 )
 
 _FINISH = {"eos": FinishReason.EOS, "length": FinishReason.LENGTH, "stop": FinishReason.STOP}
+
+MAX_COMPLETIONS = 32  # n per prompt
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit too)
+MAX_LOGIT_BIAS = 1024  # entries per request
+MAX_CONSTRAINT_CHARS = 65536  # a schema, regex or grammar text
 
 
 class _GenMetrics:
@@ -76,7 +84,14 @@ class TokenCollector:
         self.whole = on_chunk is None and not params.stop
         self.ticket: tenants.Ticket | None = None  # the tenant's hold, given back at the end
 
-    def on_token(self, token: int, logprob: float | None, finish: str | None, now: float) -> None:
+    def on_token(
+        self,
+        token: int,
+        logprob: float | None,
+        finish: str | None,
+        now: float,
+        top: list[list[float]] | None = None,
+    ) -> None:
         m = self.engine.gen_metrics
         m.generated.inc()
         if self.last:
@@ -89,7 +104,8 @@ class TokenCollector:
         self.ids.append(token)
         lp = None
         if logprob is not None:
-            lp = TokenLogprob(token, self.engine.decode_one(token), logprob)
+            alts = tuple((int(i), self.engine.decode_one(int(i)), float(v)) for i, v in top or ())
+            lp = TokenLogprob(token, self.engine.decode_one(token), logprob, alts)
             self.logprobs.append(lp)
         ends = finish in ("eos", "stop")  # the ending token is not part of the text
         if self.text is not None and not ends:
@@ -187,6 +203,32 @@ class GenerationFront(Engine):
         """The request's stop strings, compiled on the tokenization thread (linear in their length)."""
         return await self.off_loop(StopStrings, params.stop) if params.stop else None
 
+    def check_params(self, params: SamplingParams) -> None:
+        """The structured-output and sampling controls, whichever front built them;
+        INVALID_ARGUMENT naming the field."""
+        if not 1 <= params.n <= MAX_COMPLETIONS:
+            raise InvalidArgument(f"parameters.n must be in [1, {MAX_COMPLETIONS}], got {params.n}")
+        if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(
+                f"parameters.top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.top_logprobs}"
+            )
+        if len(params.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidArgument(
+                f"parameters.logit_bias has {len(params.logit_bias)} entries; the limit is {MAX_LOGIT_BIAS}"
+            )
+        vocab = len(self._decode_tok)
+        for t, b in params.logit_bias:
+            if not 0 <= t < vocab:
+                raise InvalidArgument(
+                    f"parameters.logit_bias: token id {t} is not in model {self.name!r}'s vocabulary "
+                    f"(ids 0..{vocab - 1})"
+                )
+            if not -100.0 <= b <= 100.0:  # also false for NaN
+                raise InvalidArgument(f"parameters.logit_bias[{t}] must be in [-100, 100], got {b}")
+        c = params.constraint
+        if c is not None:
+            check_constraint(c.kind, c.value)
+
     def admit(self, n: int) -> None:
         """Room for `n` more sequences, or RESOURCE_EXHAUSTED now (not after a queue wait)."""
         if n > self.settings.max_queue_size:
@@ -236,26 +278,30 @@ class GenerationFront(Engine):
         stop_ids: tuple[int, ...] = (),
         stops: StopStrings | None = None,
     ) -> list[Generation]:
-        """Generate for every prompt; the ones still running leave the engine if this is
-        cancelled or one of them fails."""
-        self.admit(len(prompts))
-        tickets = tenants.admit_sequences(self.name, self.limit, [len(p) for p in prompts], n)
+        """Generate for every prompt (`params.n` completions each, prompt by prompt); the ones
+        still running leave the engine if this is cancelled or one of them fails."""
+        self.admit(len(prompts) * params.n)
+        # The n completions of a prompt: one tokenization, requests sent together (the engine
+        # prefills identical prompts admitted together once).
+        seqs = [(p, j) for p in prompts for j in range(params.n)]
+        tickets = tenants.admit_sequences(self.name, self.limit, [len(p) for p, _ in seqs], n)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = []
         collectors: list[TokenCollector] = []
-        for p, ticket in zip(prompts, tickets):
+        for (p, j), ticket in zip(seqs, tickets):
+            pj = completion_params(params, j)
             fut = loop.create_future()
             c = TokenCollector(
                 self,
                 len(p),
-                params,
+                pj,
                 on_done=_resolver(fut, self._released),
                 stop_ids=frozenset(stop_ids),
                 stops=stops,
             )
             c.ticket = ticket
             try:
-                self.submit(p, params, n, deadline, c, stop_ids)
+                self.submit(p, pj, n, deadline, c, stop_ids)
             except BaseException:  # the engine is down (restarting): nothing of this request stays held
                 for t in tickets[len(collectors) :]:
                     if t is not None:
@@ -287,7 +333,8 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
         self, texts: Sequence[str | TokenPrompt], params: SamplingParams, *, deadline: float | None
     ) -> list[Generation]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
-        self.admit(len(texts))  # a full engine answers before the request pays for tokenizing
+        self.check_params(params)
+        self.admit(len(texts) * params.n)  # a full engine answers before the request pays for tokenizing
         prompts = await self.prompts(list(texts), n)
         stops = await self.stop_strings(params)
         return await self.run_all(prompts, params, n, deadline, stops=stops)
@@ -296,6 +343,11 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
         self, text: str | TokenPrompt, params: SamplingParams, *, deadline: float | None
     ) -> AsyncIterator[StreamChunk]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
+        self.check_params(params)
+        if params.n != 1:
+            raise InvalidArgument(
+                f"parameters.n is {params.n}; a stream carries one completion (use the unary call for n > 1)"
+            )
         self.admit(1)
         (prompt,) = await self.prompts([text], n)
         stops = await self.stop_strings(params)
@@ -337,6 +389,46 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
         finally:
             # Closed early (consumer stopped iterating) or cancelled: free the slot.
             self._abandon([c])
+
+
+def completion_params(params: SamplingParams, j: int) -> SamplingParams:
+    """The j-th of n completions: a seeded request gives each its own (reproducible) seed."""
+    if j == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + j)
+
+
+def check_constraint(kind: str, value: str) -> None:
+    """What can be checked before compiling (the engine compiles, and names the field if that
+    fails): the kind, the size, JSON where JSON is expected."""
+    if kind not in CONSTRAINT_KINDS:
+        raise InvalidArgument(
+            f"parameters.constraint: kind must be one of {', '.join(CONSTRAINT_KINDS)}; got {kind!r}"
+        )
+    field = f"parameters.constraint.{kind}"
+    if len(value) > MAX_CONSTRAINT_CHARS:
+        raise InvalidArgument(f"{field} is {len(value)} characters; the limit is {MAX_CONSTRAINT_CHARS}")
+    if kind in ("regex", "grammar") and not value.strip():
+        raise InvalidArgument(f"{field} is empty")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(value)
+        except ValueError as e:
+            raise InvalidArgument(f"{field} is not valid JSON: {e}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidArgument(
+                f"{field} must be a JSON object (a JSON Schema), got {type(schema).__name__}"
+            )
+    if kind == "choice":
+        try:
+            options = json.loads(value)
+        except ValueError as e:
+            raise InvalidArgument(f"{field} is not a JSON list of strings: {e}") from None
+        if not isinstance(options, list) or not options:
+            raise InvalidArgument(f"{field} must list at least one option")
+        for i, o in enumerate(options):
+            if not isinstance(o, str) or not o:
+                raise InvalidArgument(f"{field}[{i}] must be a non-empty string, got {o!r}")
 
 
 def decode_tokenizer(loaded: Any) -> Any:

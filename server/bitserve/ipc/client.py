@@ -45,12 +45,20 @@ log = logging.getLogger(__name__)
 
 
 class TokenSink(Protocol):
-    def on_token(self, token: int, logprob: float | None, finish: str | None, now: float) -> None: ...
+    def on_token(
+        self, token: int, logprob: float | None, finish: str | None, now: float, top: Any = None
+    ) -> None: ...
     def on_error(self, exc: BaseException) -> None: ...
 
 
 def _replay(
-    sink: TokenSink, ids: list[int], lps: list[float | None] | None, finish: str, first: float, now: float
+    sink: TokenSink,
+    ids: list[int],
+    lps: list[float | None] | None,
+    finish: str,
+    first: float,
+    now: float,
+    tops: list[Any] | None = None,
 ) -> None:
     """A whole answer to its sink token by token, the tokens' times spread evenly from the
     first token's (the engine's clock) to now: time to first token stays exact, the
@@ -58,7 +66,8 @@ def _replay(
     last = len(ids) - 1
     for k, tok in enumerate(ids):
         t = first + (now - first) * (k / last) if last else now
-        sink.on_token(tok, lps[k] if lps is not None else None, finish if k == last else None, t)
+        top = tops[k] if tops is not None else None
+        sink.on_token(tok, lps[k] if lps is not None else None, finish if k == last else None, t, top)
 
 
 class EngineLink:
@@ -143,17 +152,17 @@ class EngineLink:
         op = msg[0]
         if op == P.TOKENS:
             sinks = self._sinks
-            for rid, token, lp, finish in msg[1]:
+            for rid, token, lp, finish, top in msg[1]:
                 sink = sinks.get(rid)
                 if sink is None:
                     continue
                 if finish is not None:
                     del sinks[rid]
-                sink.on_token(token, lp, finish, now)
-            for rid, ids, lps, finish, first in msg[3]:
+                sink.on_token(token, lp, finish, now, top)
+            for rid, ids, lps, finish, first, tops in msg[3]:
                 sink = sinks.pop(rid, None)
                 if sink is not None:
-                    _replay(sink, ids, lps, finish, first, now)
+                    _replay(sink, ids, lps, finish, first, now, tops)
             stats = msg[2]
             self.last_stats.update(stats)
             self.steps += len(stats["steps"])

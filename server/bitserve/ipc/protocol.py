@@ -8,13 +8,15 @@ front -> core:  [GENERATE, rid, request dict]   a generation request (token ids,
                 [PING, seq]                     are you alive? (the front's watchdog)
 core -> front:  [READY, info]                   weights loaded: what was loaded, per model
                 [FAILED, message]               loading failed (the process then exits)
-                [TOKENS, [[rid, token, logprob, finish], ...], stats, finished]
+                [TOKENS, [[rid, token, logprob, finish, top], ...], stats, finished]
                                                 the tokens of the steps since the last one (one per
-                                                row and step), stats (decode steps since then, and
+                                                row and step; top: [[id, logprob], ...] or None),
+                                                stats (decode steps since then, and
                                                 running/waiting/KV when they changed), and the
                                                 whole answers of requests sent with "whole":
                                                 finished = [[rid, ids, logprobs or None, finish,
-                                                time of the first token (time.monotonic)], ...]
+                                                time of the first token (time.monotonic),
+                                                tops (per token, as top above) or None], ...]
                 [RESULT, rid, result]           a SCORE or BATCH answer
                 [ERROR, rid, code, message]     a request failed (code: a grpc.StatusCode name)
                 [PONG, seq]                     the answer to PING, sent between steps
@@ -27,7 +29,7 @@ from typing import Any
 import msgpack
 
 from bitserve import errors
-from bitserve.types import GenerationRequest, SamplingParams
+from bitserve.types import Constraint, GenerationRequest, SamplingParams
 
 GENERATE, SCORE, BATCH, ABORT, SHUTDOWN = "gen", "score", "batch", "abort", "shutdown"
 READY, FAILED, TOKENS, RESULT, ERROR = "ready", "failed", "tokens", "result", "error"
@@ -57,6 +59,10 @@ def request_to_wire(r: GenerationRequest, whole: bool = False) -> dict[str, Any]
         "repetition_penalty": p.repetition_penalty,
         "seed": p.seed,
         "logprobs": p.logprobs,
+        # structured output and sampling controls (n is the front's: one request per completion)
+        "top_logprobs": p.top_logprobs,
+        "logit_bias": [list(b) for b in p.logit_bias],
+        "constraint": [p.constraint.kind, p.constraint.value] if p.constraint is not None else None,
         "stop_ids": list(r.stop_ids),
         "deadline": r.deadline,
         "client": r.client,
@@ -72,6 +78,9 @@ def request_from_wire(rid: int, d: dict[str, Any]) -> GenerationRequest:
         repetition_penalty=d["repetition_penalty"],
         seed=d["seed"],
         logprobs=d["logprobs"],
+        top_logprobs=d["top_logprobs"],
+        logit_bias=tuple((int(t), float(b)) for t, b in d["logit_bias"]),
+        constraint=Constraint(*d["constraint"]) if d["constraint"] is not None else None,
     )
     return GenerationRequest(
         rid=rid,

@@ -18,13 +18,15 @@ def loaded(tiny_models):
     return workers.load(ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"])))
 
 
-def _run(loaded, tiny_models, whole: bool, n: int = 6) -> list[list]:
+def _run(loaded, tiny_models, whole: bool, n: int = 6, top_logprobs: int = 0) -> list[list]:
     settings = ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"]))
     sent: list[list] = []
     core = Core(workers.workers_for(loaded, [settings]), sent.append)
     core.w.scheduler.lm.eos = frozenset()  # the length limit ends it
     prompt = loaded.tokenizer("Hello world")["input_ids"]
-    req = GenerationRequest(1, "lm", prompt, SamplingParams(max_new_tokens=n, logprobs=True), n)
+    req = GenerationRequest(
+        1, "lm", prompt, SamplingParams(max_new_tokens=n, logprobs=True, top_logprobs=top_logprobs), n
+    )
     core.handle([P.GENERATE, 1, P.request_to_wire(req, whole=whole)])
     with torch.inference_mode():
         for _ in range(n + 3):
@@ -38,8 +40,8 @@ def test_a_whole_answer_is_one_message_with_every_token_and_logprob(loaded, tiny
     streamed = [t for m in per_token for t in m[1]]
     assert len(streamed) == 6 and len([m for m in per_token if m[1]]) == 6
     (done,) = [f for m in whole for f in m[3]]
-    rid, ids, lps, finish, first = done
-    assert rid == 1 and finish == "length"
+    rid, ids, lps, finish, first, tops = done
+    assert rid == 1 and finish == "length" and tops is None
     assert ids == [t[1] for t in streamed] and lps == [t[2] for t in streamed]
     assert not any(m[1] for m in whole)
     # Stats only when they change: the admission (a row runs) and the finish (none runs).
@@ -47,3 +49,13 @@ def test_a_whole_answer_is_one_message_with_every_token_and_logprob(loaded, tiny
     assert [m[2]["running"] for m in whole] == [{"lm": 1}, {}]
     # Every decode step is still reported, for the batch-size histogram.
     assert sum(len(m[2]["steps"]) for m in whole) == sum(len(m[2]["steps"]) for m in per_token) == 5
+
+
+def test_a_whole_answer_keeps_the_top_logprobs_of_every_token(loaded, tiny_models):
+    per_token = _run(loaded, tiny_models, whole=False, top_logprobs=3)
+    whole = _run(loaded, tiny_models, whole=True, top_logprobs=3)
+    streamed = [t for m in per_token for t in m[1]]
+    (done,) = [f for m in whole for f in m[3]]
+    tops = done[5]
+    assert tops == [t[4] for t in streamed]
+    assert len(tops) == 6 and all(len(top) == 3 for top in tops)

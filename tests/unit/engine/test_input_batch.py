@@ -88,7 +88,7 @@ def run(sched: Scheduler, prompts: list[list[int]], order: list[tuple[int, int]]
                     sched.add(GenerationRequest(i, "lm", prompts[i], p, n, (), None))
             r = sched.step()
             assert not r.errors, r.errors
-            for rid, tok, _, finish in r.tokens:
+            for rid, tok, _, finish, _top in r.tokens:
                 got[rid].append(tok)
                 if finish is not None:
                     done.add(rid)
@@ -194,7 +194,7 @@ def test_kv_reservation_stays_within_the_budget(models):
                     sched.add(
                         GenerationRequest(i, "lm", prompts[i], SamplingParams(max_new_tokens=n), n, (), None)
                     )
-            for rid, tok, _, _ in sched.step().tokens:
+            for rid, tok, _, _, _ in sched.step().tokens:
                 got[rid].append(tok)
             assert sched.slots is not None
             seen_reserved.append(sched.slots.reserved_tokens)
@@ -237,7 +237,7 @@ def test_a_long_prompt_prefills_in_chunks_between_decode_steps(models):
                 sched.add(GenerationRequest(2, "lm", long, SamplingParams(max_new_tokens=20), 20, (), None))
             r = sched.step()
             assert not r.errors
-            for rid, t, _, _ in r.tokens:
+            for rid, t, _, _, _ in r.tokens:
                 got[rid].append(t)
                 if rid != 2 and sched.chunking:
                     running_tokens_while_chunking += 1

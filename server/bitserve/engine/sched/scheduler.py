@@ -19,6 +19,7 @@ import torch
 
 from bitserve.engine.sched.policy import Budget, Policy, Waiting, length_groups
 from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker import logits as adjust
 from bitserve.engine.worker.batch import Batch
 from bitserve.engine.worker.input_batch import SlotBatch
 from bitserve.engine.worker.model_runner import CausalLM
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 PREFILL_PASS_TOKENS = {"cpu": 256}
 PREFILL_PASS_TOKENS_DEFAULT = 8192
 
-# (rid, token id, logprob or None, finish reason or None)
-TokenOut = tuple[int, int, float | None, str | None]
+# (rid, token id, logprob or None, finish reason or None, [[id, logprob], ...] alternatives or None)
+TokenOut = tuple[int, int, float | None, str | None, list[list[float]] | None]
 
 
 @dataclass
@@ -56,6 +57,7 @@ class SchedulerStats:
     prefills: int = 0
     max_running: int = 0
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    prefill_rows: int = 0  # prompts prefilled (identical prompts admitted together count once)
 
 
 class Scheduler:
@@ -96,10 +98,17 @@ class Scheduler:
         # After a prefill the step ends (its first tokens go out at once); the next one decodes
         # every row before anything else is admitted.
         self._decode_next = False
+        self.grammars: adjust.Grammars | None = None  # made at the first constrained request
 
     # requests --------------------------------------------------------------------------------
     def add(self, req: GenerationRequest, arrived: float | None = None) -> None:
-        self.waiting.append(Sequence(req, arrived))
+        seq = Sequence(req, arrived)
+        if req.params.constraint is not None:
+            if self.grammars is None:
+                self.grammars = adjust.Grammars(self.lm.tokenizer, self.lm.vocab, self.lm.eos)
+            # Compiles on the grammar thread; the sequence waits until its matcher can start.
+            seq.guide = self.grammars.guide(req.params.constraint, seq.stop_ids)
+        self.waiting.append(seq)
 
     def abort(self, rids: set[int]) -> None:
         """Forget these requests: waiting ones at once, running ones at the next step."""
@@ -159,11 +168,10 @@ class Scheduler:
             return out
         running = self.running
         slots = self.slots
+        # Sequences whose grammar still compiles wait without holding up the others.
+        ready = adjust.hold_compiling(self.waiting, out.errors) if self.grammars is not None else self.waiting
         decision = self.policy.schedule(
-            [
-                Waiting(len(s.prompt_ids), s.arrived, s.deadline, s.client, s.max_new_tokens)
-                for s in self.waiting
-            ],
+            [Waiting(len(s.prompt_ids), s.arrived, s.deadline, s.client, s.max_new_tokens) for s in ready],
             [s.max_new_tokens - len(s.token_ids) for s in running],
             now,
             kv_needs=(
@@ -175,14 +183,16 @@ class Scheduler:
         for i in decision.expired:
             out.errors.append(
                 (
-                    self.waiting[i].rid,
+                    ready[i].rid,
                     DeadlineExceeded("deadline expired while queued; the model was not run"),
                 )
             )
-        new = [self.waiting[i] for i in decision.admit]
-        gone = set(decision.expired) | set(decision.admit)
+        new = [ready[i] for i in decision.admit]
+        gone = {ready[i].rid for i in set(decision.expired) | set(decision.admit)}
         if gone:
-            self.waiting = [s for i, s in enumerate(self.waiting) if i not in gone]
+            self.waiting = [s for s in self.waiting if s.rid not in gone]
+        if len(ready) < len(self.waiting) and decision.wait_until is None:
+            decision.wait_until = now + 0.002  # look again soon for a compiled grammar
         if new and self.slots is not None:
             for s in new:
                 out.queue_waits.setdefault(s.model, []).append(now - s.arrived)
@@ -247,6 +257,7 @@ class Scheduler:
             try:
                 logits = self.lm.join(slots, part)
                 self.stats.prefills += 1
+                self.stats.prefill_rows += len(part)  # n completions: a row each (no sharing here)
                 out.prompt_tokens += sum(len(s.prompt_ids) for s in part)
                 self._advance_slots(slots, start, logits, out, now=time.monotonic())
             except Exception as e:
@@ -270,6 +281,7 @@ class Scheduler:
             logits = self.lm.chunk(slots, seq, end)
             self.stats.prefills += 1
             if slots.end_chunk():
+                self.stats.prefill_rows += 1
                 out.prompt_tokens += len(seq.prompt_ids)
                 self._advance_slots(slots, len(slots) - 1, logits, out, now=time.monotonic())
         except Exception as e:
@@ -285,7 +297,7 @@ class Scheduler:
     ) -> None:
         """Rows `start..` get one token each (their `logits`); finished, cancelled and expired
         rows leave their slots."""
-        ids_t, ids, lps = select_tokens(logits, slots.rows(start))
+        ids_t, ids, lps, tops = select_tokens(logits, slots.rows(start))
         slots.set_next(start, ids_t)
         eos = self.lm.eos
         leaving: list[int] = []
@@ -296,6 +308,10 @@ class Scheduler:
                 leaving.append(r)
                 continue
             s.token_ids.append(t)
+            if s.guide is not None and not s.guide.accept(t):
+                out.errors.append((s.rid, RuntimeError(f"token {t} broke the request's constraint")))
+                leaving.append(r)
+                continue
             if t in eos:
                 s.finish = "eos"
             elif t in s.stop_ids:
@@ -306,34 +322,48 @@ class Scheduler:
                 out.errors.append((s.rid, DeadlineExceeded("deadline expired during generation")))
                 leaving.append(r)
                 continue
-            lp = lps[i] if lps is not None and s.params.logprobs else None
-            out.tokens.append((s.rid, t, lp, s.finish))
+            want = s.params.logprobs or s.params.top_logprobs > 0
+            lp = lps[i] if lps is not None and want else None
+            top = tops[i][: s.params.top_logprobs] if tops is not None and s.params.top_logprobs else None
+            out.tokens.append((s.rid, t, lp, s.finish, top))
             if s.finish is not None:
                 leaving.append(r)
         slots.leave(leaving)
 
     def _prefill(self, seqs: list[Sequence], out: StepResult) -> Batch | None:
-        groups = length_groups([len(s.prompt_ids) for s in seqs], self._pass_tokens)
-        parts = [self.lm.prefill([seqs[i] for i in g]) for g in groups]
+        # Identical prompts admitted together (the n completions of one prompt) are prefilled
+        # once; their rows are copies of that row's cache.
+        reps: dict[tuple[int, ...], Sequence] = {}
+        for s in seqs:
+            reps.setdefault(tuple(s.prompt_ids), s)
+        distinct = list(reps.values())
+        groups = length_groups([len(s.prompt_ids) for s in distinct], self._pass_tokens)
+        parts = [self.lm.prefill([distinct[i] for i in g]) for g in groups]
         self.stats.prefills += len(parts)
-        out.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        self.stats.prefill_rows += len(distinct)
+        out.prompt_tokens += sum(len(s.prompt_ids) for s in distinct)
         if len(parts) == 1:
             batch, logits = parts[0]
         else:
             # Rows (and so logits) in the order of the parts, as concatenate lays them out.
             batch = Batch.concatenate([b for b, _ in parts])
             logits = torch.cat([lg for _, lg in parts])
+        if len(distinct) < len(seqs):
+            batch, logits = _copy_rows(batch, logits, seqs, reps)
         return self._advance(batch, logits, out, now=time.monotonic())
 
     def _advance(self, batch: Batch, logits: torch.Tensor, out: StepResult, *, now: float) -> Batch | None:
         """Append one token per row; retire finished, cancelled and expired rows."""
-        ids_t, ids, lps = select_tokens(logits, batch)
+        ids_t, ids, lps, tops = select_tokens(logits, batch)
         eos = self.lm.eos
         keep: list[int] = []
         for i, (s, t) in enumerate(zip(batch.seqs, ids, strict=True)):
             if s.cancelled:
                 continue
             s.token_ids.append(t)
+            if s.guide is not None and not s.guide.accept(t):
+                out.errors.append((s.rid, RuntimeError(f"token {t} broke the request's constraint")))
+                continue
             if t in eos:
                 s.finish = "eos"
             elif t in s.stop_ids:
@@ -343,8 +373,10 @@ class Scheduler:
             elif s.deadline is not None and now >= s.deadline:
                 out.errors.append((s.rid, DeadlineExceeded("deadline expired during generation")))
                 continue
-            lp = lps[i] if lps is not None and s.params.logprobs else None
-            out.tokens.append((s.rid, t, lp, s.finish))
+            want = s.params.logprobs or s.params.top_logprobs > 0
+            lp = lps[i] if lps is not None and want else None
+            top = tops[i][: s.params.top_logprobs] if tops is not None and s.params.top_logprobs else None
+            out.tokens.append((s.rid, t, lp, s.finish, top))
             if s.finish is None:
                 keep.append(i)
         kept = batch.filter(keep)
@@ -356,3 +388,16 @@ class Scheduler:
             if kept.seen is not None:
                 kept.seen[torch.arange(len(kept), device=kept.seen.device), kept.next_ids] = True
         return kept
+
+
+def _copy_rows(
+    batch: Batch, logits: torch.Tensor, seqs: list[Sequence], reps: dict[tuple[int, ...], Sequence]
+) -> tuple[Batch, torch.Tensor]:
+    """The batch of `seqs` from the prefilled batch of their distinct prompts: each row a copy
+    of its prompt's row (cache, mask, positions, logits)."""
+    row = {id(s): i for i, s in enumerate(batch.seqs)}
+    idx = [row[id(reps[tuple(s.prompt_ids)])] for s in seqs]
+    copied = batch.filter(idx)
+    assert copied is not None
+    copied.seqs = list(seqs)
+    return copied, logits.index_select(0, torch.tensor(idx, device=logits.device))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import random
 import time
+from typing import TYPE_CHECKING
 
 from bitserve.types import GenerationRequest
+
+if TYPE_CHECKING:
+    from bitserve.engine.worker.logits import Guide
 
 
 class Sequence:
@@ -26,6 +30,7 @@ class Sequence:
         "finish",
         "rng",
         "penalty",
+        "guide",
     )
 
     def __init__(self, req: GenerationRequest, arrived: float | None = None):
@@ -45,3 +50,4 @@ class Sequence:
         self.rng = random.Random(seed if seed is not None else random.getrandbits(64))
         rp = req.params.repetition_penalty
         self.penalty = rp if rp != 1.0 else None
+        self.guide: Guide | None = None  # the row's constraint (set by the scheduler)

@@ -23,6 +23,7 @@ class CausalLM:
 
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, *, max_context: int | None = None):
         self.model = model
+        self.tokenizer = tokenizer  # for compiling grammars against its vocabulary
         self.device = device
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:

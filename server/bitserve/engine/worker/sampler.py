@@ -1,5 +1,6 @@
-"""Per-row token choice: each row by its own parameters, in transformers' processor order
-(repetition penalty, temperature, top-k, top-p); logprobs are of the model's own distribution."""
+"""Per-row token choice: each row by its own parameters - the plan's per-row adjustments
+(logit_bias, a constraint's bitmask) first, then transformers' processor order (repetition
+penalty, temperature, top-k, top-p); logprobs are of the model's own distribution."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Protocol
 import torch
 
 from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker.logits import Adjust as RowAdjust
 
 
 class Rows(Protocol):
@@ -38,6 +40,7 @@ class Plan:
     top_p: torch.Tensor | None  # 1: off
     penalties: torch.Tensor | None  # [B, 1]
     logprobs: bool
+    top_logprobs: int  # the most alternatives any row asks for (0: none)
     # Per-row logits adjustments, each with the rows it applies to (none: nothing to do).
     adjust: list[tuple[torch.Tensor, Adjust]] = field(default_factory=list)
 
@@ -45,7 +48,8 @@ class Plan:
 def make_plan(seqs: list[Sequence], dev: torch.device) -> Plan:
     sample_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     penalized = any(s.penalty is not None for s in seqs)
-    logprobs = any(s.params.logprobs for s in seqs)
+    top_logprobs = max((s.params.top_logprobs for s in seqs), default=0)
+    logprobs = top_logprobs > 0 or any(s.params.logprobs for s in seqs)
     temps = top_k = top_p = None
     if sample_rows:
         ps = [seqs[i].params for i in sample_rows]
@@ -63,7 +67,22 @@ def make_plan(seqs: list[Sequence], dev: torch.device) -> Plan:
         top_p=top_p,
         penalties=penalties,
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        adjust=_adjustments(seqs, dev),
     )
+
+
+def _adjustments(seqs: list[Sequence], dev: torch.device) -> list[tuple[torch.Tensor, Adjust]]:
+    """The rows with a logit_bias or a grammar, and one function adjusting just those rows
+    (built once per membership); rows without either pay nothing."""
+    rows = [i for i, s in enumerate(seqs) if s.guide is not None or s.params.logit_bias]
+    if not rows:
+        return []
+    adj = RowAdjust([seqs[i] for i in rows])
+    return [(torch.tensor(rows, device=dev), lambda x, _rows: adj.apply(x))]
+
+
+Tops = list[list[list[float]]] | None  # per row, [[id, logprob], ...] best first (top_logprobs)
 
 
 def adjust_logits(x: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -73,15 +92,24 @@ def adjust_logits(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     return x
 
 
-def select_tokens(logits: torch.Tensor, batch: Rows) -> tuple[torch.Tensor, list[int], list[float] | None]:
-    """Next token per row, each by its own sampling parameters (transformers' processor order:
-    repetition penalty, temperature, top-k, top-p). Logprobs are of the model's distribution.
-    One device-to-host copy: the ids (with their logprobs when some row wants them)."""
+def select_tokens(
+    logits: torch.Tensor, batch: Rows
+) -> tuple[torch.Tensor, list[int], list[float] | None, Tops]:
+    """Next token per row, each by its own sampling parameters (the plan's per-row adjustments
+    first - logit_bias, the grammar mask - then transformers' processor order: repetition
+    penalty, temperature, top-k, top-p). Logprobs (and top alternatives) are of the model's
+    own distribution. One device-to-host copy for ids and logprobs when some row wants them."""
     plan = batch.plan()
     logits = logits.float()
-    lps = None
+    lps = tops = None
     if plan.logprobs:
         lsm = torch.log_softmax(logits, -1)
+        if plan.top_logprobs:
+            top = lsm.topk(min(plan.top_logprobs, lsm.shape[1]), dim=-1)
+            tops = [
+                [[i, v] for i, v in zip(ids_, vals, strict=True)]
+                for ids_, vals in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            ]
     if plan.plain_greedy and not plan.adjust:
         ids = logits.argmax(-1)
     else:
@@ -103,8 +131,8 @@ def select_tokens(logits: torch.Tensor, batch: Rows) -> tuple[torch.Tensor, list
     if plan.logprobs:
         # ids as float64 are exact (< 2**53): ids and logprobs cross to the host together.
         both = torch.stack([ids.double(), lsm.gather(1, ids[:, None]).squeeze(1).double()]).tolist()
-        return ids, [int(t) for t in both[0]], both[1]
-    return ids, ids.tolist(), lps
+        return ids, [int(t) for t in both[0]], both[1], tops
+    return ids, ids.tolist(), lps, tops
 
 
 def warp(
