@@ -124,9 +124,9 @@ def _burst(target: str, requests: int, k: int, server_pids: list[int]) -> dict[s
     for c in clients:
         c.start()
     time.sleep(max(0.0, start_at - time.time() - 0.5))
-    cpu0 = _cpu_s(server_pids)
+    cpu0, front0 = _cpu_s(server_pids), _cpu_s(server_pids[:1])
     answers = [a for _ in clients for a in q.get(timeout=600)]
-    cpu = _cpu_s(server_pids) - cpu0
+    cpu, front = _cpu_s(server_pids) - cpu0, _cpu_s(server_pids[:1]) - front0
     for c in clients:
         c.join(60)
     codes: dict[str, int] = {}
@@ -144,6 +144,7 @@ def _burst(target: str, requests: int, k: int, server_pids: list[int]) -> dict[s
         "ok_p50_ms": _pct(ok, 0.5) * 1000,
         "ok_p99_ms": _pct(ok, 0.99) * 1000,
         "server_cpu_ms_per_request": cpu * 1000 / max(1, len(answers)),
+        "front_cpu_ms_per_request": front * 1000 / max(1, len(answers)),
     }
 
 
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"round {r + 1} {name:8s}: OK {row['ok']}, RESOURCE_EXHAUSTED {row['rejected']}, "
                     f"other {row['other']}; rejection p50 {row['reject_p50_ms']:.1f} ms, p99 "
                     f"{row['reject_p99_ms']:.1f} ms; success p50 {row['ok_p50_ms']:.1f} ms; server CPU "
-                    f"{row['server_cpu_ms_per_request']:.2f} ms/request; load {row['load_1m']:.1f}",
+                    f"{row['server_cpu_ms_per_request']:.2f} ms/request (front {row['front_cpu_ms_per_request']:.2f}); load {row['load_1m']:.1f}",
                     flush=True,
                 )
     finally:
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 column("ok_p50_ms", "success p50, ms", "{:.1f}"),
                 column("ok_p99_ms", "success p99, ms", "{:.1f}"),
                 column("server_cpu_ms_per_request", "server CPU, ms/request", "{:.2f}"),
+                column("front_cpu_ms_per_request", "of it the front (gRPC process)", "{:.2f}"),
                 column("load_1m", "load (1 min)", "{:.1f}"),
             ],
             rows=rows,
