@@ -87,7 +87,9 @@ async def _spin(n: int = 20) -> None:
 async def test_a_refusal_does_not_wait_for_the_tokenization_of_admitted_requests(tmp_path):
     engine, tok, core = await _engine(tmp_path, queue=4)
     try:
-        admitted = [asyncio.create_task(engine.sentiment(["good film", "bad"], deadline=None)) for _ in range(2)]
+        admitted = [
+            asyncio.create_task(engine.sentiment(["good film", "bad"], deadline=None)) for _ in range(2)
+        ]
         await _spin()
         assert engine._batcher.depth == 0  # nothing is queued yet: both are tokenizing
         assert not any(t.done() for t in admitted)
