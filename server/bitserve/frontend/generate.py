@@ -246,8 +246,10 @@ class GenerationFront(Engine):
 
     def reserve(self, n: int) -> Room:
         """`admit(n)` and hold the room until the request's sequences are sent (`run_all` takes
-        it): a burst is refused at once, never after tokenizing behind the requests that got in."""
+        it): a burst is refused at once, never after tokenizing behind the requests that got in.
+        So is a tenant at its concurrency or queue-share limit."""
         self.admit(n)
+        tenants.check_capacity(self.name, self.limit, n)
         self.reserved += n
         return Room(self, n)
 

@@ -344,6 +344,38 @@ async def test_a_refusal_does_not_wait_for_the_tokenization_of_admitted_requests
     assert engine.reserved == 0 and engine.outstanding == 0
 
 
+async def test_a_tenant_at_its_limit_is_refused_without_using_the_tokenization_thread(make_engine):
+    """Issue 22: a hog tenant's calls over its concurrency limit are refused before they are
+    tokenized, so they never queue on the tokenization thread another tenant's requests need
+    (the old code tokenized them first, then refused them)."""
+    from bitserve.frontend.tenants import Tenants, current_tenant
+    from bitserve.settings import TenantSettings
+
+    engine = await make_engine()
+    hog = Tenants({"hog": TenantSettings(max_concurrent_sequences=1)}).get("hog")
+    assert hog is not None
+    hog.sequences = 1  # at its limit
+    gate = threading.Event()
+    engine._tokenize_pool.submit(gate.wait, 30)  # the tokenization thread is busy until `gate`
+    token = current_tenant.set(hog)
+    try:
+        refused = asyncio.create_task(engine.generate([PROMPTS[0]], GREEDY, deadline=None))
+        stream = engine.generate_stream(PROMPTS[0], GREEDY, deadline=None)
+        streamed = asyncio.create_task(stream.__anext__())  # type: ignore[attr-defined]
+    finally:
+        current_tenant.reset(token)
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert refused.done() and streamed.done(), "a refusal waited for the tokenization thread"
+        for task in (refused, streamed):
+            with pytest.raises(ResourceExhausted, match="at its limit of 1 concurrent sequences"):
+                task.result()
+    finally:
+        gate.set()
+    assert engine.reserved == 0 and engine.outstanding == 0
+
+
 async def test_stop_finishes_accepted_requests_then_refuses(make_engine):
     engine = await make_engine(max_concurrent_sequences=2)
     task = asyncio.create_task(engine.generate(PROMPTS, SamplingParams(max_new_tokens=10), deadline=None))
