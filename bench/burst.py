@@ -12,9 +12,10 @@ Side by side, in interleaved rounds (the order alternates), the same clients bur
 server: a bare grpc.aio server in its own process that refuses every call at once, doing no
 work at all. Its latency is what gRPC in Python and these client processes cost on this
 machine; bitserve's rejections are reported next to it (ratio), with the server processes' CPU
-time per request. Prints and saves bench/results/NAME.json: per round and server, counts per
-status, rejection and success latency percentiles, server CPU ms per request; and the load
-average before and after each round.
+time per request. The first burst after start is cold (it costs several times a later one):
+`--warmup` bursts per server come first and are not kept. Prints and saves
+bench/results/NAME.json: per round and server, counts per status, rejection and success
+latency percentiles, server CPU ms per request (all of it, and the front's), and the load.
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of bitserve and the floor")
+    ap.add_argument(
+        "--warmup", type=int, default=1, help="unmeasured bursts per server first (the first one is cold)"
+    )
     ap.add_argument("--save", default="burst", help="bench/results/NAME.json ('' to skip)")
     args = ap.parse_args(argv)
     import psutil
@@ -214,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             "bitserve": (target, server_pids),
             "floor": (f"127.0.0.1:{floor_port}", [floor.pid or 0]),
         }
+        for w in range(args.warmup):
+            for name, (where, pids) in servers.items():
+                cold = _burst(where, args.requests, args.client_procs, pids)
+                print(f"warm-up {w + 1} {name:8s}: rejection p99 {cold['reject_p99_ms']:.1f} ms (not kept)")
         for r in range(args.rounds):
             order = ["bitserve", "floor"] if r % 2 == 0 else ["floor", "bitserve"]
             for name in order:
@@ -277,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                 "(RESOURCE_EXHAUSTED) with no work: what gRPC in Python and the clients cost here",
                 f"clients: {args.client_procs} processes (spawned, none a server's), each firing its share "
                 "of the requests together on one asyncio loop; latency measured client side",
-                "rounds interleaved, the order alternating; server CPU: the server's processes "
-                "(bitserve: front and engine) during the burst, per request",
+                f"{args.warmup} unmeasured burst(s) per server first: the first burst after start is "
+                "cold (several times slower); rounds interleaved, the order alternating; server CPU: "
+                "the server's processes (bitserve: front and engine) during the burst, per request",
                 "rejection p99 ratio bitserve / floor per round: " + ", ".join(f"{x:.2f}" for x in ratios),
                 f"load average at the end (1, 5, 15 min): {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}",
             ],
