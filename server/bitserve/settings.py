@@ -277,8 +277,9 @@ class ModelSettings(_Strict):
         512,
         ge=1,
         description=(
-            "Prompts longer than this are prefilled in chunks of it, a decode step of the running "
-            "rows between chunks (persistent batch only), so a long prompt does not stall them."
+            "Prompts longer than this are prefilled in chunks of at most it, a decode step of the "
+            "running rows between chunks (persistent batch only), so a long prompt does not stall "
+            "them; beside running rows a chunk is ~4 tokens per row (at least 64)."
         ),
     )
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when unset.")
