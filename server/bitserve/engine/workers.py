@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from bitserve.engine.heads import BatchRunner, model_half
@@ -107,4 +108,14 @@ def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "e
             kv_cache_tokens=max(m.kv_cache_tokens for m in sched_models),
             prefill_chunk_tokens=max(m.prefill_chunk_tokens for m in sched_models),
         )
+        if scheduler.slots is not None:
+            modes = {m.compile_decode for m in sched_models}
+            setting = "on" if "on" in modes else "auto" if "auto" in modes else "off"
+            why = lm.use_compiled(setting, loaded.quantization)
+            if lm.compiled is not None:
+                t0 = time.monotonic()
+                lm.warm_up(scheduler.slots)  # before READY: no request waits for a compile
+                log.info("%s: compiled decode step ready in %.1f s (%s)", name, time.monotonic() - t0, why)
+            else:
+                log.info("%s: eager decode step (%s)", name, why)
     return Workers(loaded, models, runners, scheduler, lm)
