@@ -81,13 +81,15 @@ def bucket(n: int, slot_cap: int) -> int:
 class CompiledDecode:
     """One model's compiled decode step over a `SlotBatch`."""
 
-    def __init__(self, model: Any, device: torch.device, cache_kw: str):
+    def __init__(self, model: Any, device: torch.device, cache_kw: str, *, backend: str = "inductor"):
         self.model = model
         self.cuda = device.type == "cuda"
         self._marked: tuple[int, ...] = ()
         kw = cache_kw
 
-        def forward(input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> Any:
+        def forward(
+            input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
+        ) -> Any:
             out = model(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -100,11 +102,12 @@ class CompiledDecode:
         if self.cuda:
             # One graph per bucket and per buffer size (grown rarely): more than dynamo's default 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.fn = torch.compile(forward, mode="reduce-overhead", dynamic=False)
+            mode = "reduce-overhead" if backend == "inductor" else None
+            self.fn = torch.compile(forward, mode=mode, dynamic=False, backend=backend)
         else:
             # Sizes are marked dynamic below, tensor by tensor (dynamo's own `dynamic=True` still
             # specialised the row count here).
-            self.fn = torch.compile(forward)
+            self.fn = torch.compile(forward, backend=backend)  # "eager": dynamo alone (tests)
 
     def _mark(self, batch: SlotBatch) -> None:
         """Mark the batch's buffers, again whenever they were reallocated (grown or freed):

@@ -74,14 +74,19 @@ class CausalLM:
 
         def rows(k: int) -> list[Sequence]:
             p = SamplingParams(max_new_tokens=4)
-            return [Sequence(GenerationRequest(-1 - i, "", [1 + i % 8] * 4, p, 4, (), None)) for i in range(k)]
+            return [
+                Sequence(GenerationRequest(-1 - i, "", [1 + i % 8] * 4, p, 4, (), None)) for i in range(k)
+            ]
 
         with torch.inference_mode():
             if self.compiled.cuda:
                 batch.hold = True
-                sizes = sorted({compiled_mod.bucket(k, batch.max_slots) for k in range(1, batch.max_slots + 1)})
+                sizes = sorted(
+                    {compiled_mod.bucket(k, batch.max_slots) for k in range(1, batch.max_slots + 1)}
+                )
             else:
-                sizes = [1, 2]  # dynamo specialises size 1: one graph for it, one for the rest
+                # dynamo specialises size 1: one graph for it, one for any other count.
+                sizes = [k for k in (1, 2) if k <= batch.max_slots]
             for k in sorted(sizes, reverse=True):
                 if len(batch) > k:
                     batch.leave(list(range(k, len(batch))))
