@@ -19,7 +19,7 @@ step or batch size makes it compile again.
   written in place, so a replay reads the live cache). Padding rows write a scratch column
   (the last) of free slots, which nothing attends to before it is written again.
   This path is written but was not run here (no GPU was lent); `compile_decode: auto` leaves
-  CUDA eager until a benchmark on a GPU says it pays.
+  CUDA eager until a benchmark on a GPU says it pays (and CPU too, see `AUTO_ON`).
 
 Not compiled (stay eager, `eligible` says why): bitsandbytes int8/nf4/fp4 layers (their custom
 autograd functions and host-side state break graphs), models spread over devices, and the
@@ -67,7 +67,10 @@ def resolve(setting: str, device: torch.device, reason: str | None) -> tuple[boo
     return False, f"compile_decode auto: off for {device.type} (no measured gain)"
 
 
-# Devices where `auto` compiles: those where the committed benchmark shows a gain.
+# Devices where `auto` compiles: those where the committed benchmark shows a gain. None yet:
+# on CPU bench/results/step-compile-cpu.json gains per step in the median (1.09-1.56x) but not
+# in every round on the shared 2-core machine, and a compile costs seconds (cache warm) to
+# minutes (cold) at every engine start; CUDA is unmeasured (docs/generation.md).
 AUTO_ON: frozenset[str] = frozenset()
 
 
