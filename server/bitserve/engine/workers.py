@@ -63,6 +63,7 @@ class Workers:
             "quality_report_json": lm.quality_report_json,
             "device_map": lm.device_map,
             "batch_path": self.scheduler.path if self.scheduler is not None else None,
+            "compiled_decode": self.lm is not None and self.lm.compiled is not None,
         }
 
 
