@@ -115,8 +115,17 @@ def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "e
             why = lm.use_compiled(setting, loaded.quantization)
             if lm.compiled is not None:
                 t0 = time.monotonic()
-                lm.warm_up(scheduler.slots)  # before READY: no request waits for a compile
-                log.info("%s: compiled decode step ready in %.1f s (%s)", name, time.monotonic() - t0, why)
+                try:
+                    lm.warm_up(scheduler.slots)  # before READY: no request waits for a compile
+                except Exception:
+                    # E.g. no C++ compiler for inductor (the runtime image ships none): serve eager.
+                    log.exception("%s: compiling the decode step failed; it runs eager", name)
+                    lm.compiled = None
+                    scheduler.slots = lm.new_slots(scheduler.slots.max_slots, scheduler.slots.kv_tokens)
+                else:
+                    log.info(
+                        "%s: compiled decode step ready in %.1f s (%s)", name, time.monotonic() - t0, why
+                    )
             else:
                 log.info("%s: eager decode step (%s)", name, why)
     return Workers(loaded, models, runners, scheduler, lm)

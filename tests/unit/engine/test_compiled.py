@@ -105,3 +105,20 @@ def test_cuda_buckets_hold_the_rows_within_the_slots():
     assert [compiled.bucket(n, 64) for n in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 48, 64]
     assert compiled.bucket(40, 40) == 40  # capped by the slots
     assert compiled.bucket(1000, 1024) == 1000  # past the last bucket: the rows themselves
+
+
+def test_a_compile_that_fails_at_warm_up_leaves_the_engine_eager(loaded, monkeypatch):
+    """No C++ compiler (the runtime image has none), or any other compile error: the engine
+    logs it and serves eager instead of failing to start."""
+
+    def broken(self, batch):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(compiled.CompiledDecode, "decode", broken)
+    s = ModelSettings(name="lm", task="generate", path=str(loaded.path), compile_decode="on")
+    w = workers.workers_for(loaded, [s])
+    assert w.lm is not None and w.lm.compiled is None and w.scheduler is not None
+    assert w.info()["compiled_decode"] is False
+    prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+    order = ORDERS["middle-leaves-joins-refill"]
+    assert run(w.scheduler, prompts, order) == run(scheduler(loaded), prompts, order)
