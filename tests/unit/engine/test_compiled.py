@@ -122,3 +122,38 @@ def test_a_compile_that_fails_at_warm_up_leaves_the_engine_eager(loaded, monkeyp
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     order = ORDERS["middle-leaves-joins-refill"]
     assert run(w.scheduler, prompts, order) == run(scheduler(loaded), prompts, order)
+
+
+@pytest.mark.slow
+def test_the_cuda_path_padding_rows_to_buckets_equals_eager(loaded):
+    """The CUDA graphs path's row logic, run on CPU through dynamo alone: rows padded up to a
+    bucket, buffers held at full size, padding rows writing the scratch column - including a
+    long prompt prefilled in chunks in the slot the padding rows pass over (about a minute:
+    a graph per bucket)."""
+    from bitserve.engine.sched.scheduler import Scheduler
+
+    torch._dynamo.reset()
+    sched = scheduler(loaded, max_concurrent=16)
+    lm = sched.lm
+    cd = compiled.CompiledDecode(lm.model, lm.device, lm._cache_kw, backend="eager")
+    cd.cuda = True  # pad to buckets, hold the buffers, mark static addresses
+    lm.compiled = cd
+    assert sched.slots is not None
+    lm.warm_up(sched.slots)
+    assert sched.slots.hold and sched.slots.slot_cap == 16
+    for name, prompts, order in _cases(loaded, list(ORDERS)):
+        assert run(sched, prompts, order) == run(scheduler(loaded, max_concurrent=16), prompts, order), name
+    # A chunked prompt parked in slot n while 3 rows decode padded to 4.
+    tok = loaded.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]] + [tok(" ".join(PROMPTS))["input_ids"][:60]]
+    order = [(0, 30), (0, 30), (0, 30), (2, 10)]
+
+    def chunked() -> Scheduler:
+        s = Scheduler(
+            lm, max_concurrent=16, prefill_token_budget=4096, max_waiting_ms=0, prefill_chunk_tokens=16
+        )
+        s.slots = sched.slots  # the held, warmed-up batch
+        return s
+
+    want = run(scheduler(loaded, max_concurrent=16), prompts, order)
+    assert run(chunked(), prompts, order) == want

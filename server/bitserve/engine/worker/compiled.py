@@ -136,14 +136,18 @@ class CompiledDecode:
         batch.begin_decode()  # this step's mask column, in place; capacity grown if needed
         assert batch.mask is not None
         n = m = batch.n
+        last = batch.col_cap - 1
         if self.cuda:
             m = bucket(n, batch.slot_cap)
             if m > n:
                 # Padding rows: free slots (or the parked partial prefill, whose columns stop
-                # before the last) write the last column, which no row reads before writing it.
-                batch.cols_dev[n:m] = batch.col_cap - 1
+                # before the last) write the last column, which no row reads before writing it,
+                # and attend to it alone for this step (a row that attends to nothing would put
+                # NaN in that column, and NaN survives any mask).
+                batch.cols_dev[n:m] = last
                 batch.positions[n:m] = 0
                 batch.next_ids[n:m] = 0
+                batch.mask[n:m, last] = True
             torch.compiler.cudagraph_mark_step_begin()
         self._mark(batch)
         ids, mask, pos = batch.next_ids[:m, None], batch.mask[:m, None, None, :], batch.positions[:m, None]
@@ -156,6 +160,8 @@ class CompiledDecode:
             logits = self.fn(ids, mask, pos, batch.cache)
         finally:
             batch.mode = "decode"
+            if m > n:
+                batch.mask[n:m, last] = False
         batch.end_decode()
         # A CUDA graph's output is overwritten by its next replay: the caller gets its own copy.
         return logits[:n].clone() if self.cuda else logits
