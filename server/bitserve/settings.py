@@ -282,6 +282,15 @@ class ModelSettings(_Strict):
             "them; beside running rows a chunk is ~4 tokens per row (at least 64)."
         ),
     )
+    compile_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "torch.compile the persistent batch's decode step (CPU: inductor, dynamic shapes; CUDA: "
+            "CUDA graphs over bucketed batch sizes), compiled at start-up before the engine is "
+            "ready. auto: only where bench/results/step-compile-cpu.json measured a gain (see "
+            "docs/generation.md); bitsandbytes models stay eager."
+        ),
+    )
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when unset.")
     max_new_tokens_limit: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask for.")
     # Instruction-model adapters.

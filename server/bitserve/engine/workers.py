@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from bitserve.engine.heads import BatchRunner, model_half
@@ -62,6 +63,7 @@ class Workers:
             "quality_report_json": lm.quality_report_json,
             "device_map": lm.device_map,
             "batch_path": self.scheduler.path if self.scheduler is not None else None,
+            "compiled_decode": self.lm is not None and self.lm.compiled is not None,
         }
 
 
@@ -107,4 +109,23 @@ def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "e
             kv_cache_tokens=max(m.kv_cache_tokens for m in sched_models),
             prefill_chunk_tokens=max(m.prefill_chunk_tokens for m in sched_models),
         )
+        if scheduler.slots is not None:
+            modes = {m.compile_decode for m in sched_models}
+            setting = "on" if "on" in modes else "auto" if "auto" in modes else "off"
+            why = lm.use_compiled(setting, loaded.quantization)
+            if lm.compiled is not None:
+                t0 = time.monotonic()
+                try:
+                    lm.warm_up(scheduler.slots)  # before READY: no request waits for a compile
+                except Exception:
+                    # E.g. no C++ compiler for inductor (the runtime image ships none): serve eager.
+                    log.exception("%s: compiling the decode step failed; it runs eager", name)
+                    lm.compiled = None
+                    scheduler.slots = lm.new_slots(scheduler.slots.max_slots, scheduler.slots.kv_tokens)
+                else:
+                    log.info(
+                        "%s: compiled decode step ready in %.1f s (%s)", name, time.monotonic() - t0, why
+                    )
+            else:
+                log.info("%s: eager decode step (%s)", name, why)
     return Workers(loaded, models, runners, scheduler, lm)

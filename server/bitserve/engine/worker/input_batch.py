@@ -96,6 +96,15 @@ def _classes() -> tuple[type, type]:
                 if not self.is_initialized or self.keys is None:
                     self.lazy_initialization(key_states, value_states)
                 k, v, b = self.keys, self.values, self.batch
+                if b.mode == "graph":
+                    # The compiled decode step: shapes come from the tensors alone (rows from
+                    # the input, every column of the buffers, the mask hiding unused ones), so
+                    # one graph serves every batch size and step.
+                    n = key_states.shape[0]
+                    rows, cols = b.row_index[:n], b.cols_dev[:n]
+                    k[rows, :, cols] = key_states[:, :, 0]
+                    v[rows, :, cols] = value_states[:, :, 0]
+                    return k[:n], v[:n]
                 if b.mode == "decode":
                     # One new column per row, each at its own `cols[r]`.
                     n = b.n
@@ -203,6 +212,9 @@ class SlotBatch:
         # and how many of its columns are written.
         self.partial: Sequence | None = None
         self.partial_done = 0
+        # Keep the buffers at their full size, allocated once and never freed (CUDA graphs
+        # replay fixed shapes and addresses: see compiled.py).
+        self.hold = False
         self._alloc_small()
 
     @property
@@ -247,6 +259,9 @@ class SlotBatch:
         new_slots = self.slot_cap
         if slots > new_slots:
             new_slots = min(max(2 * self.slot_cap, FIRST_SLOTS, slots), self.max_slots)
+        if self.hold:
+            new_slots = self.max_slots
+            new_cols = max(cols, min(self.max_columns, self.kv_tokens // max(new_slots, 1)))
         # The KV-token budget bounds the rectangle; admission keeps what is needed within it.
         if new_slots * new_cols > self.kv_tokens:
             new_cols = max(cols, min(new_cols, self.kv_tokens // max(new_slots, 1)))
@@ -341,7 +356,7 @@ class SlotBatch:
 
     def drop_partial(self) -> None:
         self.partial, self.partial_done = None, 0
-        if not self.seqs:
+        if not self.seqs and not self.hold:
             self._alloc_small()
 
     def begin_join(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -436,7 +451,7 @@ class SlotBatch:
             if self.partial is not None:  # the parked partial prefill follows, to slot n
                 self._move_row(self.n + 1, self.n, self.partial_done)
         self._plan = None
-        if not self.seqs and self.partial is None:
+        if not self.seqs and self.partial is None and not self.hold:
             self._alloc_small()  # the memory goes back until the next join
 
     def _move_row(self, src: int, dst: int, used: int) -> None:
