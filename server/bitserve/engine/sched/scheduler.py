@@ -247,23 +247,33 @@ class Scheduler:
 
     # the persistent batch --------------------------------------------------------------------
     def _join(self, seqs: list[Sequence], out: StepResult) -> None:
-        """Prefill `seqs` into free slots, a pass per length group; their first tokens out."""
+        """Prefill `seqs` into free slots, a pass per length group; their first tokens out.
+        Identical prompts admitted together (the n completions of a prompt) are prefilled once:
+        the others join as copies of that row (KV, mask, position) and then decode on their own."""
         slots = self.slots
         assert slots is not None
-        groups = length_groups([len(s.prompt_ids) for s in seqs], self._pass_tokens)
+        reps, copies = _distinct(seqs)
+        groups = length_groups([len(s.prompt_ids) for s in reps], self._pass_tokens)
         for g in groups:
-            part = [seqs[i] for i in g]
+            part = [reps[i] for i in g]
+            row_of = {tuple(s.prompt_ids): i for i, s in enumerate(part)}
+            followers = [c for c in copies if tuple(c.prompt_ids) in row_of]
             start = len(slots)
             try:
-                logits = self.lm.join(slots, part)
+                logits = self.lm.join(slots, part, extra=len(followers))
                 self.stats.prefills += 1
-                self.stats.prefill_rows += len(part)  # n completions: a row each (no sharing here)
+                self.stats.prefill_rows += len(part)
                 out.prompt_tokens += sum(len(s.prompt_ids) for s in part)
+                if followers:
+                    src = [row_of[tuple(c.prompt_ids)] for c in followers]
+                    slots.copy_rows([start + i for i in src], followers)
+                    logits = torch.cat([logits, logits[torch.tensor(src, device=logits.device)]])
                 self._advance_slots(slots, start, logits, out, now=time.monotonic())
             except Exception as e:
-                log.exception("prefill of %d sequences failed in %s", len(part), self.name)
-                out.errors.extend((s.rid, e) for s in part)
-                joined = [start + i for i, s in enumerate(slots.seqs[start:]) if s in part]
+                log.exception("prefill of %d sequences failed in %s", len(part) + len(followers), self.name)
+                failed = part + followers
+                out.errors.extend((s.rid, e) for s in failed)
+                joined = [start + i for i, s in enumerate(slots.seqs[start:]) if s in failed]
                 slots.leave(joined)
 
     def _chunk(self, out: StepResult) -> None:
@@ -388,6 +398,18 @@ class Scheduler:
             if kept.seen is not None:
                 kept.seen[torch.arange(len(kept), device=kept.seen.device), kept.next_ids] = True
         return kept
+
+
+def _distinct(seqs: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+    """The first sequence of each distinct prompt, and the others (in order)."""
+    seen: set[tuple[int, ...]] = set()
+    reps: list[Sequence] = []
+    copies: list[Sequence] = []
+    for s in seqs:
+        key = tuple(s.prompt_ids)
+        (copies if key in seen else reps).append(s)
+        seen.add(key)
+    return reps, copies
 
 
 def _copy_rows(
