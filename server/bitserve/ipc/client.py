@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -117,7 +117,7 @@ class EngineLink:
         """Send one generation request; its tokens go to `sink`. Returns its id (for abort)."""
         return self.generate_many([(req, sink)])[0]
 
-    def generate_many(self, reqs: list[tuple[GenerationRequest, TokenSink]]) -> list[int]:
+    def generate_many(self, reqs: Sequence[tuple[GenerationRequest, TokenSink]]) -> list[int]:
         """Send generation requests in one message, so the engine sees them in the same step
         (the n completions of a prompt are admitted together and share its prefill)."""
         self._check()
