@@ -346,3 +346,47 @@ def test_n_completions_of_a_prompt_share_one_prefill_and_each_equals_its_solo_ru
     else:
         assert got[0] == solo(loaded, prompts[0], steps)
     assert sched.slots is not None and sched.slots.cache is None  # all left; freed
+
+
+def test_n_completions_of_a_long_prompt_share_its_chunked_prefill(models):
+    """A prompt prefilled in chunks, asked for n completions: its chunks run once, the other
+    completions join as copies of its row when it is complete; each equals its solo run."""
+    loaded = models("none")
+    long = loaded.tokenizer(" ".join(PROMPTS) + " " + PROMPTS[3])["input_ids"][:70]
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
+
+    def make() -> Scheduler:
+        return Scheduler(
+            lm, max_concurrent=8, prefill_token_budget=4096, max_waiting_ms=0, prefill_chunk_tokens=16
+        )
+
+    def drive(sched: Scheduler, seeds: list[int]) -> dict[int, list[int]]:
+        got: dict[int, list[int]] = {j: [] for j in range(len(seeds))}
+        with torch.inference_mode():
+            for j, seed in enumerate(seeds):
+                p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed)
+                sched.add(GenerationRequest(j, "lm", long, p, 8, (), None))
+            for _ in range(100):
+                r = sched.step()
+                assert not r.errors, r.errors
+                for rid, tok, *_ in r.tokens:
+                    got[rid].append(tok)
+                if not sched.has_work():
+                    break
+        return got
+
+    sched = make()
+    chunks: list[int] = []
+    real = lm.chunk
+
+    def spy(slots, seq, end):
+        chunks.append(end)
+        return real(slots, seq, end)
+
+    lm.chunk = spy  # type: ignore[method-assign]
+    got = drive(sched, [3, 4, 5])
+    assert len(chunks) == -(-len(long) // 16) and sched.stats.prefill_rows == 1
+    del lm.chunk
+    for j, seed in enumerate([3, 4, 5]):
+        assert got[j] == drive(make(), [seed])[0], j
+    assert len({tuple(v) for v in got.values()}) > 1

@@ -125,8 +125,9 @@ def select_tokens(
         if plan.penalties is not None and batch.seen is not None:
             pen = torch.where(x < 0, x * plan.penalties, x / plan.penalties)
             x = torch.where(batch.seen[:, : x.shape[1]], pen, x)
-        every = len(plan.sample_rows) == x.shape[0]  # every row samples: no argmax, no gather
-        ids = None if every else x.argmax(-1)
+        # Every row samples: no argmax, no gather of the rows.
+        every = len(plan.sample_rows) == x.shape[0] and plan.temps is not None
+        greedy: torch.Tensor | None = None if every else x.argmax(-1)
         if plan.sample_rows and plan.temps is not None:
             rows = torch.tensor(plan.sample_rows, device=x.device)
             xs = warp(x if every else x[rows], plan.temps, plan.top_k, plan.top_p)
@@ -136,8 +137,9 @@ def select_tokens(
                 * cdf[:, -1:]
             )
             picked = torch.searchsorted(cdf, u).clamp(max=xs.shape[1] - 1).squeeze(1)
-            ids = picked if ids is None else ids.index_copy(0, rows, picked)
-        assert ids is not None
+            greedy = picked if greedy is None else greedy.index_copy(0, rows, picked)
+        assert greedy is not None
+        ids = greedy
     if plan.logprobs:
         # ids as float64 are exact (< 2**53): ids and logprobs cross to the host together.
         both = torch.stack([ids.double(), lsm.gather(1, ids[:, None]).squeeze(1).double()]).tolist()
