@@ -390,3 +390,28 @@ def test_n_completions_of_a_long_prompt_share_its_chunked_prefill(models):
     for j, seed in enumerate([3, 4, 5]):
         assert got[j] == drive(make(), [seed])[0], j
     assert len({tuple(v) for v in got.values()}) > 1
+
+
+def test_a_cancelled_lead_of_a_chunked_prompt_hands_its_completions_to_the_next(models):
+    loaded = models("none")
+    long = loaded.tokenizer(" ".join(PROMPTS))["input_ids"][:40]
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
+    sched = Scheduler(
+        lm, max_concurrent=8, prefill_token_budget=4096, max_waiting_ms=0, prefill_chunk_tokens=16
+    )
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    with torch.inference_mode():
+        for j in range(3):
+            sched.add(GenerationRequest(j, "lm", long, SamplingParams(max_new_tokens=6), 6, (), None))
+        sched.step()  # admitted; the lead's first chunk
+        assert sched.slots is not None and sched.slots.partial is not None and sched.slots.partial.rid == 0
+        sched.abort({0})
+        for _ in range(60):
+            r = sched.step()
+            assert not r.errors, r.errors
+            for rid, tok, *_ in r.tokens:
+                got[rid].append(tok)
+            if not sched.has_work():
+                break
+    assert got[0] == [] and got[1] == got[2] == solo(loaded, long, 6)
+    assert sched.stats.prefill_rows == 1  # the new lead's prefill, shared by the other
