@@ -308,10 +308,10 @@ class SlotBatch:
         to the chunks before it; returns the pass's input ids, 4-D mask and position ids."""
         assert self.partial is None or self.partial is seq
         if self.partial is None:
-            # Room first, then the partial row: growing copies the rows held, not this new one
-            # (before the first allocation there is nothing to copy at all).
+            # Grow first: the parked row holds no data yet, so growth copies only the n rows.
+            self.partial_done = 0
             self._ensure(self.n + 1, len(seq.prompt_ids) + 1)
-            self.partial, self.partial_done = seq, 0
+            self.partial = seq
         assert self.mask is not None
         r, c0, dev = self.n, self.partial_done, self.device
         if c0 == 0:
