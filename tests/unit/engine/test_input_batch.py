@@ -277,7 +277,11 @@ def test_a_long_prompt_joins_when_the_running_rows_fill_every_allocated_slot(mod
         for step in range(300):
             if step == 4:
                 assert isinstance(sched.slots, SlotBatch) and sched.slots.slot_cap == len(sched.running)
-                sched.add(GenerationRequest(FIRST_SLOTS, "lm", long, SamplingParams(max_new_tokens=10), 10, (), None))
+                sched.add(
+                    GenerationRequest(
+                        FIRST_SLOTS, "lm", long, SamplingParams(max_new_tokens=10), 10, (), None
+                    )
+                )
             r = sched.step()
             assert not r.errors, r.errors
             for rid, t, _, _, _ in r.tokens:
