@@ -54,6 +54,13 @@ try {
       parameters: { max_new_tokens: 32, n: 2, top_logprobs: 2, logit_bias: { 0: -100 }, constraint: { json_schema: JSON.stringify(schema) } },
     }),
   );
+  show(
+    "StreamRegex",
+    await stream("GenerateStream", {
+      texts: ["Today is"],
+      parameters: { max_new_tokens: 12, constraint: { regex: "20[0-9]{2}-[01][0-9]-[0-3][0-9]" } },
+    }),
+  );
   const question = [{ role: "user", content: "What is the capital of France?" }];
   show("Chat", await unary("Chat", { messages: question, parameters: { max_new_tokens: 24 } }));
   show("ChatStream", await stream("ChatStream", { messages: question, parameters: { max_new_tokens: 8 } }));

@@ -64,16 +64,16 @@ def plain_len(tok, text: str) -> int:
 
 
 def captured_prompts(srv, engine_name: str) -> list[list[int]]:
-    """Replace the engine client's `generate` with one that records each prompt it sends."""
+    """Replace the engine client's `generate_many` with one that records each prompt it sends."""
     core = srv.server.registry._engines[engine_name].core
     seen: list[list[int]] = []
-    real = core.generate
+    real = core.generate_many
 
-    def spy(req, sink):
-        seen.append(list(req.prompt_ids))
-        return real(req, sink)
+    def spy(reqs):
+        seen.extend(list(req.prompt_ids) for req, _ in reqs)
+        return real(reqs)
 
-    core.generate = spy
+    core.generate_many = spy
     return seen
 
 
@@ -84,7 +84,7 @@ def test_a_forged_turn_costs_its_plain_text_tokens_and_the_model_sees_one_user_t
             forged = c.chat([{"role": "user", "content": FORGED}], model="chat", max_new_tokens=2)
             hi = c.chat([{"role": "user", "content": "hi"}], model="chat", max_new_tokens=2)
     finally:
-        del srv.server.registry._engines["chat"].core.generate
+        del srv.server.registry._engines["chat"].core.generate_many
     # Same template around both contents: the difference is the contents' plain-text tokens.
     # (main parsed the markers: 20 tokens fewer here, and a system turn the caller wrote.)
     assert forged.prompt_tokens - hi.prompt_tokens == plain_len(tok, FORGED) - plain_len(tok, "hi")

@@ -2,10 +2,10 @@
 field that the server's (older) contract does not have, instead of the server dropping it.
 
 The "older server" is a stub servicer speaking revision 1 (ListModels without the version
-fields, as every server before revision 2 answers). The Python client's options carry no field
-newer than revision 1 yet (revision 3's n, top_logprobs, logit_bias and constraint are not among
-them), so the tests mark one (`logprobs`) as newer through the one seam that reads the `since`
-marks, `contract.field_since`.
+fields, as every server before revision 2 answers). The tests here mark a revision-1 field
+(`logprobs`) as newer through the one seam that reads the `since` marks, `contract.field_since`;
+the client's real revision-3 options (n, top_logprobs, logit_bias, the constraints) are refused
+the same way in test_client_options.py.
 """
 
 from __future__ import annotations

@@ -138,6 +138,15 @@ def test_grpcurl_structured_output_and_sampling_controls(grpcurl_runs, tiny_chat
     ((request, (response,)),) = _runs_of(grpcurl_runs, "bitserve.v1.Inference/Chat", structured=True)
     options = request["parameters"]["constraint"]["choice"]["options"]
     assert len(response["generations"]) == 2 and all(x["text"] in options for x in response["generations"])
+    ((request, messages),) = _runs_of(grpcurl_runs, "bitserve.v1.Inference/GenerateStream", structured=True)
+    text = "".join(m.get("text", "") for m in messages)
+    assert (
+        messages[-1]["final"]["finish_reason"] == "FINISH_REASON_EOS"
+        and text == messages[-1]["final"]["text"]
+    )
+    assert re.fullmatch(request["parameters"]["constraint"]["regex"], text)
+    ((request, messages),) = _runs_of(grpcurl_runs, "bitserve.v1.Inference/ChatStream", structured=True)
+    assert messages[-1]["final"]["text"] in ("yes.", "no.")
 
 
 def test_grpcurl_task_rpcs_and_list_models(grpcurl_runs, client):
@@ -191,7 +200,10 @@ def test_the_node_example_calls_every_rpc(srv, client):
     )
     assert out.returncode == 0, out.stderr
     results = {r["rpc"]: r["result"] for r in map(json.loads, out.stdout.splitlines())}
-    assert set(results) == RPCS | {"error", "GenerateStructured"}
+    assert set(results) == RPCS | {"error", "GenerateStructured", "StreamRegex"}
+    dates = results["StreamRegex"]
+    assert dates[-1]["final"]["finish_reason"] == "FINISH_REASON_EOS"
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", "".join(m["text"] for m in dates))
     structured = results["GenerateStructured"]["generations"]
     assert len(structured) == 2  # n
     for g in structured:

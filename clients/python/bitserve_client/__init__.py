@@ -33,6 +33,7 @@ from .results import (
     ServerInfo,
     StreamEvent,
     TokenLogprob,
+    TopLogprob,
     Translation,
 )
 from .tokens import Tokens
@@ -55,6 +56,7 @@ __all__ = [
     "ServerInfo",
     "StreamEvent",
     "TokenLogprob",
+    "TopLogprob",
     "Tokens",
     "Translation",
     "BitserveError",

@@ -8,6 +8,7 @@ deadline), and a face only sends it, blocking or awaited. Options are keyword-on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar
@@ -37,6 +38,16 @@ class GenerationOptions(TypedDict, total=False):
     seed: int | None  # same seed, parameters and prompt -> same output
     logprobs: bool  # return each generated token's log-probability
     timeout: float | None  # seconds; None: the client's timeout
+    # Contract revision 3 (a call that sets one asks the server's revision first):
+    n: int  # completions per prompt (1-32); n > 1 returns a list of Generations per prompt
+    top_logprobs: int  # per token, this many most likely alternatives (0-20; implies logprobs)
+    logit_bias: Mapping[int, float] | None  # token id -> added to its logit, in [-100, 100]
+    # At most one constraint: the output must match it.
+    json_schema: Mapping[str, Any] | str | None  # a JSON Schema (a dict or its JSON text)
+    json_object: bool  # any JSON object
+    regex: str | None  # a regular expression the whole output matches
+    choice: Sequence[str] | None  # exactly one of these strings
+    grammar: str | None  # an EBNF grammar (GBNF style: `root ::= ...`)
 
 
 class ClassifyOptions(TypedDict, total=False):
@@ -104,7 +115,51 @@ def _parameters(options: Mapping[str, Any]) -> pb.GenerationParameters:
     )
     if o.get("seed") is not None:
         params.seed = o["seed"]
+    # Revision-3 fields only when they say something: an unset one needs no newer server.
+    if o.get("n", 1) != 1:
+        params.n = o["n"]
+    if o.get("top_logprobs"):
+        params.top_logprobs = o["top_logprobs"]
+    for token, bias in (o.get("logit_bias") or {}).items():
+        params.logit_bias[int(token)] = float(bias)
+    constraint = _constraint(o)
+    if constraint is not None:
+        params.constraint.CopyFrom(constraint)
     return params
+
+
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+def _constraint(o: Mapping[str, Any]) -> pb.Constraint | None:
+    given = [k for k in CONSTRAINTS if o.get(k) not in (None, False)]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"at most one constraint per call; got {', '.join(given)}")
+    (kind,) = given
+    value = o[kind]
+    if kind == "json_schema":
+        return pb.Constraint(json_schema=value if isinstance(value, str) else json.dumps(value))
+    if kind == "json_object":
+        return pb.Constraint(json_object=True)
+    if kind == "choice":
+        if isinstance(value, str):
+            raise TypeError("choice must be a list of strings, not one string")
+        return pb.Constraint(choice=pb.Choice(options=list(value)))
+    return pb.Constraint(**{kind: value})
+
+
+def _completions(options: Mapping[str, Any]) -> int:
+    return int(options.get("n", 1) or 1)
+
+
+def _per_text(gens: Sequence[Any], n: int) -> list[Any]:
+    """Generations in text order, n per text: one per text (n = 1) or a list of n per text."""
+    read = [results.generation(g) for g in gens]
+    if n == 1:
+        return read
+    return [read[i : i + n] for i in range(0, len(read), n)]
 
 
 def _generate_request(
@@ -128,8 +183,11 @@ def _chat_request(messages: Sequence[Message], options: Mapping[str, Any]) -> pb
 
 # the builders, one per client method -------------------------------------------------------------
 def generate(prompt: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any]:
+    """A `Generation` per prompt; with n > 1 a list of n of them per prompt (seeded: completion j
+    used seed + j)."""
     req, single = _generate_request(prompt, options)
-    read = _one_or_all(lambda r: [results.generation(g) for g in r.generations], single)
+    n = _completions(options)
+    read = _one_or_all(lambda r: _per_text(r.generations, n), single)
     return Call("Generate", req, read, options.get("timeout"))
 
 
@@ -138,9 +196,17 @@ def generate_stream(prompt: str, options: Mapping[str, Any]) -> Call[results.Str
     return Call("GenerateStream", req, results.event, options.get("timeout"))
 
 
-def chat(messages: Sequence[Message], options: Mapping[str, Any]) -> Call[results.Generation]:
+def chat(messages: Sequence[Message], options: Mapping[str, Any]) -> Call[Any]:
+    """The assistant's reply, a `Generation`; with n > 1 a list of n replies."""
     req = _chat_request(messages, options)
-    return Call("Chat", req, lambda r: results.generation(r.generation), options.get("timeout"))
+    if _completions(options) == 1:
+        return Call("Chat", req, lambda r: results.generation(r.generation), options.get("timeout"))
+    return Call(
+        "Chat",
+        req,
+        lambda r: [results.generation(g) for g in (r.generations or [r.generation])],
+        options.get("timeout"),
+    )
 
 
 def chat_stream(messages: Sequence[Message], options: Mapping[str, Any]) -> Call[results.StreamEvent]:

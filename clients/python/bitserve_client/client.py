@@ -24,7 +24,7 @@ from . import channel as _ch
 from . import tokens as _tok
 from .calls import Call, Message
 from .errors import from_rpc_error
-from .results import Generation, ModelInfo, ServerInfo, StreamEvent
+from .results import ModelInfo, ServerInfo, StreamEvent
 from .retry import RetryInfoPolicy
 
 if TYPE_CHECKING:
@@ -116,7 +116,8 @@ class Client(_Face):
             it.cancel()
 
     def generate(self, prompt: str | Sequence[str], **options: Unpack[GenerationOptions]) -> Any:
-        """A `Generation` for one prompt, a list of them for a list of prompts."""
+        """A `Generation` for one prompt, a list of them for a list of prompts; with `n` > 1,
+        a list of n Generations in place of each."""
         return self._unary(calls.generate(prompt, options))
 
     def generate_stream(self, prompt: str, **options: Unpack[GenerationOptions]) -> Iterator[StreamEvent]:
@@ -124,8 +125,9 @@ class Client(_Face):
         (break, or closing the iterator) cancels the generation."""
         return self._stream(calls.generate_stream(prompt, options))
 
-    def chat(self, messages: Sequence[Message], **options: Unpack[GenerationOptions]) -> Generation:
-        """The assistant's reply to `messages`, rendered with the model's chat template on the server."""
+    def chat(self, messages: Sequence[Message], **options: Unpack[GenerationOptions]) -> Any:
+        """The assistant's reply to `messages` (a `Generation`), rendered with the model's chat
+        template on the server; with `n` > 1, a list of n replies."""
         return self._unary(calls.chat(messages, options))
 
     def chat_stream(
@@ -235,7 +237,7 @@ class AsyncClient(_Face):
     ) -> AsyncIterator[StreamEvent]:
         return self._stream(calls.generate_stream(prompt, options))
 
-    async def chat(self, messages: Sequence[Message], **options: Unpack[GenerationOptions]) -> Generation:
+    async def chat(self, messages: Sequence[Message], **options: Unpack[GenerationOptions]) -> Any:
         return await self._unary(calls.chat(messages, options))
 
     def chat_stream(

@@ -24,10 +24,20 @@ _TASK = {
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a step (`top_logprobs`)."""
+
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     id: int
     text: str
     logprob: float
+    top: tuple[TopLogprob, ...] = ()  # the step's most likely tokens, best first (top_logprobs)
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,10 @@ class ServerInfo:
 
 
 def logprobs(items: Iterable[pb.TokenLogprob]) -> tuple[TokenLogprob, ...]:
-    return tuple(TokenLogprob(t.id, t.text, t.logprob) for t in items)
+    return tuple(
+        TokenLogprob(t.id, t.text, t.logprob, tuple(TopLogprob(a.id, a.text, a.logprob) for a in t.top))
+        for t in items
+    )
 
 
 def generation(g: pb.Generation) -> Generation:

@@ -72,6 +72,10 @@ class Core:
         if op == P.PING:  # answered between steps: a hung loop does not answer
             self.send([P.PONG, msg[1]])
             return
+        if op == P.GENERATE_MANY:
+            for rid, req in msg[1]:
+                self.handle([P.GENERATE, rid, req])
+            return
         rid = msg[1]
         if self.closing:
             self.send([P.ERROR, rid, "UNAVAILABLE", "the engine is shutting down"])

@@ -263,19 +263,38 @@ class GenerationFront(Engine):
         collector: TokenCollector,
         stop_ids: tuple[int, ...] = (),
     ) -> None:
-        req = GenerationRequest(
-            rid=0,
-            model=self.name,
-            prompt_ids=prompt,
-            params=params,
-            max_new_tokens=n,
-            stop_ids=stop_ids,
-            deadline=deadline,
-            client=current_client.get(),
-        )
-        collector.rid = self.core.generate(req, collector)
-        self.outstanding += 1
-        self.gen_metrics.prompt.inc(len(prompt))
+        self.submit_many([(prompt, params, collector)], n, deadline, stop_ids)
+
+    def submit_many(
+        self,
+        reqs: list[tuple[list[int], SamplingParams, TokenCollector]],
+        n: int,
+        deadline: float | None,
+        stop_ids: tuple[int, ...] = (),
+    ) -> None:
+        """Send (prompt, params, collector) requests to the engine in one message."""
+        client = current_client.get()
+        wire = [
+            (
+                GenerationRequest(
+                    rid=0,
+                    model=self.name,
+                    prompt_ids=prompt,
+                    params=params,
+                    max_new_tokens=n,
+                    stop_ids=stop_ids,
+                    deadline=deadline,
+                    client=client,
+                ),
+                collector,
+            )
+            for prompt, params, collector in reqs
+        ]
+        rids = self.core.generate_many(wire)
+        for (prompt, _, collector), rid in zip(reqs, rids, strict=True):
+            collector.rid = rid
+            self.outstanding += 1
+            self.gen_metrics.prompt.inc(len(prompt))
 
     def _released(self, _: Any = None) -> None:
         self.outstanding -= 1
@@ -302,7 +321,7 @@ class GenerationFront(Engine):
         tickets = tenants.admit_sequences(self.name, self.limit, [len(p) for p, _ in seqs], n)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = []
-        collectors: list[TokenCollector] = []
+        reqs: list[tuple[list[int], SamplingParams, TokenCollector]] = []
         for (p, j), ticket in zip(seqs, tickets):
             pj = completion_params(params, j)
             fut = loop.create_future()
@@ -315,16 +334,17 @@ class GenerationFront(Engine):
                 stops=stops,
             )
             c.ticket = ticket
-            try:
-                self.submit(p, pj, n, deadline, c, stop_ids)
-            except BaseException:  # the engine is down (restarting): nothing of this request stays held
-                for t in tickets[len(collectors) :]:
-                    if t is not None:
-                        t.finish(0)
-                self._abandon(collectors)
-                raise
             futures.append(fut)
-            collectors.append(c)
+            reqs.append((p, pj, c))
+        try:
+            # One message: the engine admits the n completions of a prompt in the same step.
+            self.submit_many(reqs, n, deadline, stop_ids)
+        except BaseException:  # the engine is down (restarting): nothing of this request stays held
+            for t in tickets:
+                if t is not None:
+                    t.finish(0)
+            raise
+        collectors = [c for _, _, c in reqs]
         try:
             return list(await asyncio.gather(*futures))
         finally:

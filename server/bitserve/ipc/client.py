@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -115,12 +115,23 @@ class EngineLink:
 
     def generate(self, req: GenerationRequest, sink: TokenSink) -> int:
         """Send one generation request; its tokens go to `sink`. Returns its id (for abort)."""
+        return self.generate_many([(req, sink)])[0]
+
+    def generate_many(self, reqs: Sequence[tuple[GenerationRequest, TokenSink]]) -> list[int]:
+        """Send generation requests in one message, so the engine sees them in the same step
+        (the n completions of a prompt are admitted together and share its prefill)."""
         self._check()
-        rid = next(self._rids)
-        req.rid = rid
-        self._sinks[rid] = sink
-        self._send([P.GENERATE, rid, P.request_to_wire(req, whole=bool(getattr(sink, "whole", False)))])
-        return rid
+        wire = []
+        for req, sink in reqs:
+            req.rid = next(self._rids)
+            wire.append([req.rid, P.request_to_wire(req, whole=bool(getattr(sink, "whole", False)))])
+        if len(wire) == 1:
+            self._send([P.GENERATE, *wire[0]])
+        else:
+            self._send([P.GENERATE_MANY, wire])
+        for req, sink in reqs:
+            self._sinks[req.rid] = sink
+        return [req.rid for req, _ in reqs]
 
     def abort(self, rids: list[int]) -> None:
         live = [r for r in rids if self._sinks.pop(r, None) is not None]

@@ -1,6 +1,8 @@
 """Messages between the front and an engine core process: msgpack-encoded lists of plain data.
 
 front -> core:  [GENERATE, rid, request dict]   a generation request (token ids, sampling)
+                [GENERATE_MANY, [[rid, request dict], ...]]
+                                                several, seen by the same step (n completions)
                 [SCORE, rid, prompts, conts]    label scoring: log-likelihood of continuations
                 [BATCH, rid, model, items]      one batch for a model with its own task head
                 [ABORT, [rid, ...]]             the callers are gone: drop these requests
@@ -32,6 +34,7 @@ from bitserve import errors
 from bitserve.types import Constraint, GenerationRequest, SamplingParams
 
 GENERATE, SCORE, BATCH, ABORT, SHUTDOWN = "gen", "score", "batch", "abort", "shutdown"
+GENERATE_MANY = "genmany"
 READY, FAILED, TOKENS, RESULT, ERROR = "ready", "failed", "tokens", "result", "error"
 PING, PONG = "ping", "pong"  # the front's engine watchdog
 

@@ -8,6 +8,7 @@ tokenizer is trained on a small embedded corpus with the `tokenizers` library.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,12 +63,15 @@ def _with_post(tokenizer, template: str, specials: list[str]):
     return tokenizer
 
 
-def build_causal_lm(path: str | Path, *, seed: int = 0, max_positions: int = 128) -> Path:
-    """A Llama-style causal LM (rotary positions, so left padding is handled by position ids)."""
+def build_causal_lm(
+    path: str | Path, *, seed: int = 0, max_positions: int = 128, tokenizer: Any = None
+) -> Path:
+    """A Llama-style causal LM (rotary positions, so left padding is handled by position ids).
+    `tokenizer`: another vocabulary than the tiny one (a real model's, for its size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer() if tokenizer is None else tokenizer
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     config = LlamaConfig(

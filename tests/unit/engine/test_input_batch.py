@@ -334,3 +334,125 @@ def test_a_short_prompt_padded_to_a_long_one_may_run_past_the_context(models):
     got = run(scheduler(loaded), [long, short], [(0, 10), (0, n_short)])
     assert got[0] == solo(loaded, long, 10)
     assert got[1] == solo(loaded, short, n_short)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_n_completions_of_a_prompt_share_one_prefill_and_each_equals_its_solo_run(models, sampling):
+    """The n completions of a prompt (the front sends n requests with the same ids, seeds
+    seed+j) are prefilled once - one row in the join's pass; the others copy its KV - and then
+    decode apart: each equals a solo run of its own request, token for token."""
+    loaded = models("none")
+    prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    n, steps = 4, 10
+
+    def params(j: int) -> SamplingParams:
+        if sampling == "greedy":
+            return SamplingParams(max_new_tokens=steps)
+        return SamplingParams(max_new_tokens=steps, temperature=1.0, top_k=50, seed=7 + j)
+
+    # (rid, prompt index, completion j): prompt 0 n times and prompt 1 once, admitted together.
+    reqs = [(j, 0, j) for j in range(n)] + [(n, 1, 0)]
+
+    def drive(sched: Scheduler, which: list[tuple[int, int, int]]) -> dict[int, list[int]]:
+        got: dict[int, list[int]] = {rid: [] for rid, _, _ in which}
+        with torch.inference_mode():
+            for rid, i, j in which:
+                sched.add(GenerationRequest(rid, "lm", prompts[i], params(j), steps, (), None))
+            for _ in range(100):
+                r = sched.step()
+                assert not r.errors, r.errors
+                for rid, tok, *_ in r.tokens:
+                    got[rid].append(tok)
+                if not sched.has_work():
+                    break
+        return got
+
+    sched = scheduler(loaded)
+    joined: list[int] = []  # rows in each prefill pass
+    real_join = sched.lm.join
+
+    def spy(slots, seqs, extra=0):
+        joined.append(len(seqs))
+        return real_join(slots, seqs, extra)
+
+    sched.lm.join = spy  # type: ignore[method-assign]
+    got = drive(sched, reqs)
+    assert joined == [2]  # one pass, one row per distinct prompt: 5 rows decode
+    assert sched.stats.prefill_rows == 2 and sched.stats.max_running == n + 1
+    for rid, i, j in reqs:
+        assert got[rid] == drive(scheduler(loaded), [(rid, i, j)])[rid], (rid, sampling)
+        assert len(got[rid]) == steps
+    if sampling == "seeded":
+        assert len({tuple(got[j]) for j in range(n)}) > 1  # the completions differ
+    else:
+        assert got[0] == solo(loaded, prompts[0], steps)
+    assert sched.slots is not None and sched.slots.cache is None  # all left; freed
+
+
+def test_n_completions_of_a_long_prompt_share_its_chunked_prefill(models):
+    """A prompt prefilled in chunks, asked for n completions: its chunks run once, the other
+    completions join as copies of its row when it is complete; each equals its solo run."""
+    loaded = models("none")
+    long = loaded.tokenizer(" ".join(PROMPTS) + " " + PROMPTS[3])["input_ids"][:70]
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
+
+    def make() -> Scheduler:
+        return Scheduler(
+            lm, max_concurrent=8, prefill_token_budget=4096, max_waiting_ms=0, prefill_chunk_tokens=16
+        )
+
+    def drive(sched: Scheduler, seeds: list[int]) -> dict[int, list[int]]:
+        got: dict[int, list[int]] = {j: [] for j in range(len(seeds))}
+        with torch.inference_mode():
+            for j, seed in enumerate(seeds):
+                p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed)
+                sched.add(GenerationRequest(j, "lm", long, p, 8, (), None))
+            for _ in range(100):
+                r = sched.step()
+                assert not r.errors, r.errors
+                for rid, tok, *_ in r.tokens:
+                    got[rid].append(tok)
+                if not sched.has_work():
+                    break
+        return got
+
+    sched = make()
+    chunks: list[int] = []
+    real = lm.chunk
+
+    def spy(slots, seq, end):
+        chunks.append(end)
+        return real(slots, seq, end)
+
+    lm.chunk = spy  # type: ignore[method-assign]
+    got = drive(sched, [3, 4, 5])
+    assert len(chunks) == -(-len(long) // 16) and sched.stats.prefill_rows == 1
+    del lm.chunk
+    for j, seed in enumerate([3, 4, 5]):
+        assert got[j] == drive(make(), [seed])[0], j
+    assert len({tuple(v) for v in got.values()}) > 1
+
+
+def test_a_cancelled_lead_of_a_chunked_prompt_hands_its_completions_to_the_next(models):
+    loaded = models("none")
+    long = loaded.tokenizer(" ".join(PROMPTS))["input_ids"][:40]
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
+    sched = Scheduler(
+        lm, max_concurrent=8, prefill_token_budget=4096, max_waiting_ms=0, prefill_chunk_tokens=16
+    )
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    with torch.inference_mode():
+        for j in range(3):
+            sched.add(GenerationRequest(j, "lm", long, SamplingParams(max_new_tokens=6), 6, (), None))
+        sched.step()  # admitted; the lead's first chunk
+        assert sched.slots is not None and sched.slots.partial is not None and sched.slots.partial.rid == 0
+        sched.abort({0})
+        for _ in range(60):
+            r = sched.step()
+            assert not r.errors, r.errors
+            for rid, tok, *_ in r.tokens:
+                got[rid].append(tok)
+            if not sched.has_work():
+                break
+    assert got[0] == [] and got[1] == got[2] == solo(loaded, long, 6)
+    assert sched.stats.prefill_rows == 1  # the new lead's prefill, shared by the other

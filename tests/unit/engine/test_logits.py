@@ -249,16 +249,15 @@ async def test_top_logprobs_are_the_model_log_softmax_top_k(engine, loaded):
 
 
 # n ----------------------------------------------------------------------------------------------
-# The copying batch prefills identical prompts admitted together once (2 prefill rows for 6
-# completions); the persistent slot batch does not share yet: each completion is its own row
-# (6 prefill rows), with the same tokens.
+# Both batches prefill identical prompts admitted together once (2 prefill rows for 6
+# completions; the front sends a request's completions in one message, so they are admitted
+# together): the copying batch copies the rows, the slot batch copies the KV into n slots.
 @pytest.mark.parametrize("engine", [True, False], ids=["persistent", "copying"], indirect=True)
 async def test_n_completions_share_one_prefill_and_each_equals_its_single_run(engine, loaded):
     sampled = SamplingParams(max_new_tokens=12, temperature=1.0, seed=10, n=3, logprobs=True)
     rows_before = engine.scheduler.stats.prefill_rows
     gens = await engine.generate(PROMPTS[:2], sampled, deadline=None)
-    shared = engine.scheduler.slots is None
-    assert engine.scheduler.stats.prefill_rows - rows_before == (2 if shared else 6)
+    assert engine.scheduler.stats.prefill_rows - rows_before == 2
     assert len(gens) == 6
     for i, p in enumerate(PROMPTS[:2]):
         for j in range(3):

@@ -82,6 +82,9 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.chunk_tokens = prefill_chunk_tokens
         self._chunk_queue: list[Sequence] = []  # admitted prompts to prefill in chunks, in turn
+        # Per queued long prompt (by id of its sequence): the sequences of the same prompt
+        # admitted with it (n completions), which join as copies of its row when it is complete.
+        self._followers: dict[int, list[Sequence]] = {}
         self._batch: Batch | None = None  # the copying path's running batch
         # The persistent batch, when this model can be served in slots.
         self.slots: SlotBatch | None = None
@@ -119,7 +122,18 @@ class Scheduler:
         if not rids:
             return
         self.waiting = [s for s in self.waiting if s.rid not in rids]
-        self._chunk_queue = [s for s in self._chunk_queue if s.rid not in rids]
+        for key, fs in list(self._followers.items()):
+            self._followers[key] = [f for f in fs if f.rid not in rids]
+        queue: list[Sequence] = []
+        for s in self._chunk_queue:
+            if s.rid not in rids:
+                queue.append(s)
+            else:  # its followers are prefilled without it: the first leads, the others copy it
+                fs = self._followers.pop(id(s), [])
+                if fs:
+                    queue.append(fs[0])
+                    self._followers[id(fs[0])] = fs[1:]
+        self._chunk_queue = queue
         if self.slots is not None and self.slots.partial is not None and self.slots.partial.rid in rids:
             self.slots.partial.cancelled = True
         if self.batch is not None:
@@ -201,7 +215,11 @@ class Scheduler:
             for s in new:
                 out.queue_waits.setdefault(s.model, []).append(now - s.arrived)
             short = [s for s in new if len(s.prompt_ids) <= self.chunk_tokens]
-            self._chunk_queue.extend(s for s in new if len(s.prompt_ids) > self.chunk_tokens)
+            reps, copies = _distinct([s for s in new if len(s.prompt_ids) > self.chunk_tokens])
+            lead = {tuple(s.prompt_ids): s for s in reps}
+            for c in copies:
+                self._followers.setdefault(id(lead[tuple(c.prompt_ids)]), []).append(c)
+            self._chunk_queue.extend(reps)
             if short:
                 self._join(short, out)
             elif self._chunk_queue:
@@ -251,23 +269,33 @@ class Scheduler:
 
     # the persistent batch --------------------------------------------------------------------
     def _join(self, seqs: list[Sequence], out: StepResult) -> None:
-        """Prefill `seqs` into free slots, a pass per length group; their first tokens out."""
+        """Prefill `seqs` into free slots, a pass per length group; their first tokens out.
+        Identical prompts admitted together (the n completions of a prompt) are prefilled once:
+        the others join as copies of that row (KV, mask, position) and then decode on their own."""
         slots = self.slots
         assert slots is not None
-        groups = length_groups([len(s.prompt_ids) for s in seqs], self._pass_tokens)
+        reps, copies = _distinct(seqs)
+        groups = length_groups([len(s.prompt_ids) for s in reps], self._pass_tokens)
         for g in groups:
-            part = [seqs[i] for i in g]
+            part = [reps[i] for i in g]
+            row_of = {tuple(s.prompt_ids): i for i, s in enumerate(part)}
+            followers = [c for c in copies if tuple(c.prompt_ids) in row_of]
             start = len(slots)
             try:
-                logits = self.lm.join(slots, part)
+                logits = self.lm.join(slots, part, extra=len(followers))
                 self.stats.prefills += 1
-                self.stats.prefill_rows += len(part)  # n completions: a row each (no sharing here)
+                self.stats.prefill_rows += len(part)
                 out.prompt_tokens += sum(len(s.prompt_ids) for s in part)
+                if followers:
+                    src = [row_of[tuple(c.prompt_ids)] for c in followers]
+                    slots.copy_rows([start + i for i in src], followers)
+                    logits = torch.cat([logits, logits[torch.tensor(src, device=logits.device)]])
                 self._advance_slots(slots, start, logits, out, now=time.monotonic())
             except Exception as e:
-                log.exception("prefill of %d sequences failed in %s", len(part), self.name)
-                out.errors.extend((s.rid, e) for s in part)
-                joined = [start + i for i, s in enumerate(slots.seqs[start:]) if s in part]
+                log.exception("prefill of %d sequences failed in %s", len(part) + len(followers), self.name)
+                failed = part + followers
+                out.errors.extend((s.rid, e) for s in failed)
+                joined = [start + i for i, s in enumerate(slots.seqs[start:]) if s in failed]
                 slots.leave(joined)
 
     def _chunk(self, out: StepResult) -> None:
@@ -279,22 +307,33 @@ class Scheduler:
             seq = self._chunk_queue.pop(0)
         if seq.cancelled:
             slots.drop_partial()
+            fs = self._followers.pop(id(seq), [])
+            if fs:  # the completions still wanted are prefilled without it
+                self._chunk_queue.insert(0, fs[0])
+                self._followers[id(fs[0])] = fs[1:]
             return
         end = min(slots.partial_done + self._chunk_size(), len(seq.prompt_ids))
+        followers: list[Sequence] = []
         try:
             logits = self.lm.chunk(slots, seq, end)
             self.stats.prefills += 1
             if slots.end_chunk():
                 self.stats.prefill_rows += 1
                 out.prompt_tokens += len(seq.prompt_ids)
-                self._advance_slots(slots, len(slots) - 1, logits, out, now=time.monotonic())
+                r = len(slots) - 1
+                followers = self._followers.pop(id(seq), [])
+                if followers:  # the same prompt's other completions: copies of its row
+                    slots.copy_rows([r] * len(followers), followers)
+                    logits = logits.repeat(1 + len(followers), 1)
+                self._advance_slots(slots, r, logits, out, now=time.monotonic())
         except Exception as e:
             log.exception("chunked prefill failed in %s", self.name)
-            out.errors.append((seq.rid, e))
+            followers = followers or self._followers.pop(id(seq), [])
+            out.errors.extend((s.rid, e) for s in [seq, *followers])
             if slots.partial is seq:
                 slots.drop_partial()
-            elif seq in slots.seqs:
-                slots.leave([slots.seqs.index(seq)])
+            gone = [i for i, s in enumerate(slots.seqs) if s is seq or s in followers]
+            slots.leave(gone)
 
     def _chunk_size(self) -> int:
         """Prompt tokens in the next chunk: `prefill_chunk_tokens` at most, and about
@@ -402,6 +441,18 @@ class Scheduler:
             if kept.seen is not None:
                 kept.seen[torch.arange(len(kept), device=kept.seen.device), kept.next_ids] = True
         return kept
+
+
+def _distinct(seqs: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+    """The first sequence of each distinct prompt, and the others (in order)."""
+    seen: set[tuple[int, ...]] = set()
+    reps: list[Sequence] = []
+    copies: list[Sequence] = []
+    for s in seqs:
+        key = tuple(s.prompt_ids)
+        (copies if key in seen else reps).append(s)
+        seen.add(key)
+    return reps, copies
 
 
 def _copy_rows(

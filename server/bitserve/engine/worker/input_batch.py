@@ -139,6 +139,13 @@ def _classes() -> tuple[type, type]:
                 nv[:n, :, :used] = v[:n, :, :used]
                 self.keys, self.values = nk, nv
 
+            def copy_rows(self, src: torch.Tensor, dst0: int, used: int) -> None:
+                """Slots `dst0..` get rows `src`' first `used` columns (a join's copies)."""
+                if self.keys is not None:
+                    m = src.shape[0]
+                    self.keys[dst0 : dst0 + m, :, :used] = self.keys[src, :, :used]
+                    self.values[dst0 : dst0 + m, :, :used] = self.values[src, :, :used]
+
             def move(self, src: int, dst: int, used: int) -> None:
                 if self.keys is not None:
                     self.keys[dst, :, :used] = self.keys[src, :, :used]
@@ -359,13 +366,16 @@ class SlotBatch:
         if not self.seqs and not self.hold:
             self._alloc_small()
 
-    def begin_join(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def begin_join(
+        self, seqs: list[Sequence], extra: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Put `seqs` in the free slots `n..n+m-1`, left-padded to their longest prompt; returns
-        the prefill's input ids, its 4-D mask and its position ids."""
+        the prefill's input ids, its 4-D mask and its position ids. `extra`: slots to keep
+        ready after them for copies of these rows (`copy_rows`)."""
         assert self.partial is None, "no join while a prompt is prefilled in chunks"
         n0, m = self.n, len(seqs)
         longest = max(len(s.prompt_ids) for s in seqs)
-        self._ensure(n0 + m, longest + 1)
+        self._ensure(n0 + m + extra, longest + 1)
         assert self.mask is not None
         dev = self.device
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=dev)
@@ -390,6 +400,29 @@ class SlotBatch:
         self.cols.extend([longest] * m)
         self._plan = None
         return input_ids, mask4, position_ids
+
+    def copy_rows(self, src: list[int], seqs: list[Sequence]) -> None:
+        """Join `seqs` in slots `n..` as copies of rows `src` (each the row of the same prompt,
+        just prefilled): its KV, mask, columns and position, so the prompt is prefilled once for
+        all of them (the n completions of a prompt). They then decode as rows of their own."""
+        assert self.partial is None, "no join while a prompt is prefilled in chunks"
+        if not seqs:
+            return
+        n0, m = self.n, len(seqs)
+        self._ensure(n0 + m, max(self.cols[r] for r in src) + 1)
+        assert self.mask is not None
+        idx = torch.tensor(src, device=self.device)
+        used = max(self.cols[r] for r in src)
+        for layer in self.cache.layers:
+            layer.copy_rows(idx, n0, used)
+        self.mask[n0 : n0 + m] = self.mask[idx]
+        self.cols_dev[n0 : n0 + m] = self.cols_dev[idx]
+        self.positions[n0 : n0 + m] = self.positions[idx]
+        if any(s.penalty is not None for s in seqs) or (self.seen is not None):
+            self._seen_rows(n0, seqs)
+        self.seqs.extend(seqs)
+        self.cols.extend(self.cols[r] for r in src)
+        self._plan = None
 
     def _seen_rows(self, n0: int, seqs: list[Sequence]) -> None:
         if self.seen is None:

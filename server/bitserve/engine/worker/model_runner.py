@@ -108,9 +108,10 @@ class CausalLM:
         )
 
     # the persistent batch ----------------------------------------------------------------------
-    def join(self, batch: SlotBatch, seqs: list[Sequence]) -> torch.Tensor:
-        """Prefill `seqs` into free slots of `batch`; their next-token logits, [m, V]."""
-        input_ids, mask, position_ids = batch.begin_join(seqs)
+    def join(self, batch: SlotBatch, seqs: list[Sequence], extra: int = 0) -> torch.Tensor:
+        """Prefill `seqs` into free slots of `batch` (keeping `extra` more ready for copies of
+        their rows); their next-token logits, [m, V]."""
+        input_ids, mask, position_ids = batch.begin_join(seqs, extra)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,

@@ -86,9 +86,15 @@ Tops = list[list[list[float]]] | None  # per row, [[id, logprob], ...] best firs
 
 
 def adjust_logits(x: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """`x` with each per-row adjustment applied to the rows that have it, and only to them."""
+    """`x` with each per-row adjustment applied to the rows that have it, and only to them (in
+    place: `x` is the step's own float copy of the logits, read by nothing else). When every row
+    has it - a batch of constrained rows - the rows are adjusted where they are: no copy of the
+    [B, V] logits out and back in (on a real vocabulary that copy costs more than the mask)."""
     for rows, fn in plan.adjust:
-        x = x.index_copy(0, rows, fn(x.index_select(0, rows), rows))
+        if rows.shape[0] == x.shape[0]:
+            x = fn(x, rows)
+        else:
+            x[rows] = fn(x[rows], rows)
     return x
 
 
@@ -98,8 +104,10 @@ def select_tokens(
     """Next token per row, each by its own sampling parameters (the plan's per-row adjustments
     first - logit_bias, the grammar mask - then transformers' processor order: repetition
     penalty, temperature, top-k, top-p). Logprobs (and top alternatives) are of the model's
-    own distribution. One device-to-host copy for ids and logprobs when some row wants them."""
+    own distribution. One device-to-host copy for ids and logprobs when some row wants them.
+    `logits` is consumed: the adjustments write into it."""
     plan = batch.plan()
+    # Adjustments write into the float logits: `logits` is consumed (the step's last use of it).
     logits = logits.float()
     lps = tops = None
     if plan.logprobs:
@@ -117,17 +125,21 @@ def select_tokens(
         if plan.penalties is not None and batch.seen is not None:
             pen = torch.where(x < 0, x * plan.penalties, x / plan.penalties)
             x = torch.where(batch.seen[:, : x.shape[1]], pen, x)
-        ids = x.argmax(-1)
+        # Every row samples: no argmax, no gather of the rows.
+        every = len(plan.sample_rows) == x.shape[0] and plan.temps is not None
+        greedy: torch.Tensor | None = None if every else x.argmax(-1)
         if plan.sample_rows and plan.temps is not None:
             rows = torch.tensor(plan.sample_rows, device=x.device)
-            xs = warp(x.index_select(0, rows), plan.temps, plan.top_k, plan.top_p)
+            xs = warp(x if every else x[rows], plan.temps, plan.top_k, plan.top_p)
             cdf = xs.softmax(-1).cumsum(-1)
             u = (
                 torch.tensor([[batch.seqs[i].rng.random()] for i in plan.sample_rows], device=x.device)
                 * cdf[:, -1:]
             )
             picked = torch.searchsorted(cdf, u).clamp(max=xs.shape[1] - 1).squeeze(1)
-            ids = ids.index_copy(0, rows, picked)
+            greedy = picked if greedy is None else greedy.index_copy(0, rows, picked)
+        assert greedy is not None
+        ids = greedy
     if plan.logprobs:
         # ids as float64 are exact (< 2**53): ids and logprobs cross to the host together.
         both = torch.stack([ids.double(), lsm.gather(1, ids[:, None]).squeeze(1).double()]).tolist()
