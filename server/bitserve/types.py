@@ -47,6 +47,8 @@ class SamplingParams:
     top_logprobs: int = 0  # alternatives per generated token, with their logprobs (implies logprobs)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); -100 bans
     constraint: Constraint | None = None
+    # The LoRA adapter of the request's model to decode with ("" = the base model; issue 21).
+    adapter: str = ""
 
     @property
     def greedy(self) -> bool:

@@ -82,7 +82,12 @@ class Core:
                 return
             if msg[2].get("whole"):
                 self._whole[rid] = ([], [], [], [])
-            self.w.scheduler.add(P.request_from_wire(rid, msg[2]))
+            try:
+                self.w.scheduler.add(P.request_from_wire(rid, msg[2]))
+            except Exception as e:  # an unknown adapter: NOT_FOUND, never the base model
+                self._whole.pop(rid, None)
+                self.send(P.error_to_wire(rid, e))
+                return
             self._wait_until = None
         elif op in (P.SCORE, P.BATCH):
             self.jobs.append(msg)

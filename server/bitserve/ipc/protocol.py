@@ -63,6 +63,7 @@ def request_to_wire(r: GenerationRequest, whole: bool = False) -> dict[str, Any]
         "top_logprobs": p.top_logprobs,
         "logit_bias": [list(b) for b in p.logit_bias],
         "constraint": [p.constraint.kind, p.constraint.value] if p.constraint is not None else None,
+        "adapter": p.adapter,
         "stop_ids": list(r.stop_ids),
         "deadline": r.deadline,
         "client": r.client,
@@ -81,6 +82,7 @@ def request_from_wire(rid: int, d: dict[str, Any]) -> GenerationRequest:
         top_logprobs=d["top_logprobs"],
         logit_bias=tuple((int(t), float(b)) for t, b in d["logit_bias"]),
         constraint=Constraint(*d["constraint"]) if d["constraint"] is not None else None,
+        adapter=d.get("adapter", ""),
     )
     return GenerationRequest(
         rid=rid,
