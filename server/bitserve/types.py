@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Task(str, enum.Enum):
@@ -124,6 +125,8 @@ class ModelInfo:
     quality_report_json: str = ""
     engine: str = ""  # the engine process holding the weights (shared by models with the same)
     device_map: dict[str, str] = field(default_factory=dict)
+    # LoRA adapters: {"name", "path", "rank", "resident"} each, sorted by name.
+    adapters: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -89,7 +89,7 @@ class Core:
                 self.send(P.error_to_wire(rid, e))
                 return
             self._wait_until = None
-        elif op in (P.SCORE, P.BATCH):
+        elif op in (P.SCORE, P.BATCH, P.ADAPTER):
             self.jobs.append(msg)
         else:  # pragma: no cover - a front/core version mismatch
             log.error("unknown message %r", op)
@@ -99,6 +99,8 @@ class Core:
         try:
             if op == P.SCORE:
                 result = self.w.score(msg[2], msg[3])
+            elif op == P.ADAPTER:
+                result = self.w.adapter_op(msg[2], msg[3])
             else:
                 result = self.w.run_batch(msg[2], msg[3])
         except Exception as e:

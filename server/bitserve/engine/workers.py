@@ -74,7 +74,9 @@ class Workers:
         if not any(m.name == model for m in self.models):
             raise NotFound(f"model {model!r} is not served by this engine")
         if self.lm is None or self.lm.lora is None:
-            raise FailedPrecondition(f"model {model!r} has its own task head; LoRA adapters are served on causal LMs")
+            raise FailedPrecondition(
+                f"model {model!r} has its own task head; LoRA adapters are served on causal LMs"
+            )
         return self.lm.lora
 
     def info(self) -> dict[str, Any]:

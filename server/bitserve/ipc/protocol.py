@@ -3,6 +3,9 @@
 front -> core:  [GENERATE, rid, request dict]   a generation request (token ids, sampling)
                 [SCORE, rid, prompts, conts]    label scoring: log-likelihood of continuations
                 [BATCH, rid, model, items]      one batch for a model with its own task head
+                [ADAPTER, rid, op, args]        a LoRA adapter operation, between steps: "load"
+                                                [model, name, path], "unload" [model, name],
+                                                "list" [model] (answered with RESULT or ERROR)
                 [ABORT, [rid, ...]]             the callers are gone: drop these requests
                 [SHUTDOWN]                      finish what is accepted, then exit
                 [PING, seq]                     are you alive? (the front's watchdog)
@@ -32,6 +35,7 @@ from bitserve import errors
 from bitserve.types import Constraint, GenerationRequest, SamplingParams
 
 GENERATE, SCORE, BATCH, ABORT, SHUTDOWN = "gen", "score", "batch", "abort", "shutdown"
+ADAPTER = "adapter"
 READY, FAILED, TOKENS, RESULT, ERROR = "ready", "failed", "tokens", "result", "error"
 PING, PONG = "ping", "pong"  # the front's engine watchdog
 

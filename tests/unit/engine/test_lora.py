@@ -20,25 +20,9 @@ from bitserve.errors import FailedPrecondition, NotFound
 from bitserve.settings import ModelSettings
 from bitserve.types import GenerationRequest, SamplingParams
 
+from ...adapters import make_adapter, merged_checkpoint
+
 PROMPTS = ["Hello world", "The quick brown fox jumps over", "I love", "la maison", "Stock markets fell"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(base_dir, out_dir, *, seed: int, r: int = 4, alpha: int = 8, targets=TARGETS):
-    """A peft LoRA on the tiny model with random (non-zero) B, so it changes the output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.mul_(4.0)  # big enough to move greedy choices on the tiny model
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +37,8 @@ def adapters(tiny_models, tmp_path_factory):
 
 
 def merged(base_dir, adapter_dir, dest, base: str = "fp32"):
-    """The adapter merged into the base as `quantize export` does (fp32, or the dequantized NF4)."""
-    from bitserve_quantize import tasks
-    from bitserve_quantize.export import _merge, _Source
-
-    if not dest.exists():
-        _merge(_Source(str(base_dir), str(adapter_dir), {}, str(base_dir)), tasks.get("generate"), dest, base)
-    return workers.load(ModelSettings(name="lm", task="generate", path=str(dest)))
+    path = merged_checkpoint(base_dir, adapter_dir, dest, base)
+    return workers.load(ModelSettings(name="lm", task="generate", path=str(path)))
 
 
 def solo(loaded, prompt: list[int], n: int) -> list[int]:
@@ -134,7 +113,9 @@ def test_two_adapters_and_the_base_in_one_batch_each_equal_their_solo_runs(tiny_
         assert mixed[i] == alone[0], (PROMPTS[i], names[i])
     # and each is its own model: base rows are the base's, adapter rows differ from it
     assert mixed[2] == solo(loaded, prompts[2], lengths[2])
-    assert mixed[1] != solo(loaded, prompts[1], lengths[1]) or mixed[3] != solo(loaded, prompts[3], lengths[3])
+    assert mixed[1] != solo(loaded, prompts[1], lengths[1]) or mixed[3] != solo(
+        loaded, prompts[3], lengths[3]
+    )
 
 
 def test_chunked_prompt_with_an_adapter(tiny_models, adapters, base_fp32, tmp_path_factory):
@@ -154,7 +135,9 @@ def test_adapter_on_nf4_base_equals_merge_into_dequantized_base(tiny_models, ada
     """The NF4 base dequantizes each weight and multiplies in fp32 on this CPU; the merge adds
     the adapter to those same dequantized weights, so greedy choices agree token for token."""
     nf4 = workers.load(ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"]), quantize="nf4"))
-    ref = merged(tiny_models["lm"], adapters["a"], tmp_path_factory.getbasetemp() / "merged-a-nf4", "dequantized")
+    ref = merged(
+        tiny_models["lm"], adapters["a"], tmp_path_factory.getbasetemp() / "merged-a-nf4", "dequantized"
+    )
     prompts = [nf4.tokenizer(p)["input_ids"] for p in PROMPTS]
     want = {i: solo(ref, p, 12) for i, p in enumerate(prompts)}
     got = run(engine(nf4, {"a": adapters["a"]}), [(0, p, "a", 12) for p in prompts])
@@ -231,6 +214,9 @@ def test_adapter_that_does_not_fit_is_failed_precondition(base_fp32, adapters, t
 
     other = _rewrite(adapters["a"], tmp_path / "o")
     t = load_file(str(other / "adapter_model.safetensors"))
-    save_file({k.replace("model.layers", "transformer.h"): v for k, v in t.items()}, str(other / "adapter_model.safetensors"))
+    save_file(
+        {k.replace("model.layers", "transformer.h"): v for k, v in t.items()},
+        str(other / "adapter_model.safetensors"),
+    )
     with pytest.raises(FailedPrecondition, match="not in the base model"):
         read_adapter(other, model, max_rank=64)

@@ -45,7 +45,9 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values()
+        )
 
 
 def read_adapter(path: str | Path, model: Any, max_rank: int) -> Adapter:
@@ -68,14 +70,18 @@ def read_adapter(path: str | Path, model: Any, max_rank: int) -> Adapter:
     if cfg.get("bias") not in (None, "none"):
         raise FailedPrecondition(f"{d}: bias={cfg['bias']!r}; only bias='none' adapters are served unmerged")
     if cfg.get("use_dora"):
-        raise FailedPrecondition(f"{d}: DoRA adapters are not served unmerged; merge it with `quantize export`")
+        raise FailedPrecondition(
+            f"{d}: DoRA adapters are not served unmerged; merge it with `quantize export`"
+        )
     if cfg.get("modules_to_save"):
         raise FailedPrecondition(
             f"{d}: modules_to_save={cfg['modules_to_save']} replaces base modules; such an adapter "
             "cannot share the base - merge it with `quantize export` and serve it as its own model"
         )
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise FailedPrecondition(f"{d}: rank_pattern/alpha_pattern are not supported; use one r and lora_alpha")
+        raise FailedPrecondition(
+            f"{d}: rank_pattern/alpha_pattern are not supported; use one r and lora_alpha"
+        )
     rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     if rank > max_rank:
         raise FailedPrecondition(f"{d}: rank r={rank} exceeds max_lora_rank={max_rank} of this model")
@@ -90,7 +96,9 @@ def read_adapter(path: str | Path, model: Any, max_rank: int) -> Adapter:
                 parts[k.removeprefix(_PREFIX).removesuffix(suffix)][which] = t
                 break
         else:
-            raise FailedPrecondition(f"{d}: weight {k!r} is not a lora_A/lora_B matrix (embedding or extra weights)")
+            raise FailedPrecondition(
+                f"{d}: weight {k!r} is not a lora_A/lora_B matrix (embedding or extra weights)"
+            )
     if not parts:
         raise FailedPrecondition(f"{d}: adapter_model.safetensors holds no LoRA weights")
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -106,7 +114,9 @@ def read_adapter(path: str | Path, model: Any, max_rank: int) -> Adapter:
             ) from None
         fin, fout = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
         if fin is None or fout is None:
-            raise FailedPrecondition(f"{d}: target module {name!r} is a {type(mod).__name__}, not a linear layer")
+            raise FailedPrecondition(
+                f"{d}: target module {name!r} is a {type(mod).__name__}, not a linear layer"
+            )
         a, b = ab["A"], ab["B"]
         if a.shape != (rank, fin) or b.shape != (fout, rank):
             raise FailedPrecondition(
@@ -253,7 +263,9 @@ class LoraBank:
         out = []
         for name, path in sorted(self.known.items()):
             s = self.slot.get(name)
-            out.append({"name": name, "path": path, "resident": s is not None, "rank": self.rank.get(s or -1, 0)})
+            out.append(
+                {"name": name, "path": path, "resident": s is not None, "rank": self.rank.get(s or -1, 0)}
+            )
         return out
 
 
@@ -262,4 +274,3 @@ def pass_index(slots: list[int], device: torch.device) -> torch.Tensor | None:
     if not any(slots):
         return None
     return torch.tensor(slots, dtype=torch.long, device=device)
-
