@@ -168,3 +168,16 @@ def test_admin_is_behind_the_token_auth(server_factory, tiny_models, tmp_path):
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with Client(s.target, token="s3cret", timeout=30) as c:
         assert c.list_adapters() == {"lm": []}
+
+
+def test_metrics_carry_the_adapter_label_of_accepted_names_only(srv, stubs):
+    import urllib.request
+
+    stub, _ = stubs
+    gen(stub, "lm", PROMPTS[0], "a")
+    with pytest.raises(grpc.RpcError):
+        gen(stub, "lm", PROMPTS[0], "never-loaded")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=30).read().decode()
+    lines = [line for line in text.splitlines() if line.startswith("bitserve_adapter_")]
+    assert any('adapter="a"' in line and "generated_tokens_total" in line for line in lines), lines
+    assert not any("never-loaded" in line for line in lines)

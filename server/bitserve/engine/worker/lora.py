@@ -1,13 +1,19 @@
 """LoRA adapters served unmerged, per row, on one shared base (punica / S-LoRA style).
 
 Every resident adapter has a slot `1..capacity` (slot 0 is "no adapter": zeros). For each base
-module some resident adapter targets, the bank holds two stacks: `A[slot]` = lora_A^T
+module some resident adapter targets, the bank holds two stacks: `A[:, slot]` = lora_A^T
 ([in, r]) and `B[slot]` = scale * lora_B^T ([r, out]), zero-padded to the largest resident
 rank. A forward hook on that module adds, for every row of the pass, its own adapter's
-contribution: `y = base(x) + (x @ A[idx]) @ B[idx]` with `idx` the rows' slots (gathered
-stacks and one batched matmul per module), so rows with different adapters and rows with none
-share one forward pass. The base module is untouched - a float `nn.Linear` or a bitsandbytes
-int8 / NF4 layer alike - and a pass with no adapter row skips the hooks' work entirely.
+contribution, `y = base(x) + (x @ A[idx]) @ B[idx]` with `idx` the rows' slots, so rows with
+different adapters and rows with none share one forward pass. Two ways to compute it, the same
+sum:
+- dense (while slots x rank is small, <= DENSE_COLUMNS): `x @ A` for every slot at once (one
+  [in, slots*r] matmul), masked to each row's own slot's columns, then `@ B` ([slots*r, out]):
+  two plain matmuls per module and no copy of weights, for a few wasted columns;
+- gathered (many adapters or big ranks): each row's A and B gathered (index_select) and one
+  batched matmul each, punica's BGMV in plain torch.
+The base module is untouched - a float `nn.Linear` or a bitsandbytes int8 / NF4 layer alike -
+and a pass with no adapter row skips the hooks' work entirely.
 
 The runner sets `index` (one slot per row of the pass, or None) before each forward. Only the
 engine's loop touches the bank.
@@ -30,6 +36,8 @@ from bitserve.errors import FailedPrecondition, NotFound
 log = logging.getLogger(__name__)
 
 _PREFIX = "base_model.model."
+# Below this many stacked columns (slots x rank) the dense form is cheaper than gathering.
+DENSE_COLUMNS = 256
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 
 
@@ -146,9 +154,28 @@ class LoraBank:
         self.draining: set[str] = set()  # unloaded while rows still run on them
         self.loads = 0  # reads from disk (a reload after eviction counts)
         self.rcap = 0
-        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A, B)
+        # module -> (A [in, slots, r], B [slots, r, out])
+        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks: dict[str, Any] = {}
-        self.index: torch.Tensor | None = None  # the current pass's slot per row (None: none)
+        self._index: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None  # dense form: [rows, slots*r], 1 on a row's own slot
+        self._col_slot = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        """The current pass's slot per row (None: no row has an adapter)."""
+        return self._index
+
+    @index.setter
+    def index(self, idx: torch.Tensor | None) -> None:
+        self._index = idx
+        self._mask = None
+        if idx is not None and self.dense:
+            self._mask = (idx[:, None] == self._col_slot[None, :]).to(self.dtype)
+
+    @property
+    def dense(self) -> bool:
+        return (self.capacity + 1) * self.rcap <= DENSE_COLUMNS
 
     # registry ----------------------------------------------------------------------------------
     def register(self, name: str, path: str) -> Adapter:
@@ -211,7 +238,7 @@ class LoraBank:
         self.draining.discard(name)
         self.rank.pop(s, None)
         for a, b in self.stacks.values():
-            a[s].zero_()
+            a[:, s].zero_()
             b[s].zero_()
         log.info("adapter %r left slot %d", name, s)
 
@@ -219,13 +246,13 @@ class LoraBank:
         if ad.rank > self.rcap:
             self._grow_rank(ad.rank)
         for a, b in self.stacks.values():
-            a[s].zero_()
+            a[:, s].zero_()
             b[s].zero_()
         for name, (at, bt) in ad.modules.items():
             if name not in self.stacks:
                 self._add_module(name, at.shape[0], bt.shape[1])
             sa, sb = self.stacks[name]
-            sa[s, :, : ad.rank] = at.to(sa.device, sa.dtype)
+            sa[:, s, : ad.rank] = at.to(sa.device, sa.dtype)
             sb[s, : ad.rank] = bt.to(sb.device, sb.dtype)
         self.rank[s] = ad.rank
 
@@ -237,10 +264,11 @@ class LoraBank:
             nb[:, : self.rcap] = b
             self.stacks[name] = (na, nb)
         self.rcap = r
+        self._col_slot = torch.arange(self.capacity + 1, device=self.device).repeat_interleave(r)
 
     def _add_module(self, name: str, fin: int, fout: int) -> None:
         n = self.capacity + 1
-        a = torch.zeros(n, fin, self.rcap, dtype=self.dtype, device=self.device)
+        a = torch.zeros(fin, n, self.rcap, dtype=self.dtype, device=self.device)
         b = torch.zeros(n, self.rcap, fout, dtype=self.dtype, device=self.device)
         self.stacks[name] = (a, b)
         self._hooks[name] = self.model.get_submodule(name).register_forward_hook(self._hook(name))
@@ -252,8 +280,21 @@ class LoraBank:
                 return out
             a, b = self.stacks[name]
             x = inputs[0]
-            # [rows, T, in] @ [rows, in, r] @ [rows, r, out]: each row through its own adapter.
-            delta = torch.matmul(torch.matmul(x.to(a.dtype), a.index_select(0, idx)), b.index_select(0, idx))
+            if x.dtype != a.dtype:
+                x = x.to(a.dtype)
+            mask = self._mask
+            if mask is not None:
+                # every slot's x @ A at once, each row kept to its own slot's columns; the
+                # base's fresh output takes the sum in place (3 ops per module and pass)
+                h = torch.matmul(x, a.view(a.shape[0], -1)).mul_(mask[:, None, :])
+                bb = b.view(-1, b.shape[2])
+                if out.dtype == bb.dtype and out.is_contiguous():
+                    out.view(-1, bb.shape[1]).addmm_(h.view(-1, bb.shape[0]), bb)
+                    return out
+                return out + torch.matmul(h, bb).to(out.dtype)
+            # [rows, T, in] @ [rows, in, r] @ [rows, r, out]: each row's own A and B
+            ga = a.index_select(1, idx).permute(1, 0, 2)
+            delta = torch.matmul(torch.matmul(x, ga), b.index_select(0, idx))
             return out + delta.to(out.dtype)
 
         return add_lora
