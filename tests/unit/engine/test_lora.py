@@ -88,8 +88,18 @@ def base_fp32(tiny_models):
     return workers.load(ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"])))
 
 
-@pytest.mark.parametrize("persistent", [True, False], ids=["slots", "copying"])
-def test_adapter_equals_merged_model_fp32(tiny_models, adapters, base_fp32, tmp_path_factory, persistent):
+@pytest.mark.parametrize(
+    ("persistent", "form"),
+    [(True, "dense"), (False, "dense"), (True, "gathered")],
+    ids=["slots", "copying", "gathered"],
+)
+def test_adapter_equals_merged_model_fp32(
+    tiny_models, adapters, base_fp32, tmp_path_factory, monkeypatch, persistent, form
+):
+    from bitserve.engine.worker import lora
+
+    if form == "gathered":
+        monkeypatch.setattr(lora, "DENSE_COLUMNS", 0)
     loaded = base_fp32
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     ref = merged(tiny_models["lm"], adapters["a"], tmp_path_factory.getbasetemp() / "merged-a")
@@ -101,7 +111,14 @@ def test_adapter_equals_merged_model_fp32(tiny_models, adapters, base_fp32, tmp_
     assert got == want
 
 
-def test_two_adapters_and_the_base_in_one_batch_each_equal_their_solo_runs(tiny_models, adapters, base_fp32):
+@pytest.mark.parametrize("form", ["dense", "gathered"])
+def test_two_adapters_and_the_base_in_one_batch_each_equal_their_solo_runs(
+    tiny_models, adapters, base_fp32, monkeypatch, form
+):
+    from bitserve.engine.worker import lora
+
+    if form == "gathered":
+        monkeypatch.setattr(lora, "DENSE_COLUMNS", 0)
     loaded = base_fp32
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     names = ["a", "b", "", "b", "a"]
@@ -111,6 +128,8 @@ def test_two_adapters_and_the_base_in_one_batch_each_equal_their_solo_runs(tiny_
     for i, job in enumerate(jobs):
         alone = run(engine(loaded, adapters), [(0, job[1], job[2], job[3])])
         assert mixed[i] == alone[0], (PROMPTS[i], names[i])
+    if form == "gathered":
+        assert not engine(loaded, adapters).lm.lora.dense
     # and each is its own model: base rows are the base's, adapter rows differ from it
     assert mixed[2] == solo(loaded, prompts[2], lengths[2])
     assert mixed[1] != solo(loaded, prompts[1], lengths[1]) or mixed[3] != solo(
