@@ -124,12 +124,12 @@ def test_two_adapters_and_the_base_in_one_batch_each_equal_their_solo_runs(
     names = ["a", "b", "", "b", "a"]
     lengths = [14, 6, 10, 18, 3]  # rows leave from the middle while others still run
     jobs = [(i % 2, p, names[i], lengths[i]) for i, p in enumerate(prompts)]
-    mixed = run(engine(loaded, adapters), jobs)
+    sched = engine(loaded, adapters)
+    mixed = run(sched, jobs)
+    assert sched.lm.lora.dense == (form == "dense")
     for i, job in enumerate(jobs):
         alone = run(engine(loaded, adapters), [(0, job[1], job[2], job[3])])
         assert mixed[i] == alone[0], (PROMPTS[i], names[i])
-    if form == "gathered":
-        assert not engine(loaded, adapters).lm.lora.dense
     # and each is its own model: base rows are the base's, adapter rows differ from it
     assert mixed[2] == solo(loaded, prompts[2], lengths[2])
     assert mixed[1] != solo(loaded, prompts[1], lengths[1]) or mixed[3] != solo(
