@@ -181,3 +181,23 @@ def test_metrics_carry_the_adapter_label_of_accepted_names_only(srv, stubs):
     lines = [line for line in text.splitlines() if line.startswith("bitserve_adapter_")]
     assert any('adapter="a"' in line and "generated_tokens_total" in line for line in lines), lines
     assert not any("never-loaded" in line for line in lines)
+
+
+def test_a_hot_loaded_adapter_survives_an_engine_restart(srv, lora_dirs):
+    """Runs last in this module: it kills the engine process of model `lm`."""
+    import os
+    import signal
+    import time
+
+    core = srv.server.registry._engines["lm"].core
+    with Client(srv.target, timeout=120) as c:
+        c.load_adapter("lm", "kept", str(lora_dirs["c"]))
+        before = c.generate(PROMPTS[2], model="lm", adapter="kept", max_new_tokens=N).text
+        old = core.pid
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while not (core.ready and core.pid != old) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert core.ready and core.pid != old
+        assert c.generate(PROMPTS[2], model="lm", adapter="kept", max_new_tokens=N).text == before
+        assert "kept" in [a.name for a in c.list_adapters("lm")["lm"]]
