@@ -28,6 +28,30 @@ I = TypeVar("I")  # noqa: E741
 O = TypeVar("O")  # noqa: E741
 
 
+class Room:
+    """Queue places held for a request from its admission check until it enqueues (while it
+    tokenizes): the bound counts them, so a burst is refused at its check, at once, and never
+    after waiting for tokenization behind the requests that got in. Released once; `release(k)`
+    gives back `k` of them (a request that enqueues in parts)."""
+
+    __slots__ = ("_owner", "n")
+
+    def __init__(self, owner: Any, n: int):
+        self._owner, self.n = owner, n
+
+    def release(self, k: int | None = None) -> None:
+        k = self.n if k is None else min(k, self.n)
+        if k > 0:
+            self.n -= k
+            self._owner.reserved -= k
+
+    def __enter__(self) -> Room:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class BatchHooks:
     """Observation points (metrics); the default does nothing."""
 
@@ -80,6 +104,7 @@ class DynamicBatcher(Generic[I, O]):
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self.reserved = 0  # places held by requests between `reserve` and `submit` (tokenizing)
         self.stats = BatcherStats()
 
     # lifecycle -------------------------------------------------------------------------------
@@ -103,8 +128,7 @@ class DynamicBatcher(Generic[I, O]):
 
     # requests --------------------------------------------------------------------------------
     def check_room(self, n: int) -> None:
-        """The errors `submit` would give for `n` items, now: before a request pays for its
-        tokenization, a full queue answers at once."""
+        """The errors `submit` would give for `n` items, now; held places count as taken."""
         if self._closing or self._task is None:
             raise Unavailable(f"model {self.name!r} is not serving (shutting down or not started)")
         if n > self.max_queue_size:
@@ -112,26 +136,28 @@ class DynamicBatcher(Generic[I, O]):
                 f"texts: {n} texts is more than model {self.name!r} can ever queue "
                 f"({self.max_queue_size}); send at most {self.max_queue_size} per request"
             )
-        if len(self._queue) + n > self.max_queue_size:
+        if len(self._queue) + self.reserved + n > self.max_queue_size:
             raise ResourceExhausted(
-                f"model {self.name!r} queue is full ({len(self._queue)} texts waiting, "
+                f"model {self.name!r} queue is full ({len(self._queue) + self.reserved} texts waiting, "
                 f"limit {self.max_queue_size}); retry later"
             )
 
-    async def submit(self, items: Sequence[I], *, deadline: float | None = None) -> list[O]:
-        """Results for `items`, in order. `deadline` is a time.monotonic() value."""
-        if self._closing or self._task is None:
-            raise Unavailable(f"model {self.name!r} is not serving (shutting down or not started)")
-        if len(items) > self.max_queue_size:
-            raise InvalidArgument(
-                f"texts: {len(items)} texts is more than model {self.name!r} can ever queue "
-                f"({self.max_queue_size}); send at most {self.max_queue_size} per request"
-            )
-        if len(self._queue) + len(items) > self.max_queue_size:
-            raise ResourceExhausted(
-                f"model {self.name!r} queue is full ({len(self._queue)} texts waiting, "
-                f"limit {self.max_queue_size}); retry later"
-            )
+    def reserve(self, n: int) -> Room:
+        """Hold room for `n` items, or raise now what `submit` would: before a request pays for
+        its tokenization, a full queue answers at once. Pass the room to `submit`; leaving its
+        `with` block gives back whatever was not enqueued."""
+        self.check_room(n)
+        self.reserved += n
+        return Room(self, n)
+
+    async def submit(
+        self, items: Sequence[I], *, deadline: float | None = None, room: Room | None = None
+    ) -> list[O]:
+        """Results for `items`, in order. `deadline` is a time.monotonic() value; `room`: the
+        places `reserve` held for them (given back here, as the items take them)."""
+        if room is not None:
+            room.release()
+        self.check_room(len(items))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pending = [_Pending(it, loop.create_future(), now, deadline) for it in items]

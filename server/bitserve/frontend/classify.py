@@ -30,9 +30,9 @@ class _HeadScorer(BatchedEngine):
         return list(self._labels)
 
     async def scores(self, texts: list[str], deadline: float | None) -> list[list[float]]:
-        self._batcher.check_room(len(texts))
-        ids = await self.tokenize_checked(texts)
-        return await self._batcher.submit(ids, deadline=deadline)
+        with self._batcher.reserve(len(texts)) as room:  # a full queue refuses before tokenizing
+            ids = await self.tokenize_checked(texts)
+            return await self._batcher.submit(ids, deadline=deadline, room=room)
 
 
 @register

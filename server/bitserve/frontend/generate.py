@@ -14,6 +14,7 @@ from typing import Any
 from bitserve.errors import InvalidArgument, ResourceExhausted
 from bitserve.frontend import tenants
 from bitserve.frontend.base import Engine, GenerateEngine, prompt_name, register
+from bitserve.frontend.batching import Room
 from bitserve.frontend.context import current_client
 from bitserve.frontend.text.detokenize import decoder_factory
 from bitserve.frontend.text.incremental import TextState
@@ -184,6 +185,7 @@ class GenerationFront(Engine):
         self.new_decoder = decoder_factory(self._decode_tok)
         self.gen_metrics = _GenMetrics(metrics, self.name, self.task.value)
         self.outstanding = 0  # sequences sent to the engine and not finished
+        self.reserved = 0  # sequences admitted by `reserve` and not yet sent (tokenizing)
         self.limit = settings.max_queue_size + settings.max_concurrent_sequences
 
     def decode(self, ids: list[int]) -> str:
@@ -254,11 +256,20 @@ class GenerationFront(Engine):
                 f"texts: {n} texts is more than model {self.name!r} can ever queue "
                 f"({self.settings.max_queue_size}); send at most {self.settings.max_queue_size} per request"
             )
-        if self.outstanding + n > self.limit:
+        if self.outstanding + self.reserved + n > self.limit:
             raise ResourceExhausted(
-                f"model {self.name!r} is full ({self.outstanding} sequences running or queued, "
-                f"limit {self.limit}); retry later"
+                f"model {self.name!r} is full ({self.outstanding + self.reserved} sequences running "
+                f"or queued, limit {self.limit}); retry later"
             )
+
+    def reserve(self, n: int) -> Room:
+        """`admit(n)` and hold the room until the request's sequences are sent (`run_all` takes
+        it): a burst is refused at once, never after tokenizing behind the requests that got in.
+        So is a tenant at its concurrency or queue-share limit."""
+        self.admit(n)
+        tenants.check_capacity(self.name, self.limit, n)
+        self.reserved += n
+        return Room(self, n)
 
     # requests --------------------------------------------------------------------------------
     def submit(
@@ -295,9 +306,13 @@ class GenerationFront(Engine):
         deadline: float | None,
         stop_ids: tuple[int, ...] = (),
         stops: StopStrings | None = None,
+        room: Room | None = None,
     ) -> list[Generation]:
         """Generate for every prompt (`params.n` completions each, prompt by prompt); the ones
-        still running leave the engine if this is cancelled or one of them fails."""
+        still running leave the engine if this is cancelled or one of them fails. `room`: what
+        `reserve` held for them (given back as they are sent)."""
+        if room is not None:
+            room.release(len(prompts) * params.n)
         self.admit(len(prompts) * params.n)
         # The n completions of a prompt: one tokenization, requests sent together (the engine
         # prefills identical prompts admitted together once).
@@ -352,10 +367,11 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
     ) -> list[Generation]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
         self.check_params(params)
-        self.admit(len(texts) * params.n)  # a full engine answers before the request pays for tokenizing
-        prompts = await self.prompts(list(texts), n)
-        stops = await self.stop_strings(params)
-        return await self.run_all(prompts, params, n, deadline, stops=stops)
+        # A full engine answers before the request pays for tokenizing.
+        with self.reserve(len(texts) * params.n) as room:
+            prompts = await self.prompts(list(texts), n)
+            stops = await self.stop_strings(params)
+            return await self.run_all(prompts, params, n, deadline, stops=stops, room=room)
 
     async def generate_stream(
         self, text: str | TokenPrompt, params: SamplingParams, *, deadline: float | None
@@ -366,9 +382,9 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
             raise InvalidArgument(
                 f"parameters.n is {params.n}; a stream carries one completion (use the unary call for n > 1)"
             )
-        self.admit(1)
-        (prompt,) = await self.prompts([text], n)
-        stops = await self.stop_strings(params)
+        with self.reserve(1):  # given back just before the sequence is sent, below
+            (prompt,) = await self.prompts([text], n)
+            stops = await self.stop_strings(params)
         self.admit(1)
         queue: asyncio.Queue[Any] = asyncio.Queue()
 

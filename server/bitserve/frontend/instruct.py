@@ -28,6 +28,7 @@ from typing import Any
 from bitserve.errors import InvalidArgument
 from bitserve.frontend import chat
 from bitserve.frontend.base import BatchedEngine, ClassifyEngine, SentimentEngine, TranslateEngine, register
+from bitserve.frontend.batching import Room
 from bitserve.frontend.generate import GenerationFront
 from bitserve.frontend.translate import LANGUAGE_NAMES
 from bitserve.ipc import protocol
@@ -123,11 +124,12 @@ class _LabelScorer(_InstructEngine, BatchedEngine):
         prior_prompt: list[int],
         labels: list[str] | tuple[str, ...],
         deadline: float | None,
+        room: Room | None = None,
     ) -> list[list[float]]:
         lids = self.label_ids(labels)
         reserve = max(len(x) for x in lids)
         items = [_ScoreItem(tuple(p), tuple(prior_prompt), lids) for p in self.checked(prompts, reserve)]
-        return await self._batcher.submit(items, deadline=deadline)
+        return await self._batcher.submit(items, deadline=deadline, room=room)
 
     async def process_batch(self, batch: list[_ScoreItem]) -> list[list[float]]:
         need = []
@@ -179,13 +181,14 @@ class InstructClassifyEngine(_LabelScorer, ClassifyEngine):
                 if not labels
                 else "candidate_labels: give at least two labels to choose between"
             )
-        self._batcher.check_room(len(texts))
-        *prompts, prior = await self.chat_prompts(
-            CLASSIFY_SYSTEM, [classify_prompt(t, labels) for t in [*texts, CONTENT_FREE]]
-        )
         k = len(labels) if not top_k else min(top_k, len(labels))
         out = []
-        for probs in await self.label_probs(prompts, prior, labels, deadline):
+        with self._batcher.reserve(len(texts)) as room:  # a full queue refuses before templating
+            *prompts, prior = await self.chat_prompts(
+                CLASSIFY_SYSTEM, [classify_prompt(t, labels) for t in [*texts, CONTENT_FREE]]
+            )
+            scores = await self.label_probs(prompts, prior, labels, deadline, room)
+        for probs in scores:
             ranked = sorted(zip(labels, probs), key=lambda x: -x[1])[:k]
             out.append([LabelScore(label, float(p)) for label, p in ranked])
         return out
@@ -194,12 +197,13 @@ class InstructClassifyEngine(_LabelScorer, ClassifyEngine):
 @register
 class InstructSentimentEngine(_LabelScorer, SentimentEngine):
     async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]:
-        self._batcher.check_room(len(texts))
-        *prompts, prior = await self.chat_prompts(
-            SENTIMENT_SYSTEM, [sentiment_prompt(t) for t in [*texts, CONTENT_FREE]]
-        )
+        with self._batcher.reserve(len(texts)) as room:  # a full queue refuses before templating
+            *prompts, prior = await self.chat_prompts(
+                SENTIMENT_SYSTEM, [sentiment_prompt(t) for t in [*texts, CONTENT_FREE]]
+            )
+            scores = await self.label_probs(prompts, prior, SENTIMENT_LABELS, deadline, room)
         out = []
-        for probs in await self.label_probs(prompts, prior, SENTIMENT_LABELS, deadline):
+        for probs in scores:
             best = max(range(len(probs)), key=lambda i: probs[i])
             label = SENTIMENT_LABELS[best]
             out.append(SentimentResult(label, float(probs[best]), label))
@@ -257,26 +261,32 @@ class InstructTranslateEngine(_InstructEngine, GenerationFront, TranslateEngine)
             )
         source = self._language("source_lang", source_lang)
         n = self.resolve_max_new_tokens(max_new_tokens)
-        self.admit(len(texts))
-        prompts = self.checked(
-            await self.chat_prompts(TRANSLATE_SYSTEM, [translate_prompt(t, source, target) for t in texts]), n
-        )
-        self.check_context(prompts, n)
-        greedy = SamplingParams(max_new_tokens=n)
-        # A multi-line source must not stop at a newline: its rows get the end-of-turn stops only.
-        one_line = [i for i, t in enumerate(texts) if "\n" not in t.strip()]
-        multi = [i for i, t in enumerate(texts) if "\n" in t.strip()]
-        groups = [
-            (idx, stops, multiline)
-            for idx, stops, multiline in (
-                (one_line, self._stop_ids + self._newline_ids, False),
-                (multi, self._stop_ids, True),
+        with self.reserve(len(texts)) as room:  # a full engine refuses before templating
+            prompts = self.checked(
+                await self.chat_prompts(
+                    TRANSLATE_SYSTEM, [translate_prompt(t, source, target) for t in texts]
+                ),
+                n,
             )
-            if idx
-        ]
-        results = await asyncio.gather(
-            *(self.run_all([prompts[i] for i in idx], greedy, n, deadline, stops) for idx, stops, _ in groups)
-        )
+            self.check_context(prompts, n)
+            greedy = SamplingParams(max_new_tokens=n)
+            # A multi-line source must not stop at a newline: its rows get the end-of-turn stops only.
+            one_line = [i for i, t in enumerate(texts) if "\n" not in t.strip()]
+            multi = [i for i, t in enumerate(texts) if "\n" in t.strip()]
+            groups = [
+                (idx, stops, multiline)
+                for idx, stops, multiline in (
+                    (one_line, self._stop_ids + self._newline_ids, False),
+                    (multi, self._stop_ids, True),
+                )
+                if idx
+            ]
+            results = await asyncio.gather(
+                *(
+                    self.run_all([prompts[i] for i in idx], greedy, n, deadline, stops, room=room)
+                    for idx, stops, _ in groups
+                )
+            )
         out = [""] * len(texts)
         for (idx, _, multiline), gens in zip(groups, results, strict=True):
             for i, g in zip(idx, gens, strict=True):

@@ -100,12 +100,11 @@ class Tenant:
                 self._book.moving.get_window_stats(self._rate, self.name).reset_time,
             )
 
-    def admit_sequences(
-        self, model: str, capacity: int, prompt_lens: list[int], max_new_tokens: int
-    ) -> list[Ticket]:
-        """Room for these sequences of one request on `model` (whose room is `capacity`
-        sequences), or an error naming the limit; nothing is taken unless everything fits."""
-        n = len(prompt_lens)
+    def check_capacity(self, model: str, capacity: int, n: int) -> None:
+        """The limits `admit_sequences` checks that need no prompt (concurrent sequences, the
+        queue share), for `n` sequences; takes nothing. Also checked before the request is
+        tokenized, so that a tenant at its limit is refused without using the tokenization
+        thread the other tenants' requests need (issue 22)."""
         lim = self.limits
         if lim.max_concurrent_sequences is not None:
             self._fits(CONCURRENCY, n, lim.max_concurrent_sequences, "sequences")
@@ -127,6 +126,14 @@ class Tenant:
                     f"at its queue_share of {lim.queue_share:g} ({share} places)",
                     time.time() + CAPACITY_RETRY_S,
                 )
+
+    def admit_sequences(
+        self, model: str, capacity: int, prompt_lens: list[int], max_new_tokens: int
+    ) -> list[Ticket]:
+        """Room for these sequences of one request on `model` (whose room is `capacity`
+        sequences), or an error naming the limit; nothing is taken unless everything fits."""
+        n = len(prompt_lens)
+        self.check_capacity(model, capacity, n)
         costs = ((PROMPT, self._prompt, sum(prompt_lens)), (GENERATED, self._generated, n * max_new_tokens))
         window = self._book.fixed
         for kind, item, cost in costs:
@@ -249,6 +256,13 @@ class Tenants:
 current_tenant: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar(
     "bitserve_tenant", default=None
 )
+
+
+def check_capacity(model: str, capacity: int, n: int) -> None:
+    """`Tenant.check_capacity` for the current call's tenant (none: nothing to check)."""
+    tenant = current_tenant.get()
+    if tenant is not None:
+        tenant.check_capacity(model, capacity, n)
 
 
 def admit_sequences(

@@ -140,12 +140,12 @@ class Seq2SeqTranslateEngine(BatchedEngine, TranslateEngine):
         tok = self.loaded.tokenizer
         prep = self.strategy.prepare(tok, source_lang, target_lang)
         n = self.resolve_max_new_tokens(max_new_tokens)
-        self._batcher.check_room(len(texts))
-        inputs = [prep.prefix + t for t in texts]
-        ids = await self.off_loop(encode_from, tok, prep.src_lang, inputs)
-        self.check_lengths(inputs, ids)
-        items = [[i, prep.forced_bos_token_id, n] for i in ids]
-        outs = await self._batcher.submit(items, deadline=deadline)
+        with self._batcher.reserve(len(texts)) as room:  # a full queue refuses before tokenizing
+            inputs = [prep.prefix + t for t in texts]
+            ids = await self.off_loop(encode_from, tok, prep.src_lang, inputs)
+            self.check_lengths(inputs, ids)
+            items = [[i, prep.forced_bos_token_id, n] for i in ids]
+            outs = await self._batcher.submit(items, deadline=deadline, room=room)
         self.metrics.generated_tokens.labels(self.name, self.task.value).inc(sum(k for _, k in outs))
         return [Translation(t) for t, _ in outs]
 

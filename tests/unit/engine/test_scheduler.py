@@ -7,6 +7,7 @@ can be inspected."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -316,6 +317,63 @@ async def test_queue_full_is_resource_exhausted_and_too_many_texts_invalid(make_
     with pytest.raises(ResourceExhausted, match="retry later"):  # 2 outstanding + 2 > 2 + 1
         await engine.generate(PROMPTS[2:4], GREEDY, deadline=None)
     assert [g.generated_tokens for g in await first] == [30, 30]
+
+
+async def test_a_refusal_does_not_wait_for_the_tokenization_of_admitted_requests(make_engine):
+    """Issue 17's burst: requests still tokenizing hold their places, so a full engine refuses
+    the next one at once, not after the blocked tokenization it would otherwise queue behind
+    (the old code checked `outstanding` only, which counts sequences already sent)."""
+    engine = await make_engine(max_queue_size=2, max_concurrent_sequences=1)  # room for 3
+    gate = threading.Event()
+    engine._tokenize_pool.submit(gate.wait, 30)  # the tokenization thread is busy until `gate`
+    try:
+        admitted = [asyncio.create_task(engine.generate([p], GREEDY, deadline=None)) for p in PROMPTS[:3]]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert engine.outstanding == 0  # all three are tokenizing: none is sent yet
+        refused = asyncio.create_task(engine.generate([PROMPTS[3]], GREEDY, deadline=None))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert refused.done(), "the refusal waited for the tokenization of admitted requests"
+        with pytest.raises(ResourceExhausted, match=r"is full \(3 sequences running or queued, limit 3\)"):
+            refused.result()
+    finally:
+        gate.set()
+    gens = await asyncio.wait_for(asyncio.gather(*admitted), 60)  # none of the admitted is lost
+    assert [g.generated_tokens for (g,) in gens] == [GREEDY.max_new_tokens] * 3
+    assert engine.reserved == 0 and engine.outstanding == 0
+
+
+async def test_a_tenant_at_its_limit_is_refused_without_using_the_tokenization_thread(make_engine):
+    """Issue 22: a hog tenant's calls over its concurrency limit are refused before they are
+    tokenized, so they never queue on the tokenization thread another tenant's requests need
+    (the old code tokenized them first, then refused them)."""
+    from bitserve.frontend.tenants import Tenants, current_tenant
+    from bitserve.settings import TenantSettings
+
+    engine = await make_engine()
+    hog = Tenants({"hog": TenantSettings(max_concurrent_sequences=1)}).get("hog")
+    assert hog is not None
+    hog.sequences = 1  # at its limit
+    gate = threading.Event()
+    engine._tokenize_pool.submit(gate.wait, 30)  # the tokenization thread is busy until `gate`
+    token = current_tenant.set(hog)
+    try:
+        refused = asyncio.create_task(engine.generate([PROMPTS[0]], GREEDY, deadline=None))
+        stream = engine.generate_stream(PROMPTS[0], GREEDY, deadline=None)
+        streamed = asyncio.create_task(stream.__anext__())  # type: ignore[attr-defined]
+    finally:
+        current_tenant.reset(token)
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert refused.done() and streamed.done(), "a refusal waited for the tokenization thread"
+        for task in (refused, streamed):
+            with pytest.raises(ResourceExhausted, match="at its limit of 1 concurrent sequences"):
+                task.result()
+    finally:
+        gate.set()
+    assert engine.reserved == 0 and engine.outstanding == 0
 
 
 async def test_stop_finishes_accepted_requests_then_refuses(make_engine):

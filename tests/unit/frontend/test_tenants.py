@@ -212,3 +212,26 @@ def test_policy_serves_tenants_alternately_however_many_callers_they_use():
         admitted.append(waiting[i].client.partition(TENANT_SEP)[0])
         waiting = waiting[:i] + waiting[i + 1 :]
     assert admitted[:8] == ["a", "b"] * 4 or admitted[:8] == ["b", "a"] * 4
+
+
+def test_a_tenant_arriving_behind_a_hogs_backlog_gets_the_next_free_slot():
+    """Issue 22: the engine's order, not the clock. The hog fills every slot and keeps a backlog
+    from eight callers; the victim arrives last. When one row finishes, that slot is the
+    victim's, ahead of every hog request that waited longer."""
+    policy = Policy(Budget(max_concurrent=4, prefill_tokens=1000))
+    hog = [
+        Waiting(prompt_len=4, arrived=float(i), client=fairness_key("hog", f"c{i % 8}")) for i in range(12)
+    ]
+    first = policy.schedule(hog, [], now=20.0)
+    assert len(first.admit) == 4  # the batch is the hog's
+    backlog = [w for i, w in enumerate(hog) if i not in first.admit]
+    victim = Waiting(prompt_len=4, arrived=30.0, client=fairness_key("victim", "v"))
+    waiting = [*backlog, victim]
+    nxt = policy.schedule(waiting, [10, 10, 10], now=31.0)  # one of the four rows has ended
+    assert [waiting[i] for i in nxt.admit] == [victim]
+    # With two free slots, the victim's one request goes first, then the hog's oldest.
+    waiting = [*backlog, victim]
+    both = Policy(Budget(max_concurrent=4, prefill_tokens=1000))
+    both.schedule(hog, [], now=20.0)
+    two = both.schedule(waiting, [10, 10], now=31.0)
+    assert [waiting[i] for i in two.admit][0] is victim and len(two.admit) == 2
