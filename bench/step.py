@@ -26,7 +26,9 @@ bench/results/NAME.json.
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -112,12 +114,21 @@ def instrument(core: Any, timer: Timer) -> None:
     def fwd_phase(stack: list[str]) -> str:
         return "prefill" if "prefill" in stack or "join" in stack else "forward"
 
-    timer.wrap(lm.model, "forward", fwd_phase)
+    compiled = getattr(lm, "compiled", None)
+    if compiled is not None:
+        # A compiled decode step: its graph call is the forward. model.forward stays unwrapped
+        # (a wrapper there would sit inside the graph and fail its guards), so a join's
+        # bookkeeping counts as its prefill.
+        timer.wrap(compiled, "fn", "forward")
+        timer.wrap(lm, "join", "prefill")
+        timer.wrap(lm, "chunk", "prefill")
+    else:
+        timer.wrap(lm.model, "forward", fwd_phase)
+        # The persistent batch: a join (or a long prompt's chunk) prefills into free slots.
+        timer.wrap(lm, "join", "join")
+        timer.wrap(lm, "chunk", "join")
     timer.wrap(lm, "decode", "mask")
     timer.wrap(lm, "prefill", "prefill")
-    # The persistent batch: a join (or a long prompt's chunk) prefills into free slots.
-    timer.wrap(lm, "join", "join")
-    timer.wrap(lm, "chunk", "join")
     timer.wrap(S, "select_tokens", "sample")
     timer.wrap(sched, "_advance", "advance")
     timer.wrap(sched, "_advance_slots", "advance")
@@ -132,45 +143,57 @@ def instrument(core: Any, timer: Timer) -> None:
     timer.wrap(core, "_pack", "pack")
 
 
-def run_engine(path: Path, rows: int, steps: int, quantize: str, seed: int) -> dict[str, Any]:
-    from bitserve.engine import workers
-    from bitserve.engine.core import Core
-    from bitserve.ipc import protocol as P
-    from bitserve.settings import ModelSettings
-    from bitserve.types import GenerationRequest, SamplingParams
+class EngineRun:
+    """One engine (`Core`) kept at `rows` running rows of mixed lengths; `run(k)` times k
+    decode steps: ms per step and per phase."""
 
-    settings = ModelSettings(
-        name="lm",
-        task="generate",
-        path=str(path),
-        max_concurrent_sequences=rows,
-        max_waiting_ms=0,
-        quantize=quantize,
-    )
-    loaded = workers.load(settings)
-    w = workers.workers_for(loaded, [settings])
-    sent: list[int] = []
-    core = Core(w, lambda b: sent.append(len(b)))
-    # Messages are packed where the engine process packs them; `_pack` is the hook (old engines
-    # pack inside `send`: wrap P.pack then).
-    if not hasattr(core, "_pack"):
-        pack = P.pack
-        core._pack = pack  # type: ignore[attr-defined]
-        core.send = lambda m: sent.append(len(core._pack(m)))  # type: ignore[attr-defined]
-    timer = Timer()
-    instrument(core, timer)
-    sched = w.scheduler
-    assert sched is not None
-    rng = random.Random(seed)
-    vocab = 300
-    rid = 0
+    def __init__(self, path: Path, rows: int, quantize: str, seed: int, compile_decode: str = "off"):
+        from bitserve.engine import workers
+        from bitserve.engine.core import Core
+        from bitserve.ipc import protocol as P
+        from bitserve.settings import ModelSettings
 
-    def submit() -> None:
-        nonlocal rid
-        rid += 1
+        settings = ModelSettings(
+            name="lm",
+            task="generate",
+            path=str(path),
+            max_concurrent_sequences=rows,
+            max_waiting_ms=0,
+            quantize=quantize,
+            compile_decode=compile_decode,
+        )
+        loaded = workers.load(settings)
+        t0 = time.perf_counter()
+        w = workers.workers_for(loaded, [settings])  # compiles here when compile_decode is on
+        self.build_s = time.perf_counter() - t0
+        self.compiled = w.lm is not None and w.lm.compiled is not None
+        self.sent: list[int] = []
+        core = Core(w, lambda b: self.sent.append(len(b)))
+        # Messages are packed where the engine process packs them; `_pack` is the hook (old
+        # engines pack inside `send`: wrap P.pack then).
+        if not hasattr(core, "_pack"):
+            pack = P.pack
+            core._pack = pack  # type: ignore[attr-defined]
+            core.send = lambda m: self.sent.append(len(core._pack(m)))  # type: ignore[attr-defined]
+        self.core = core
+        self.timer = Timer()
+        instrument(core, self.timer)
+        self.sched = w.scheduler
+        assert self.sched is not None
+        self.sched.lm.eos = frozenset()  # random weights: lengths come from max_new_tokens alone
+        self.rows = rows
+        self.rng = random.Random(seed)
+        self.rid = 0
+
+    def _submit(self) -> None:
+        from bitserve.ipc import protocol as P
+        from bitserve.types import GenerationRequest, SamplingParams
+
+        rng, vocab = self.rng, 300
+        self.rid += 1
         n_prompt = rng.randint(4, 40)
         req = GenerationRequest(
-            rid=rid,
+            rid=self.rid,
             model="lm",
             prompt_ids=[rng.randrange(10, vocab) for _ in range(n_prompt)],
             params=SamplingParams(max_new_tokens=rng.randint(8, 64)),
@@ -179,30 +202,99 @@ def run_engine(path: Path, rows: int, steps: int, quantize: str, seed: int) -> d
             deadline=None,
             client="",
         )
-        core.handle([P.GENERATE, rid, P.request_to_wire(req)])
+        self.core.handle([P.GENERATE, self.rid, P.request_to_wire(req)])
 
-    sched.lm.eos = frozenset()  # random weights: lengths come from max_new_tokens alone
-    decode_steps = 0
-    t_total = 0.0
-    warm = 20
-    i = 0
-    with torch.inference_mode():
-        while decode_steps < steps + warm:
-            while len(sched.waiting) + len(sched.running) < rows:
-                submit()
-            before = sched.stats.steps
-            if decode_steps == warm and i >= 0:
-                timer.total.clear()
-                t_total = 0.0
-                i = -1
-            t0 = time.perf_counter()
-            core.step()
-            t_total += time.perf_counter() - t0
-            decode_steps += sched.stats.steps - before
-    measured = steps
-    per = {p: 1000 * timer.total.get(p, 0.0) / measured for p in PHASES if p != "other"}
-    per["other"] = max(0.0, 1000 * t_total / measured - sum(per.values()))
-    return {"ms_per_step": 1000 * t_total / measured, **{f"ms_{p}": v for p, v in per.items()}}
+    def run(self, steps: int) -> dict[str, float]:
+        sched, timer = self.sched, self.timer
+        assert sched is not None
+        timer.total.clear()
+        decode_steps, t_total = 0, 0.0
+        with torch.inference_mode():
+            while decode_steps < steps:
+                while len(sched.waiting) + len(sched.running) < self.rows:
+                    self._submit()
+                before = sched.stats.steps
+                t0 = time.perf_counter()
+                self.core.step()
+                t_total += time.perf_counter() - t0
+                decode_steps += sched.stats.steps - before
+        per = {p: 1000 * timer.total.get(p, 0.0) / decode_steps for p in PHASES if p != "other"}
+        per["other"] = max(0.0, 1000 * t_total / decode_steps - sum(per.values()))
+        return {"ms_per_step": 1000 * t_total / decode_steps, **{f"ms_{p}": v for p, v in per.items()}}
+
+
+def run_engine(path: Path, rows: int, steps: int, quantize: str, seed: int) -> dict[str, Any]:
+    eng = EngineRun(path, rows, quantize, seed)
+    eng.run(20)  # warm-up
+    return eng.run(steps)
+
+
+def compare_compile(
+    path: Path, rows_list: list[int], rounds: int, steps: int, quantize: str
+) -> tuple[list[dict[str, Any]], float]:
+    """Compile off and on, interleaved: per row count, `rounds` rounds of `steps` decode steps
+    each, the two engines taking turns step by step; ms/step ranges and the
+    per-round ratio eager / compiled. The compiled engine runs its own copy of the weights, so
+    that the eager one's timers never sit inside its graph. Returns rows and compile seconds."""
+    import shutil
+
+    compiled_path = path.parent / (path.name + "-compiled")
+    if not compiled_path.exists():
+        shutil.copytree(path, compiled_path)
+    out = []
+    compile_s = 0.0
+    for n in rows_list:
+        engines = {
+            "off": EngineRun(path, n, quantize, seed=n, compile_decode="off"),
+            "on": EngineRun(compiled_path, n, quantize, seed=n, compile_decode="on"),
+        }
+        assert engines["on"].compiled and not engines["off"].compiled
+        compile_s = max(compile_s, engines["on"].build_s)
+        for e in engines.values():
+            e.run(10)  # warm-up: first joins, capacity
+        got: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+        loads = []
+        for r in range(rounds):
+            # The two engines take turns step by step (who goes first alternates), so that a
+            # burst of load on this shared machine falls on both alike.
+            sums: dict[str, dict[str, float]] = {"off": defaultdict(float), "on": defaultdict(float)}
+            for i in range(steps):
+                for mode in ("off", "on") if (r + i) % 2 == 0 else ("on", "off"):
+                    for k, v in engines[mode].run(1).items():
+                        sums[mode][k] += v / steps
+            for mode in ("off", "on"):
+                got[mode].append(dict(sums[mode]))
+            loads.append(os.getloadavg()[0])
+        off = [g["ms_per_step"] for g in got["off"]]
+        on = [g["ms_per_step"] for g in got["on"]]
+        ratios = [a / b for a, b in zip(off, on, strict=True)]
+        row: dict[str, Any] = {
+            "rows": n,
+            "eager_ms": statistics.median(off),
+            "eager_min": min(off),
+            "eager_max": max(off),
+            "compiled_ms": statistics.median(on),
+            "compiled_min": min(on),
+            "compiled_max": max(on),
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "load_min": min(loads),
+            "load_max": max(loads),
+        }
+        for mode, key in (("off", "eager"), ("on", "compiled")):
+            for p in ("forward", "mask", "prefill"):
+                row[f"{key}_{p}"] = statistics.median(g[f"ms_{p}"] for g in got[mode])
+        out.append(row)
+        print(
+            f"rows={n:3d} eager {row['eager_ms']:.2f} [{row['eager_min']:.2f}-{row['eager_max']:.2f}] ms  "
+            f"compiled {row['compiled_ms']:.2f} [{row['compiled_min']:.2f}-{row['compiled_max']:.2f}] ms  "
+            f"eager/compiled {row['ratio']:.2f} [{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]  "
+            f"forward {row['eager_forward']:.2f} -> {row['compiled_forward']:.2f}  "
+            f"load {row['load_min']:.1f}-{row['load_max']:.1f}",
+            flush=True,
+        )
+    return out, compile_s
 
 
 def run_generate(path: Path, rows: int, new_tokens: int, quantize: str) -> float:
@@ -241,9 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="checkpoint directory (default: build the tiny GPT-2)")
     ap.add_argument("--name", default="step-cpu", help="result file bench/results/NAME.json")
     ap.add_argument("--label", default="", help="a note on what code this measures (before/after)")
+    ap.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="compile_decode off vs on, interleaved rounds (result: step-compile-cpu by default)",
+    )
+    ap.add_argument("--rounds", type=int, default=6, help="with --compare-compile: rounds per row count")
     args = ap.parse_args(argv)
     started = time.time()
     torch.manual_seed(0)
+    if args.compare_compile:
+        return _main_compile(args, argv, started)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else build_gpt2(Path(tmp) / "gpt2")
         out = []
@@ -279,6 +379,52 @@ def main(argv: list[str] | None = None) -> int:
         rows=out,
         notes=notes,
         extra={"quantize": args.quantize},
+        started=started,
+    )
+    print(f"wrote {path_out}")
+    return 0
+
+
+def _main_compile(args: argparse.Namespace, argv: list[str] | None, started: float) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.model) if args.model else build_gpt2(Path(tmp) / "gpt2")
+        out, compile_s = compare_compile(path, args.rows, args.rounds, args.steps, args.quantize)
+    cols = [
+        bench_results.column("rows", "rows"),
+        bench_results.column("eager_ms", "eager ms/step", "{:.2f}"),
+        bench_results.column("eager_min", "eager min", "{:.2f}"),
+        bench_results.column("eager_max", "eager max", "{:.2f}"),
+        bench_results.column("compiled_ms", "compiled ms/step", "{:.2f}"),
+        bench_results.column("compiled_min", "compiled min", "{:.2f}"),
+        bench_results.column("compiled_max", "compiled max", "{:.2f}"),
+        bench_results.column("ratio", "eager / compiled", "{:.2f}"),
+        bench_results.column("ratio_min", "ratio min", "{:.2f}"),
+        bench_results.column("ratio_max", "ratio max", "{:.2f}"),
+        bench_results.column("eager_forward", "eager forward ms", "{:.2f}"),
+        bench_results.column("compiled_forward", "compiled forward ms", "{:.2f}"),
+        bench_results.column("load_min", "load min", "{:.1f}"),
+        bench_results.column("load_max", "load max", "{:.1f}"),
+    ]
+    notes = [
+        "Engine alone, in process, a tiny random GPT-2 (4 layers, 128 wide), rows kept full with "
+        "mixed lengths (prompts 4..40, 8..64 new tokens): compile_decode off and on, "
+        f"{args.rounds} rounds of {args.steps} decode steps per row count, the two engines taking "
+        "turns step by step (who goes first alternates). ms/step: median of the rounds, min and max beside it; the ratio is "
+        "per round (eager / compiled: above 1, compiling pays). forward: the decode forward "
+        "alone (compiled: the graph call). load: 1-minute load average after each round.",
+        f"Compiling (at warm-up, before READY; two graphs: one row and any other count) took "
+        f"{compile_s:.0f} s on this machine.",
+    ]
+    if args.label:
+        notes.append(args.label)
+    name = args.name if args.name != "step-cpu" else "step-compile-cpu"
+    path_out = bench_results.write(
+        name,
+        command=bench_results.command_line("bench.step", argv),
+        columns=cols,
+        rows=out,
+        notes=notes,
+        extra={"quantize": args.quantize, "compile_s": round(compile_s, 1)},
         started=started,
     )
     print(f"wrote {path_out}")

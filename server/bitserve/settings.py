@@ -280,8 +280,18 @@ class ModelSettings(_Strict):
         512,
         ge=1,
         description=(
-            "Prompts longer than this are prefilled in chunks of it, a decode step of the running "
-            "rows between chunks (persistent batch only), so a long prompt does not stall them."
+            "Prompts longer than this are prefilled in chunks of at most it, a decode step of the "
+            "running rows between chunks (persistent batch only), so a long prompt does not stall "
+            "them; beside running rows a chunk is ~4 tokens per row (at least 64)."
+        ),
+    )
+    compile_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "torch.compile the persistent batch's decode step (CPU: inductor, dynamic shapes; CUDA: "
+            "CUDA graphs over bucketed batch sizes), compiled at start-up before the engine is "
+            "ready. auto: only where bench/results/step-compile-cpu.json measured a gain (see "
+            "docs/generation.md); bitsandbytes models stay eager."
         ),
     )
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when unset.")

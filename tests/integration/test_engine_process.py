@@ -131,3 +131,38 @@ def test_health_answers_while_a_huge_request_is_tokenized(srv):
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
     print(f"\nhealth checks during the request: {len(latencies)}, p99 {p99 * 1000:.1f} ms")
     assert len(latencies) >= 5 and p99 < 1.0
+
+
+@pytest.mark.slow
+def test_compiled_decode_is_ready_before_the_first_request_and_answers_as_eager(
+    server_factory, tiny_models, tmp_path
+):
+    """compile_decode: on compiles in the engine process before READY (the server starts only
+    once it is done), and greedy answers equal the eager engine's, prompts of mixed lengths
+    joining and leaving one batch."""
+    import shutil
+
+    compiled = tmp_path / "lm-compiled"  # its own checkpoint path: its own engine process
+    shutil.copytree(tiny_models["lm"], compiled)
+    srv = server_factory(
+        [
+            {"name": "eager", "task": "generate", "path": str(tiny_models["lm"]), "compile_decode": "off"},
+            {"name": "compiled", "task": "generate", "path": str(compiled), "compile_decode": "on"},
+        ]
+    )
+    engines = srv.server.registry._engines
+    assert engines["compiled"].core.info["compiled_decode"] is True  # compiled before READY
+    assert engines["eager"].core.info["compiled_decode"] is False
+    prompts = ["Hello world", "The quick brown fox jumps over", "I love", "la maison", "Stock markets fell"]
+    with Client(srv.target, timeout=120) as c, ThreadPoolExecutor(len(prompts)) as pool:
+        for model in ("eager", "compiled"):
+            assert c.generate("warm", model=model, max_new_tokens=2).tokens >= 1
+
+        def answers(model: str) -> list[list[int]]:
+            futs = [
+                pool.submit(c.generate, p, model=model, max_new_tokens=4 + 5 * i, logprobs=True)
+                for i, p in enumerate(prompts)
+            ]
+            return [[t.id for t in f.result().logprobs] for f in futs]
+
+        assert answers("compiled") == answers("eager")

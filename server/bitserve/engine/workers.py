@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from bitserve.engine.heads import BatchRunner, model_half
@@ -98,6 +99,7 @@ class Workers:
             "adapters": {m.name: adapter_list(self.lm.lora, m.name) for m in self.models}
             if self.lm is not None and self.lm.lora is not None
             else {},
+            "compiled_decode": self.lm is not None and self.lm.compiled is not None,
         }
 
 
@@ -149,10 +151,29 @@ def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "e
             max_rank=max(m.max_lora_rank for m in sched_models),
         )
         for m in sched_models:
-            for name, path in m.adapters.items():
-                key = f"{m.name}:{name}"
+            for adapter, path in m.adapters.items():
+                key = f"{m.name}:{adapter}"
                 ad = lm.lora.register(key, path)
                 lm.lora.acquire(key, set(), ad)  # the first `capacity` stay resident
+        if scheduler.slots is not None:
+            modes = {m.compile_decode for m in sched_models}
+            setting = "on" if "on" in modes else "auto" if "auto" in modes else "off"
+            why = lm.use_compiled(setting, loaded.quantization)
+            if lm.compiled is not None:
+                t0 = time.monotonic()
+                try:
+                    lm.warm_up(scheduler.slots)  # before READY: no request waits for a compile
+                except Exception:
+                    # E.g. no C++ compiler for inductor (the runtime image ships none): serve eager.
+                    log.exception("%s: compiling the decode step failed; it runs eager", name)
+                    lm.compiled = None
+                    scheduler.slots = lm.new_slots(scheduler.slots.max_slots, scheduler.slots.kv_tokens)
+                else:
+                    log.info(
+                        "%s: compiled decode step ready in %.1f s (%s)", name, time.monotonic() - t0, why
+                    )
+            else:
+                log.info("%s: eager decode step (%s)", name, why)
     for m in models:
         if m.adapters and m.name in runners:
             raise FailedPrecondition(

@@ -252,6 +252,47 @@ def test_a_long_prompt_prefills_in_chunks_between_decode_steps(models):
     assert running_tokens_while_chunking == 2 * (chunks - 1)
 
 
+def test_a_long_prompt_joins_when_the_running_rows_fill_every_allocated_slot(models):
+    """The slots in use equal the slots allocated (8, the first allocation): the chunked
+    prompt's parked row needs the batch to grow, and the growth copies only the rows that hold
+    data (it raised INTERNAL 'expanded size 9 must match 8' when the parked row was counted)."""
+    from bitserve.engine.worker.input_batch import FIRST_SLOTS
+
+    loaded = models("none")
+    tok = loaded.tokenizer
+    prompts = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(FIRST_SLOTS)]
+    long = tok(" ".join(PROMPTS) + " " + PROMPTS[3])["input_ids"][:50]
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
+    sched = Scheduler(
+        lm,
+        max_concurrent=FIRST_SLOTS + 1,
+        prefill_token_budget=4096,
+        max_waiting_ms=0,
+        prefill_chunk_tokens=16,
+    )
+    got: dict[int, list[int]] = {i: [] for i in range(FIRST_SLOTS + 1)}
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            sched.add(GenerationRequest(i, "lm", p, SamplingParams(max_new_tokens=30), 30, (), None))
+        for step in range(300):
+            if step == 4:
+                assert isinstance(sched.slots, SlotBatch) and sched.slots.slot_cap == len(sched.running)
+                sched.add(
+                    GenerationRequest(
+                        FIRST_SLOTS, "lm", long, SamplingParams(max_new_tokens=10), 10, (), None
+                    )
+                )
+            r = sched.step()
+            assert not r.errors, r.errors
+            for rid, t, _, _, _ in r.tokens:
+                got[rid].append(t)
+            if not sched.has_work():
+                break
+    assert got[FIRST_SLOTS] == solo(loaded, long, 10)
+    for i, p in enumerate(prompts):
+        assert got[i] == solo(loaded, p, 30)
+
+
 def test_engine_stats_report_kv_tokens_to_the_gauge(models, tiny_models):
     from bitserve.engine.core import Core
     from bitserve.engine.workers import workers_for

@@ -96,6 +96,15 @@ def _classes() -> tuple[type, type]:
                 if not self.is_initialized or self.keys is None:
                     self.lazy_initialization(key_states, value_states)
                 k, v, b = self.keys, self.values, self.batch
+                if b.mode == "graph":
+                    # The compiled decode step: shapes come from the tensors alone (rows from
+                    # the input, every column of the buffers, the mask hiding unused ones), so
+                    # one graph serves every batch size and step.
+                    n = key_states.shape[0]
+                    rows, cols = b.row_index[:n], b.cols_dev[:n]
+                    k[rows, :, cols] = key_states[:, :, 0]
+                    v[rows, :, cols] = value_states[:, :, 0]
+                    return k[:n], v[:n]
                 if b.mode == "decode":
                     # One new column per row, each at its own `cols[r]`.
                     n = b.n
@@ -207,6 +216,9 @@ class SlotBatch:
         # and how many of its columns are written.
         self.partial: Sequence | None = None
         self.partial_done = 0
+        # Keep the buffers at their full size, allocated once and never freed (CUDA graphs
+        # replay fixed shapes and addresses: see compiled.py).
+        self.hold = False
         self._alloc_small()
 
     @property
@@ -251,6 +263,9 @@ class SlotBatch:
         new_slots = self.slot_cap
         if slots > new_slots:
             new_slots = min(max(2 * self.slot_cap, FIRST_SLOTS, slots), self.max_slots)
+        if self.hold:
+            new_slots = self.max_slots
+            new_cols = max(cols, min(self.max_columns, self.kv_tokens // max(new_slots, 1)))
         # The KV-token budget bounds the rectangle; admission keeps what is needed within it.
         if new_slots * new_cols > self.kv_tokens:
             new_cols = max(cols, min(new_cols, self.kv_tokens // max(new_slots, 1)))
@@ -287,13 +302,17 @@ class SlotBatch:
             self.seen = seen
 
     # LoRA view ---------------------------------------------------------------------------------
+    def decode_has_lora(self) -> bool:
+        """Whether some decode row has an adapter (recomputed when membership changes)."""
+        if self._any_lora is None:
+            self._any_lora = any(s.lora for s in self.seqs)
+        return self._any_lora
+
     def lora_index(self) -> torch.Tensor | None:
         """The adapter slot of each row of the pass being set up (None: no row has one)."""
         r0, r1 = (0, self.n) if self.mode == "decode" else self.span[:2]
         if self.mode == "decode":
-            if self._any_lora is None:
-                self._any_lora = any(s.lora for s in self.seqs)
-            if not self._any_lora:
+            if not self.decode_has_lora():
                 return None
         elif not any(s.lora for s in self._span_seqs(r0, r1)):
             return None
@@ -325,8 +344,14 @@ class SlotBatch:
         to the chunks before it; returns the pass's input ids, 4-D mask and position ids."""
         assert self.partial is None or self.partial is seq
         if self.partial is None:
-            self.partial, self.partial_done = seq, 0
-            self._ensure(self.n + 1, len(seq.prompt_ids) + 1)
+            # Grow first: the parked row holds no data yet, so growth copies only the n rows.
+            self.partial_done = 0
+            # Columns for its whole answer too: a long row that outgrows the rectangle a few
+            # tokens after joining would copy every row's K/V once more (a 2,048-token join:
+            # one 270 ms step of 16 rows here).
+            want = len(seq.prompt_ids) + max(1, seq.max_new_tokens)
+            self._ensure(self.n + 1, min(want, max(self.max_columns, len(seq.prompt_ids) + 1)))
+            self.partial = seq
         assert self.mask is not None
         r, c0, dev = self.n, self.partial_done, self.device
         if c0 == 0:
@@ -361,7 +386,7 @@ class SlotBatch:
 
     def drop_partial(self) -> None:
         self.partial, self.partial_done = None, 0
-        if not self.seqs:
+        if not self.seqs and not self.hold:
             self._alloc_small()
 
     def begin_join(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -463,7 +488,7 @@ class SlotBatch:
                 self.lora[self.n] = self.partial.lora
         self._plan = None
         self._any_lora = None
-        if not self.seqs and self.partial is None:
+        if not self.seqs and self.partial is None and not self.hold:
             self._alloc_small()  # the memory goes back until the next join
 
     def _move_row(self, src: int, dst: int, used: int) -> None:

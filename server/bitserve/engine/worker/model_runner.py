@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker import compiled as compiled_mod
 from bitserve.engine.worker.batch import Batch, seen_of
 from bitserve.engine.worker.input_batch import SlotBatch, supports
 from bitserve.engine.worker.kv_cache import new_cache
@@ -56,6 +57,8 @@ class CausalLM:
         )
         # LoRA adapters applied per row on this base (None: this model serves none).
         self.lora: LoraBank | None = None
+        # The persistent batch's compiled decode step (`compile_decode`); None: eager.
+        self.compiled: compiled_mod.CompiledDecode | None = None
 
     def _forward(self, index: torch.Tensor | None, **kw: Any) -> Any:
         """The model on `kw`, each row through its adapter slot in `index` (None: the base)."""
@@ -69,6 +72,45 @@ class CausalLM:
 
     def _rows_index(self, seqs: list[Sequence]) -> torch.Tensor | None:
         return pass_index([s.lora for s in seqs], self.device) if self.lora is not None else None
+
+    def use_compiled(self, setting: str, quantization: str) -> str:
+        """Compile the persistent batch's decode step per `setting` (auto | on | off) where the
+        model allows it; says what was decided and why. Compiling happens at `warm_up`."""
+        reason = self.no_slots_reason or compiled_mod.eligible(self.model, self.device, quantization)
+        on, why = compiled_mod.resolve(setting, self.device, reason)
+        self.compiled = compiled_mod.CompiledDecode(self.model, self.device, self._cache_kw) if on else None
+        return why
+
+    def warm_up(self, batch: SlotBatch) -> None:
+        """Compile every graph the decode step needs (CPU: one row and several; CUDA: each
+        bucket up to the batch's slots) on throwaway rows, so no request pays for it."""
+        if self.compiled is None:
+            return
+        from bitserve.types import GenerationRequest, SamplingParams
+
+        def rows(k: int) -> list[Sequence]:
+            p = SamplingParams(max_new_tokens=4)
+            return [
+                Sequence(GenerationRequest(-1 - i, "", [1 + i % 8] * 4, p, 4, (), None)) for i in range(k)
+            ]
+
+        with torch.inference_mode():
+            if self.compiled.cuda:
+                batch.hold = True
+                sizes = sorted(
+                    {compiled_mod.bucket(k, batch.max_slots) for k in range(1, batch.max_slots + 1)}
+                )
+            else:
+                # dynamo specialises size 1: one graph for it, one for any other count.
+                sizes = [k for k in (1, 2) if k <= batch.max_slots]
+            for k in sorted(sizes, reverse=True):
+                if len(batch) > k:
+                    batch.leave(list(range(k, len(batch))))
+                if len(batch) < k:
+                    self.join(batch, rows(k - len(batch)))
+                for _ in range(3 if self.compiled.cuda else 1):  # CUDA graphs: warm, record, replay
+                    self.compiled.decode(batch)
+            batch.leave(list(range(len(batch))))
 
     def new_slots(self, max_slots: int, kv_tokens: int) -> SlotBatch:
         """An empty persistent batch for this model (`no_slots_reason` must be None)."""
@@ -112,6 +154,9 @@ class CausalLM:
         return out.logits[:, -1, :]
 
     def _decode_slots(self, batch: SlotBatch) -> torch.Tensor:
+        # A step with adapter rows runs eager: the compiled graph is the base's alone.
+        if self.compiled is not None and not batch.decode_has_lora():
+            return self.compiled.decode(batch)
         input_ids, mask, position_ids = batch.begin_decode()
         out = self._forward(
             batch.lora_index(),
