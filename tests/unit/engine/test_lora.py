@@ -239,3 +239,34 @@ def test_adapter_that_does_not_fit_is_failed_precondition(base_fp32, adapters, t
     )
     with pytest.raises(FailedPrecondition, match="not in the base model"):
         read_adapter(other, model, max_rank=64)
+
+
+def test_compiled_decode_steps_with_adapter_rows_run_eager_and_equal_merged(
+    tiny_models, adapters, base_fp32, tmp_path_factory
+):
+    """With compile_decode on, a step whose rows are all base rows takes the compiled graph and
+    a step with an adapter row the eager path (the graph is the base's): both answer as solo."""
+    from bitserve.engine.worker import compiled
+
+    torch._dynamo.reset()
+    loaded = base_fp32
+    ref = merged(tiny_models["lm"], adapters["a"], tmp_path_factory.getbasetemp() / "merged-a")
+    prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    sched = engine(loaded, {"a": adapters["a"]})
+    lm = sched.lm
+    lm.compiled = compiled.CompiledDecode(lm.model, lm.device, lm._cache_kw, backend="eager")
+    assert sched.slots is not None
+    lm.warm_up(sched.slots)
+    calls = {"n": 0}
+    real = lm.compiled.decode
+
+    def counted(batch):
+        calls["n"] += 1
+        return real(batch)
+
+    lm.compiled.decode = counted  # type: ignore[method-assign]
+    base_only = run(sched, [(0, p, "", 8) for p in prompts])
+    assert calls["n"] > 0 and base_only == {i: solo(loaded, p, 8) for i, p in enumerate(prompts)}
+    calls["n"] = 0
+    with_a = run(sched, [(0, p, "a", 8) for p in prompts])
+    assert calls["n"] == 0 and with_a == {i: solo(ref, p, 8) for i, p in enumerate(prompts)}
