@@ -58,6 +58,20 @@ class Metrics:
         self.prompt_tokens = Counter(
             "bitserve_prompt_tokens", "Prompt tokens processed.", ["model", "task"], registry=r
         )
+        # Per LoRA adapter: the label takes only names the engine accepted (configured or loaded
+        # ones; an unknown adapter is NOT_FOUND before any token), so it stays bounded.
+        self.adapter_generated_tokens = Counter(
+            "bitserve_adapter_generated_tokens",
+            "Tokens generated with a LoRA adapter.",
+            ["model", "adapter"],
+            registry=r,
+        )
+        self.adapter_sequences = Counter(
+            "bitserve_adapter_sequences",
+            "Sequences finished with a LoRA adapter.",
+            ["model", "adapter"],
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "bitserve_time_to_first_token_seconds",
             "Arrival to first generated token.",

@@ -204,6 +204,9 @@ class ServerSettings(_Strict):
         return self
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._\-]{1,128}")
+
+
 class ModelSettings(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._\-]+$", description="Name clients use.")
     task: Task = Field(description="generate | classify | sentiment | translate.")
@@ -293,10 +296,36 @@ class ModelSettings(_Strict):
     )
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when unset.")
     max_new_tokens_limit: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask for.")
+    # LoRA adapters served unmerged on this model's weights (docs/adapters.md).
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "LoRA adapters: name -> directory (a `quantize finetune --method lora|qlora` output or a "
+            "peft adapter: adapter_config.json + adapter_model.safetensors). A request names one in "
+            "its `adapter` field; more are loaded at run time with the Admin service."
+        ),
+    )
+    max_resident_adapters: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Adapters held on the device at once; beyond it the least recently used one no running "
+            "row uses is evicted (a request for it reloads it from its directory)."
+        ),
+    )
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank r an adapter may have.")
     # Instruction-model adapters.
     labels: list[str] = Field(
         default_factory=list, description="Default labels for an instruct classify model."
     )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not ADAPTER_NAME.fullmatch(name):
+                raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-'")
+        return v
 
     @field_validator("max_memory", mode="before")
     @classmethod
@@ -358,6 +387,13 @@ class Settings(_Strict):
                 raise ConfigError(f"models.{i}.path: {m.path!r} does not exist")
             if m.gguf_file and not (p / m.gguf_file).is_file():
                 raise ConfigError(f"models.{i}.gguf_file: {m.gguf_file!r} not found in {m.path}")
+            for name, ap in list(m.adapters.items()):
+                q = Path(ap)
+                if not q.is_absolute() and base is not None:
+                    q = base / q
+                    m.adapters[name] = str(q)
+                if not (q / "adapter_config.json").is_file():
+                    raise ConfigError(f"models.{i}.adapters.{name}: {str(q)!r} has no adapter_config.json")
 
 
 def _deep_merge(base: Any, over: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Task(str, enum.Enum):
@@ -47,6 +48,8 @@ class SamplingParams:
     top_logprobs: int = 0  # alternatives per generated token, with their logprobs (implies logprobs)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); -100 bans
     constraint: Constraint | None = None
+    # The LoRA adapter of the request's model to decode with ("" = the base model; issue 21).
+    adapter: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -122,6 +125,8 @@ class ModelInfo:
     quality_report_json: str = ""
     engine: str = ""  # the engine process holding the weights (shared by models with the same)
     device_map: dict[str, str] = field(default_factory=dict)
+    # LoRA adapters: {"name", "path", "rank", "resident"} each, sorted by name.
+    adapters: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -78,7 +78,17 @@ def test_the_server_reports_its_version_and_contract_revision(srv):
         assert c.server_info() == ServerInfo(
             version=bitserve.__version__, contract_revision=CONTRACT_REVISION
         )
-    assert CONTRACT_REVISION == pb.DESCRIPTOR.GetOptions().Extensions[pb.contract_revision] == 3
+    assert CONTRACT_REVISION == pb.DESCRIPTOR.GetOptions().Extensions[pb.contract_revision] == 4
+
+
+def test_an_adapter_or_an_admin_call_to_an_older_server_fails_before_it_is_sent(old_server):
+    target, servicer = old_server
+    with Client(target, timeout=10) as c:
+        with pytest.raises(IncompatibleServerError, match=r"GenerateRequest\.adapter \(revision 4\)"):
+            c.generate("hi", adapter="a")
+        with pytest.raises(IncompatibleServerError, match=r"LoadAdapter \(revision 4\)"):
+            c.load_adapter("lm", "a", "/x")
+    assert servicer.calls == ["ListModels"]
 
 
 def test_a_server_from_before_versions_reads_as_revision_1(old_server):

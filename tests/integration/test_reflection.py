@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 SERVICES = {
     "bitserve.v1.Inference",
+    "bitserve.v1.Admin",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",

@@ -26,6 +26,7 @@ from .errors import (
     UnimplementedError,
 )
 from .results import (
+    AdapterInfo,
     Generation,
     LabelScore,
     ModelInfo,
@@ -49,6 +50,7 @@ __all__ = [
     "Message",
     "SentimentOptions",
     "TranslateOptions",
+    "AdapterInfo",
     "Generation",
     "LabelScore",
     "ModelInfo",

@@ -37,6 +37,7 @@ class GenerationOptions(TypedDict, total=False):
     stop: Sequence[str] | str | None  # the text is cut before the first one produced
     seed: int | None  # same seed, parameters and prompt -> same output
     logprobs: bool  # return each generated token's log-probability
+    adapter: str | None  # a LoRA adapter of the model (ModelInfo.adapters); None: the base model
     timeout: float | None  # seconds; None: the client's timeout
     # Contract revision 3 (a call that sets one asks the server's revision first):
     n: int  # completions per prompt (1-32); n > 1 returns a list of Generations per prompt
@@ -82,6 +83,7 @@ class Call(Generic[R]):
     request: PbMessage
     read: Callable[[Any], R]
     timeout: float | None
+    service: str = "Inference"  # or "Admin"
 
 
 def _options(kind: type, options: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -167,7 +169,10 @@ def _generate_request(
 ) -> tuple[pb.GenerateRequest, bool]:
     texts, single = _texts(prompt)
     return pb.GenerateRequest(
-        texts=texts, model=options.get("model") or "", parameters=_parameters(options)
+        texts=texts,
+        model=options.get("model") or "",
+        parameters=_parameters(options),
+        adapter=options.get("adapter") or "",
     ), single
 
 
@@ -178,7 +183,12 @@ def _chat_request(messages: Sequence[Message], options: Mapping[str, Any]) -> pb
     for m in messages:
         role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
         pbm.append(pb.ChatMessage(role=role, content=content))
-    return pb.ChatRequest(messages=pbm, model=options.get("model") or "", parameters=_parameters(options))
+    return pb.ChatRequest(
+        messages=pbm,
+        model=options.get("model") or "",
+        parameters=_parameters(options),
+        adapter=options.get("adapter") or "",
+    )
 
 
 # the builders, one per client method -------------------------------------------------------------
@@ -260,6 +270,33 @@ def _models(r: pb.ListModelsResponse) -> list[results.ModelInfo]:
 def list_models(options: Mapping[str, Any]) -> Call[list[results.ModelInfo]]:
     o = _options(CallOptions, options)
     return Call("ListModels", pb.ListModelsRequest(), _models, o.get("timeout"))
+
+
+# the Admin service (LoRA adapters at run time) -----------------------------------------------
+def load_adapter(model: str, name: str, path: str, options: Mapping[str, Any]) -> Call[results.AdapterInfo]:
+    o = _options(CallOptions, options)
+    req = pb.LoadAdapterRequest(model=model, name=name, path=path)
+    return Call("LoadAdapter", req, lambda r: results.adapter_info(r.adapter), o.get("timeout"), "Admin")
+
+
+def unload_adapter(model: str, name: str, options: Mapping[str, Any]) -> Call[int]:
+    o = _options(CallOptions, options)
+    req = pb.UnloadAdapterRequest(model=model, name=name)
+    return Call("UnloadAdapter", req, lambda r: int(r.running), o.get("timeout"), "Admin")
+
+
+def list_adapters(
+    model: str | None, options: Mapping[str, Any]
+) -> Call[dict[str, list[results.AdapterInfo]]]:
+    o = _options(CallOptions, options)
+    req = pb.ListAdaptersRequest(model=model or "")
+    return Call(
+        "ListAdapters",
+        req,
+        lambda r: {m: [results.adapter_info(a) for a in v.adapters] for m, v in r.models.items()},
+        o.get("timeout"),
+        "Admin",
+    )
 
 
 def server_info(options: Mapping[str, Any]) -> Call[results.ServerInfo]:

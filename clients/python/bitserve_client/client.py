@@ -24,7 +24,7 @@ from . import channel as _ch
 from . import tokens as _tok
 from .calls import Call, Message
 from .errors import from_rpc_error
-from .results import ModelInfo, ServerInfo, StreamEvent
+from .results import AdapterInfo, ModelInfo, ServerInfo, StreamEvent
 from .retry import RetryInfoPolicy
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class Client(_Face):
         super().__init__(target, timeout)
         self._channel = channel or security.channel(self._target, _ch.options(service_config), **tls)
         self._stub = pb_grpc.InferenceStub(self._channel)
+        self._stubs = {"Inference": self._stub, "Admin": pb_grpc.AdminStub(self._channel)}
 
     def close(self) -> None:
         self._channel.close()
@@ -95,7 +96,7 @@ class Client(_Face):
         if self._asks_server(call):
             self._server = self.server_info()
         self._check(call)
-        send = getattr(self._stub, call.rpc)
+        send = getattr(self._stubs[call.service], call.rpc)
         try:
             return call.read(self.retry_policy.call(lambda: send(call.request, timeout=self._deadline(call))))
         except grpc.RpcError as e:
@@ -106,7 +107,7 @@ class Client(_Face):
         if self._asks_server(call):
             self._server = self.server_info()
         self._check(call)
-        it = getattr(self._stub, call.rpc)(call.request, timeout=self._deadline(call))
+        it = getattr(self._stubs[call.service], call.rpc)(call.request, timeout=self._deadline(call))
         try:
             for m in it:
                 yield call.read(m)
@@ -148,6 +149,20 @@ class Client(_Face):
 
     def list_models(self, **options: Unpack[CallOptions]) -> list[ModelInfo]:
         return self._unary(calls.list_models(options))
+
+    # the Admin service: LoRA adapters at run time -------------------------------------------------
+    def load_adapter(self, model: str, name: str, path: str, **options: Unpack[CallOptions]) -> AdapterInfo:
+        """Load the adapter at `path` (a directory on the server) as `name` on `model`."""
+        return self._unary(calls.load_adapter(model, name, path, options))
+
+    def unload_adapter(self, model: str, name: str, **options: Unpack[CallOptions]) -> int:
+        """Unload it (then NOT_FOUND); rows still decoding with it finish first: their count."""
+        return self._unary(calls.unload_adapter(model, name, options))
+
+    def list_adapters(
+        self, model: str | None = None, **options: Unpack[CallOptions]
+    ) -> dict[str, list[AdapterInfo]]:
+        return self._unary(calls.list_adapters(model, options))
 
     def server_info(self, **options: Unpack[CallOptions]) -> ServerInfo:
         """The server's release and contract revision (ListModels)."""
@@ -194,6 +209,7 @@ class AsyncClient(_Face):
         super().__init__(target, timeout)
         self._channel = channel or security.aio_channel(self._target, _ch.options(service_config), **tls)
         self._stub = pb_grpc.InferenceStub(self._channel)
+        self._stubs = {"Inference": self._stub, "Admin": pb_grpc.AdminStub(self._channel)}
 
     async def close(self) -> None:
         await self._channel.close()
@@ -208,7 +224,7 @@ class AsyncClient(_Face):
         if self._asks_server(call):
             self._server = await self.server_info()
         self._check(call)
-        send = getattr(self._stub, call.rpc)
+        send = getattr(self._stubs[call.service], call.rpc)
         try:
             return call.read(
                 await self.retry_policy.acall(lambda: send(call.request, timeout=self._deadline(call)))
@@ -220,7 +236,7 @@ class AsyncClient(_Face):
         if self._asks_server(call):
             self._server = await self.server_info()
         self._check(call)
-        it = getattr(self._stub, call.rpc)(call.request, timeout=self._deadline(call))
+        it = getattr(self._stubs[call.service], call.rpc)(call.request, timeout=self._deadline(call))
         try:
             async for m in it:
                 yield call.read(m)
@@ -256,6 +272,20 @@ class AsyncClient(_Face):
 
     async def list_models(self, **options: Unpack[CallOptions]) -> list[ModelInfo]:
         return await self._unary(calls.list_models(options))
+
+    # the Admin service: LoRA adapters at run time -------------------------------------------------
+    async def load_adapter(
+        self, model: str, name: str, path: str, **options: Unpack[CallOptions]
+    ) -> AdapterInfo:
+        return await self._unary(calls.load_adapter(model, name, path, options))
+
+    async def unload_adapter(self, model: str, name: str, **options: Unpack[CallOptions]) -> int:
+        return await self._unary(calls.unload_adapter(model, name, options))
+
+    async def list_adapters(
+        self, model: str | None = None, **options: Unpack[CallOptions]
+    ) -> dict[str, list[AdapterInfo]]:
+        return await self._unary(calls.list_adapters(model, options))
 
     async def server_info(self, **options: Unpack[CallOptions]) -> ServerInfo:
         return await self._unary(calls.server_info(options))

@@ -20,7 +20,6 @@ from .errors import IncompatibleServerError
 
 FIRST = 1
 REVISION: int = pb.DESCRIPTOR.GetOptions().Extensions[pb.contract_revision]
-_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"]
 
 
 def client_version() -> str:
@@ -35,7 +34,10 @@ def field_since(f: FieldDescriptor) -> int:
 
 
 def method_since(rpc: str) -> int:
-    return _SERVICE.methods_by_name[rpc].GetOptions().Extensions[pb.method_since] or FIRST
+    for service in pb.DESCRIPTOR.services_by_name.values():  # Inference, Admin
+        if rpc in service.methods_by_name:
+            return service.methods_by_name[rpc].GetOptions().Extensions[pb.method_since] or FIRST
+    raise KeyError(rpc)
 
 
 def _added(message: Message, prefix: str) -> Iterator[tuple[str, int]]:

@@ -94,6 +94,22 @@ class ModelInfo:
     engine: str = ""  # models with the same engine share one copy of the weights
     extra: dict[str, Any] = field(default_factory=dict)
     device_map: dict[str, str] = field(default_factory=dict)  # module -> device when spread
+    adapters: tuple[AdapterInfo, ...] = ()  # LoRA adapters a request may name (revision 4)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A LoRA adapter of a model: its directory on the server, rank, and whether it is on the
+    device now (a request for one that is not reloads it)."""
+
+    name: str
+    path: str
+    rank: int
+    resident: bool
+
+
+def adapter_info(a: pb.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(name=a.name, path=a.path, rank=a.rank, resident=a.resident)
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,7 @@ def model_info(m: pb.ModelInfo) -> ModelInfo:
         quality_report_json=m.quality_report_json,
         engine=m.engine,
         device_map=dict(m.device_map),
+        adapters=tuple(adapter_info(a) for a in m.adapters),
     )
 
 

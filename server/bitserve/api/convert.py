@@ -5,13 +5,14 @@ The only module (with the servicer) that touches protobuf messages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from bitserve.api import checks
 from bitserve.errors import InvalidArgument
-from bitserve.settings import ServerSettings
+from bitserve.settings import ADAPTER_NAME, ServerSettings
 from bitserve.types import (
     Constraint,
     FinishReason,
@@ -198,6 +199,24 @@ def tokenize_response(model: str, results: Sequence[Tokenized]) -> pb.TokenizeRe
     )
 
 
+def with_adapter(params: SamplingParams, adapter: str) -> SamplingParams:
+    """`params` naming the request's LoRA adapter (checked for form here; the engine says
+    NOT_FOUND for one its model does not have)."""
+    if not adapter:
+        return params
+    if not ADAPTER_NAME.fullmatch(adapter):
+        raise InvalidArgument(
+            f"adapter {adapter[:64]!r} is not an adapter name (letters, digits, '.', '_', '-'; at most 128)"
+        )
+    return dataclasses.replace(params, adapter=adapter)
+
+
+def adapter_info_pb(a: dict[str, Any], *, with_path: bool = True) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        name=a["name"], path=a["path"] if with_path else "", rank=a["rank"], resident=a["resident"]
+    )
+
+
 def model_info_pb(m: ModelInfo, *, with_path: bool = True) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=m.name,
@@ -215,4 +234,5 @@ def model_info_pb(m: ModelInfo, *, with_path: bool = True) -> pb.ModelInfo:
         path=m.path if with_path else "",
         engine=m.engine,
         device_map=m.device_map,
+        adapters=[adapter_info_pb(a, with_path=with_path) for a in m.adapters],
     )

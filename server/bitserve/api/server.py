@@ -21,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from prometheus_client import start_http_server
 
 from bitserve.api import checks, reflection, security, undecodable
+from bitserve.api.admin import AdminServicer
 from bitserve.api.openai import HttpServer
 from bitserve.api.servicer import InferenceServicer
 from bitserve.frontend.base import Engine
@@ -35,6 +36,7 @@ from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -83,10 +85,17 @@ class Server:
             tenant_of=security.TenantOf(entries),
         )
         undecodable.add_servicer(pb_grpc.add_InferenceServicer_to_server, self.servicer, self._grpc)
+        admin = AdminServicer(self.registry, expose_paths=s.expose_model_paths)
+        undecodable.add_servicer(pb_grpc.add_AdminServicer_to_server, admin, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if s.reflection:
             reflection.enable(
-                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self._grpc
+                (
+                    SERVICE_NAME,
+                    ADMIN_SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                ),
+                self._grpc,
             )
         address = f"{s.host}:{s.port}"
         if credentials is not None:

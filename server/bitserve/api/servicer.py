@@ -189,9 +189,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return _Call(self, context, task, method)
 
     def _params(self, request: pb.GenerateRequest | pb.ChatRequest, engine: GenerateEngine) -> SamplingParams:
-        return convert.sampling_from(
+        params = convert.sampling_from(
             request.parameters, engine.settings.default_max_new_tokens, self._server.max_stop_chars
         )
+        return convert.with_adapter(params, request.adapter)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse | None:
         async with self._call(context, Task.GENERATE, "Generate") as call:

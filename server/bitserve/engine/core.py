@@ -86,9 +86,14 @@ class Core:
                 return
             if msg[2].get("whole"):
                 self._whole[rid] = ([], [], [], [])
-            self.w.scheduler.add(P.request_from_wire(rid, msg[2]))
+            try:
+                self.w.scheduler.add(P.request_from_wire(rid, msg[2]))
+            except Exception as e:  # an unknown adapter: NOT_FOUND, never the base model
+                self._whole.pop(rid, None)
+                self.send(P.error_to_wire(rid, e))
+                return
             self._wait_until = None
-        elif op in (P.SCORE, P.BATCH):
+        elif op in (P.SCORE, P.BATCH, P.ADAPTER):
             self.jobs.append(msg)
         else:  # pragma: no cover - a front/core version mismatch
             log.error("unknown message %r", op)
@@ -98,6 +103,8 @@ class Core:
         try:
             if op == P.SCORE:
                 result = self.w.score(msg[2], msg[3])
+            elif op == P.ADAPTER:
+                result = self.w.adapter_op(msg[2], msg[3])
             else:
                 result = self.w.run_batch(msg[2], msg[3])
         except Exception as e:

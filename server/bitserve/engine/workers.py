@@ -15,8 +15,9 @@ from typing import Any
 
 from bitserve.engine.heads import BatchRunner, model_half
 from bitserve.engine.sched.scheduler import Scheduler
+from bitserve.engine.worker.lora import LoraBank
 from bitserve.engine.worker.model_runner import CausalLM
-from bitserve.errors import InvalidArgument
+from bitserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from bitserve.models.backends import resolve_backend
 from bitserve.models.loading import LoadedModel, load_checkpoint
 from bitserve.settings import ModelSettings
@@ -47,6 +48,38 @@ class Workers:
     def run_batch(self, model: str, items: list[Any]) -> list[Any]:
         return self.runners[model].run_batch(items)
 
+    # LoRA adapters (the Admin service) ----------------------------------------------------------
+    def adapter_op(self, op: str, args: list[Any]) -> Any:
+        """["load", model, name, path] | ["unload", model, name] | ["list", model]: between
+        steps, on the engine's loop (running rows never see a half-loaded adapter)."""
+        model = args[0]
+        bank = self._bank(model)
+        if op == "list":
+            return adapter_list(bank, model)
+        key = f"{model}:{args[1]}"
+        if op == "load":
+            ad = bank.register(key, args[2])
+            assert self.scheduler is not None
+            slot = bank.acquire(key, self.scheduler.adapters_in_use(), ad)
+            return {"resident": slot is not None, "rank": ad.rank, "bytes": ad.nbytes}
+        if op == "unload":
+            assert self.scheduler is not None
+            bank.forget(key)
+            in_use = self.scheduler.adapters_in_use()
+            running = sum(1 for s in self.scheduler.running if s.adapter == key)
+            bank.free_unused(in_use)
+            return {"running": running}
+        raise InvalidArgument(f"unknown adapter operation {op!r}")
+
+    def _bank(self, model: str) -> LoraBank:
+        if not any(m.name == model for m in self.models):
+            raise NotFound(f"model {model!r} is not served by this engine")
+        if self.lm is None or self.lm.lora is None:
+            raise FailedPrecondition(
+                f"model {model!r} has its own task head; LoRA adapters are served on causal LMs"
+            )
+        return self.lm.lora
+
     def info(self) -> dict[str, Any]:
         lm = self.loaded
         return {
@@ -63,6 +96,9 @@ class Workers:
             "quality_report_json": lm.quality_report_json,
             "device_map": lm.device_map,
             "batch_path": self.scheduler.path if self.scheduler is not None else None,
+            "adapters": {m.name: adapter_list(self.lm.lora, m.name) for m in self.models}
+            if self.lm is not None and self.lm.lora is not None
+            else {},
             "compiled_decode": self.lm is not None and self.lm.compiled is not None,
         }
 
@@ -109,6 +145,16 @@ def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "e
             kv_cache_tokens=max(m.kv_cache_tokens for m in sched_models),
             prefill_chunk_tokens=max(m.prefill_chunk_tokens for m in sched_models),
         )
+        lm.lora = LoraBank(
+            loaded.model,
+            capacity=max(m.max_resident_adapters for m in sched_models),
+            max_rank=max(m.max_lora_rank for m in sched_models),
+        )
+        for m in sched_models:
+            for adapter, path in m.adapters.items():
+                key = f"{m.name}:{adapter}"
+                ad = lm.lora.register(key, path)
+                lm.lora.acquire(key, set(), ad)  # the first `capacity` stay resident
         if scheduler.slots is not None:
             modes = {m.compile_decode for m in sched_models}
             setting = "on" if "on" in modes else "auto" if "auto" in modes else "off"
@@ -128,4 +174,15 @@ def workers_for(loaded: LoadedModel, models: list[ModelSettings], name: str = "e
                     )
             else:
                 log.info("%s: eager decode step (%s)", name, why)
+    for m in models:
+        if m.adapters and m.name in runners:
+            raise FailedPrecondition(
+                f"model {m.name!r}: adapters are served on causal LMs; this entry has its own task head"
+            )
     return Workers(loaded, models, runners, scheduler, lm)
+
+
+def adapter_list(bank: LoraBank, model: str) -> list[dict[str, Any]]:
+    """The adapters of `model`: name, path, rank, resident."""
+    prefix = f"{model}:"
+    return [{**d, "name": d["name"][len(prefix) :]} for d in bank.describe() if d["name"].startswith(prefix)]

@@ -51,6 +51,9 @@ class Engine(abc.ABC):
         self.loaded = loaded
         self.metrics = metrics
         self.core = core
+        # LoRA adapters of this model as the engine last reported them (ListModels); the
+        # engine itself decides what a request may use.
+        self.adapters: list[dict[str, Any]] = []
         self.name = settings.name
         self.ready = False
         # Tokenization runs here, never on the event loop; one thread per engine, since a fast
@@ -96,6 +99,7 @@ class Engine(abc.ABC):
             quality_report_json=lm.quality_report_json,
             engine=getattr(self.core, "id", ""),
             device_map=dict(lm.device_map),
+            adapters=list(self.adapters),
         )
 
     def hooks(self) -> BatchHooks:

@@ -47,6 +47,20 @@ class _GenMetrics:
         self.prompt = m.prompt_tokens.labels(model, task)
         self.ttft = m.time_to_first_token.labels(model, task)
         self.itl = m.inter_token_latency.labels(model, task)
+        self._m, self._model = m, model
+        self._adapters: dict[str, tuple[Any, Any]] = {}
+
+    def adapter(self, name: str) -> tuple[Any, Any]:
+        """(tokens, sequences) counters of one adapter (a name the engine accepted)."""
+        c = self._adapters.get(name)
+        if c is None:
+            m = self._m
+            c = (
+                m.adapter_generated_tokens.labels(self._model, name),
+                m.adapter_sequences.labels(self._model, name),
+            )
+            self._adapters[name] = c
+        return c
 
 
 class TokenCollector:
@@ -95,6 +109,8 @@ class TokenCollector:
     ) -> None:
         m = self.engine.gen_metrics
         m.generated.inc()
+        if self.params.adapter:
+            m.adapter(self.params.adapter)[0].inc()
         if self.last:
             m.itl.observe(now - self.last)
         else:
@@ -124,6 +140,8 @@ class TokenCollector:
 
     def _finish(self, finish: str, lp: TokenLogprob | None) -> None:
         self.done = True
+        if self.params.adapter:
+            self.engine.gen_metrics.adapter(self.params.adapter)[1].inc()
         self.release_ticket()
         reason = FinishReason.STOP if finish == "stop-string" else _FINISH[finish]
         if self.text is not None:

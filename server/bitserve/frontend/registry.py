@@ -170,6 +170,7 @@ class ModelRegistry:
             except ConfigError as e:
                 raise ConfigError(f"models.{i} ({m.name}): {e}") from e
             await engine.start()
+            engine.adapters = list(info.get("adapters", {}).get(m.name, []))
             self._engines[m.name] = engine
             self.engine_of[m.name] = engine_id
             # One copy of the weights, counted once: on the first model that reads them.
@@ -207,6 +208,17 @@ class ModelRegistry:
             await e.stop()
         # Together: each engine process takes its own second or so to drain and exit.
         await asyncio.gather(*(core.stop() for core in self.cores))
+
+    def model(self, name: str) -> Engine:
+        """The loaded model `name`, whatever its task; NOT_FOUND / UNAVAILABLE as `get`."""
+        engine = self._engines.get(name)
+        if engine is None:
+            if name in self._declared:
+                raise Unavailable(f"model {name!r} is still loading; retry shortly")
+            raise NotFound(f"model {name!r} is not loaded; loaded models: {sorted(self._declared) or 'none'}")
+        if not engine.core.ready:
+            raise Unavailable(f"model {name!r} is not serving: {engine.core.not_serving_reason}")
+        return engine
 
     def get(self, task: Task, name: str | None, kind: type[E]) -> E:
         """The engine that answers `task` for model `name` (or the only one serving `task`)."""

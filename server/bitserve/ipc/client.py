@@ -197,6 +197,10 @@ class EngineLink:
     def _control(self, msg: list[Any]) -> None:
         pass
 
+    def remember_adapter(self, model: str, name: str, path: str | None) -> None:
+        """An adapter loaded (`path`) or unloaded (None) at run time; an engine process that
+        restarts loads what is remembered (the in-process engine never restarts)."""
+
 
 class EngineGaveUp(Exception):
     """An engine process used up its restarts (the server exits with it when told to)."""
@@ -296,6 +300,18 @@ class EngineClient(EngineLink):
         self.info = await self._spawn(spec_file, inbox, outbox)
         self._watchdog_task = self._loop.create_task(self._watchdog(), name=f"engine-{self.id}-watchdog")
         return self.info
+
+    def remember_adapter(self, model: str, name: str, path: str | None) -> None:
+        for m in self.spec["models"]:
+            if m["name"] == model:
+                adapters = m.setdefault("adapters", {})
+                if path is None:
+                    adapters.pop(name, None)
+                else:
+                    adapters[name] = path
+        if self._dir is not None:
+            with open(os.path.join(self._dir, "spec.json"), "w") as f:
+                json.dump(self.spec, f)
 
     async def _spawn(self, spec_file: str, inbox: str, outbox: str) -> dict[str, Any]:
         assert self._loop is not None

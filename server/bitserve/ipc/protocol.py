@@ -5,6 +5,9 @@ front -> core:  [GENERATE, rid, request dict]   a generation request (token ids,
                                                 several, seen by the same step (n completions)
                 [SCORE, rid, prompts, conts]    label scoring: log-likelihood of continuations
                 [BATCH, rid, model, items]      one batch for a model with its own task head
+                [ADAPTER, rid, op, args]        a LoRA adapter operation, between steps: "load"
+                                                [model, name, path], "unload" [model, name],
+                                                "list" [model] (answered with RESULT or ERROR)
                 [ABORT, [rid, ...]]             the callers are gone: drop these requests
                 [SHUTDOWN]                      finish what is accepted, then exit
                 [PING, seq]                     are you alive? (the front's watchdog)
@@ -35,6 +38,7 @@ from bitserve.types import Constraint, GenerationRequest, SamplingParams
 
 GENERATE, SCORE, BATCH, ABORT, SHUTDOWN = "gen", "score", "batch", "abort", "shutdown"
 GENERATE_MANY = "genmany"
+ADAPTER = "adapter"
 READY, FAILED, TOKENS, RESULT, ERROR = "ready", "failed", "tokens", "result", "error"
 PING, PONG = "ping", "pong"  # the front's engine watchdog
 
@@ -66,6 +70,7 @@ def request_to_wire(r: GenerationRequest, whole: bool = False) -> dict[str, Any]
         "top_logprobs": p.top_logprobs,
         "logit_bias": [list(b) for b in p.logit_bias],
         "constraint": [p.constraint.kind, p.constraint.value] if p.constraint is not None else None,
+        "adapter": p.adapter,
         "stop_ids": list(r.stop_ids),
         "deadline": r.deadline,
         "client": r.client,
@@ -84,6 +89,7 @@ def request_from_wire(rid: int, d: dict[str, Any]) -> GenerationRequest:
         top_logprobs=d["top_logprobs"],
         logit_bias=tuple((int(t), float(b)) for t, b in d["logit_bias"]),
         constraint=Constraint(*d["constraint"]) if d["constraint"] is not None else None,
+        adapter=d.get("adapter", ""),
     )
     return GenerationRequest(
         rid=rid,

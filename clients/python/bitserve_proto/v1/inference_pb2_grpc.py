@@ -496,3 +496,171 @@ class Inference:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Admin (issue 21, revision 4): LoRA adapters loaded and unloaded while the server runs. Behind
+    the token auth when the server has one.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadAdapter = channel.unary_unary(
+                '/bitserve.v1.Admin/LoadAdapter',
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/bitserve.v1.Admin/UnloadAdapter',
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/bitserve.v1.Admin/ListAdapters',
+                request_serializer=bitserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=bitserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Admin (issue 21, revision 4): LoRA adapters loaded and unloaded while the server runs. Behind
+    the token auth when the server has one.
+    """
+
+    def LoadAdapter(self, request, context):
+        """Load the adapter at `path` as `name` on `model`. FAILED_PRECONDITION when its base, rank or
+        target modules do not fit the model (the message says which); NOT_FOUND for no such model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Unknown from now on (new requests are NOT_FOUND); rows already decoding with it finish
+        first, then it leaves the device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=bitserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=bitserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'bitserve.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('bitserve.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Admin (issue 21, revision 4): LoRA adapters loaded and unloaded while the server runs. Behind
+    the token auth when the server has one.
+    """
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitserve.v1.Admin/LoadAdapter',
+            bitserve_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitserve.v1.Admin/UnloadAdapter',
+            bitserve_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitserve.v1.Admin/ListAdapters',
+            bitserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+            bitserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -24,7 +24,7 @@ from bitserve.engine.worker.batch import Batch
 from bitserve.engine.worker.input_batch import SlotBatch
 from bitserve.engine.worker.model_runner import CausalLM
 from bitserve.engine.worker.sampler import select_tokens
-from bitserve.errors import DeadlineExceeded
+from bitserve.errors import DeadlineExceeded, NotFound
 from bitserve.types import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,12 @@ class Scheduler:
 
     # requests --------------------------------------------------------------------------------
     def add(self, req: GenerationRequest, arrived: float | None = None) -> None:
+        """Queue `req`; NOT_FOUND at once for an adapter this engine does not know."""
         seq = Sequence(req, arrived)
+        if seq.adapter:
+            bank = self.lm.lora
+            if bank is None or seq.adapter not in bank.known:
+                raise NotFound(f"model {req.model!r} has no adapter {req.params.adapter!r} loaded")
         if req.params.constraint is not None:
             if self.grammars is None:
                 self.grammars = adjust.Grammars(self.lm.tokenizer, self.lm.vocab, self.lm.eos)
@@ -188,6 +193,8 @@ class Scheduler:
         slots = self.slots
         # Sequences whose grammar still compiles wait without holding up the others.
         ready = adjust.hold_compiling(self.waiting, out.errors) if self.grammars is not None else self.waiting
+        if self.lm.lora is not None:
+            ready = self._resident_adapters(ready, out)
         decision = self.policy.schedule(
             [Waiting(len(s.prompt_ids), s.arrived, s.deadline, s.client, s.max_new_tokens) for s in ready],
             [s.max_new_tokens - len(s.token_ids) for s in running],
@@ -206,6 +213,9 @@ class Scheduler:
                 )
             )
         new = [ready[i] for i in decision.admit]
+        if self.lm.lora is not None:
+            for s in new:
+                s.lora = self.lm.lora.slot[s.adapter] if s.adapter else 0
         gone = {ready[i].rid for i in set(decision.expired) | set(decision.admit)}
         if gone:
             self.waiting = [s for s in self.waiting if s.rid not in gone]
@@ -216,9 +226,9 @@ class Scheduler:
                 out.queue_waits.setdefault(s.model, []).append(now - s.arrived)
             short = [s for s in new if len(s.prompt_ids) <= self.chunk_tokens]
             reps, copies = _distinct([s for s in new if len(s.prompt_ids) > self.chunk_tokens])
-            lead = {tuple(s.prompt_ids): s for s in reps}
+            lead = {_prompt_key(s): s for s in reps}
             for c in copies:
-                self._followers.setdefault(id(lead[tuple(c.prompt_ids)]), []).append(c)
+                self._followers.setdefault(id(lead[_prompt_key(c)]), []).append(c)
             self._chunk_queue.extend(reps)
             if short:
                 self._join(short, out)
@@ -244,6 +254,44 @@ class Scheduler:
             return out
         self._decode(out)
         return out
+
+    # LoRA adapters -----------------------------------------------------------------------------
+    def adapters_in_use(self) -> set[int]:
+        """The bank slots that running rows and admitted prompts decode with."""
+        used = {s.lora for s in self.running} | {s.lora for s in self._chunk_queue}
+        if self.slots is not None and self.slots.partial is not None:
+            used.add(self.slots.partial.lora)
+        used.discard(0)
+        return used
+
+    def _resident_adapters(self, ready: list[Sequence], out: StepResult) -> list[Sequence]:
+        """`ready` less the sequences whose adapter cannot be resident now (every slot is used
+        by running rows: they wait); an adapter unloaded since the request came is NOT_FOUND."""
+        bank = self.lm.lora
+        assert bank is not None
+        in_use = self.adapters_in_use()
+        if bank.draining:
+            bank.free_unused(in_use)
+        if not any(s.adapter for s in ready):
+            return ready
+        keep: list[Sequence] = []
+        failed: set[int] = set()
+        for s in ready:
+            if not s.adapter:
+                keep.append(s)
+                continue
+            try:
+                slot = bank.acquire(s.adapter, in_use)
+            except Exception as e:  # unloaded meanwhile, or its files changed under it
+                out.errors.append((s.rid, e))
+                failed.add(s.rid)
+                continue
+            if slot is not None:
+                in_use.add(slot)  # what this step admits keeps it resident
+                keep.append(s)
+        if failed:
+            self.waiting = [s for s in self.waiting if s.rid not in failed]
+        return keep
 
     def _decode(self, out: StepResult) -> None:
         batch = self.batch
@@ -278,8 +326,8 @@ class Scheduler:
         groups = length_groups([len(s.prompt_ids) for s in reps], self._pass_tokens)
         for g in groups:
             part = [reps[i] for i in g]
-            row_of = {tuple(s.prompt_ids): i for i, s in enumerate(part)}
-            followers = [c for c in copies if tuple(c.prompt_ids) in row_of]
+            row_of = {_prompt_key(s): i for i, s in enumerate(part)}
+            followers = [c for c in copies if _prompt_key(c) in row_of]
             start = len(slots)
             try:
                 logits = self.lm.join(slots, part, extra=len(followers))
@@ -287,7 +335,7 @@ class Scheduler:
                 self.stats.prefill_rows += len(part)
                 out.prompt_tokens += sum(len(s.prompt_ids) for s in part)
                 if followers:
-                    src = [row_of[tuple(c.prompt_ids)] for c in followers]
+                    src = [row_of[_prompt_key(c)] for c in followers]
                     slots.copy_rows([start + i for i in src], followers)
                     logits = torch.cat([logits, logits[torch.tensor(src, device=logits.device)]])
                 self._advance_slots(slots, start, logits, out, now=time.monotonic())
@@ -386,9 +434,10 @@ class Scheduler:
     def _prefill(self, seqs: list[Sequence], out: StepResult) -> Batch | None:
         # Identical prompts admitted together (the n completions of one prompt) are prefilled
         # once; their rows are copies of that row's cache.
+        # (Same prompt, same adapter: a prompt through another adapter is another prefill.)
         reps: dict[tuple[int, ...], Sequence] = {}
         for s in seqs:
-            reps.setdefault(tuple(s.prompt_ids), s)
+            reps.setdefault((s.lora, *s.prompt_ids), s)
         distinct = list(reps.values())
         groups = length_groups([len(s.prompt_ids) for s in distinct], self._pass_tokens)
         parts = [self.lm.prefill([distinct[i] for i in g]) for g in groups]
@@ -443,13 +492,18 @@ class Scheduler:
         return kept
 
 
+def _prompt_key(s: Sequence) -> tuple[int, ...]:
+    """What a shared prefill must agree on: the prompt and the LoRA adapter it runs through."""
+    return (s.lora, *s.prompt_ids)
+
+
 def _distinct(seqs: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
-    """The first sequence of each distinct prompt, and the others (in order)."""
+    """The first sequence of each distinct (adapter, prompt), and the others (in order)."""
     seen: set[tuple[int, ...]] = set()
     reps: list[Sequence] = []
     copies: list[Sequence] = []
     for s in seqs:
-        key = tuple(s.prompt_ids)
+        key = _prompt_key(s)
         (copies if key in seen else reps).append(s)
         seen.add(key)
     return reps, copies
@@ -461,7 +515,7 @@ def _copy_rows(
     """The batch of `seqs` from the prefilled batch of their distinct prompts: each row a copy
     of its prompt's row (cache, mask, positions, logits)."""
     row = {id(s): i for i, s in enumerate(batch.seqs)}
-    idx = [row[id(reps[tuple(s.prompt_ids)])] for s in seqs]
+    idx = [row[id(reps[(s.lora, *s.prompt_ids)])] for s in seqs]
     copied = batch.filter(idx)
     assert copied is not None
     copied.seqs = list(seqs)

@@ -31,6 +31,8 @@ class Sequence:
         "rng",
         "penalty",
         "guide",
+        "adapter",
+        "lora",
     )
 
     def __init__(self, req: GenerationRequest, arrived: float | None = None):
@@ -51,3 +53,6 @@ class Sequence:
         rp = req.params.repetition_penalty
         self.penalty = rp if rp != 1.0 else None
         self.guide: Guide | None = None  # the row's constraint (set by the scheduler)
+        # Its LoRA adapter, as the bank knows it: "model:name" ("" = the base).
+        self.adapter = f"{req.model}:{req.params.adapter}" if req.params.adapter else ""
+        self.lora = 0  # that adapter's slot in the LoRA bank while the row runs (0: none)

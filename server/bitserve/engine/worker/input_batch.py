@@ -214,6 +214,10 @@ class SlotBatch:
         self.cols_dev: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self.positions: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self.next_ids: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        # Per slot, the row's LoRA adapter slot (0: the base), and whether any row has one -
+        # both refreshed only when membership changes, like the sampling plan.
+        self.lora: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self._any_lora: bool | None = None
         self._plan: Plan | None = None
         # A long prompt being prefilled in chunks, parked in slot `n` (outside the decode rows),
         # and how many of its columns are written.
@@ -292,15 +296,39 @@ class SlotBatch:
         cols_dev = torch.zeros(new_slots, dtype=torch.long, device=dev)
         positions = torch.zeros(new_slots, dtype=torch.long, device=dev)
         next_ids = torch.zeros(new_slots, dtype=torch.long, device=dev)
+        lora = torch.zeros(new_slots, dtype=torch.long, device=dev)
         if n:
             cols_dev[:n] = self.cols_dev[:n]
             positions[:n] = self.positions[:n]
             next_ids[:n] = self.next_ids[:n]
-        self.cols_dev, self.positions, self.next_ids = cols_dev, positions, next_ids
+            lora[:n] = self.lora[:n]
+        self.cols_dev, self.positions, self.next_ids, self.lora = cols_dev, positions, next_ids, lora
         if self.seen is not None:
             seen = torch.zeros(new_slots, self.seen.shape[1], dtype=torch.bool, device=dev)
             seen[:n] = self.seen[:n]
             self.seen = seen
+
+    # LoRA view ---------------------------------------------------------------------------------
+    def decode_has_lora(self) -> bool:
+        """Whether some decode row has an adapter (recomputed when membership changes)."""
+        if self._any_lora is None:
+            self._any_lora = any(s.lora for s in self.seqs)
+        return self._any_lora
+
+    def lora_index(self) -> torch.Tensor | None:
+        """The adapter slot of each row of the pass being set up (None: no row has one)."""
+        r0, r1 = (0, self.n) if self.mode == "decode" else self.span[:2]
+        if self.mode == "decode":
+            if not self.decode_has_lora():
+                return None
+        elif not any(s.lora for s in self._span_seqs(r0, r1)):
+            return None
+        return self.lora[r0:r1]
+
+    def _span_seqs(self, r0: int, r1: int) -> list[Sequence]:
+        if self.partial is not None and r0 == self.n:
+            return [self.partial]
+        return self.seqs[r0:r1]
 
     # sampling view -----------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -335,6 +363,7 @@ class SlotBatch:
         r, c0, dev = self.n, self.partial_done, self.device
         if c0 == 0:
             self.mask[r].zero_()
+            self.lora[r] = seq.lora
         self.mask[r, c0:end] = True
         ids = torch.tensor([seq.prompt_ids[c0:end]], device=dev)
         mask4 = torch.ones(end - c0, end, dtype=torch.bool, device=dev).tril(diagonal=c0)[None, None]
@@ -359,6 +388,7 @@ class SlotBatch:
         self.seqs.append(seq)
         self.cols.append(length)
         self._plan = None
+        self._any_lora = None
         return True
 
     def drop_partial(self) -> None:
@@ -392,6 +422,10 @@ class SlotBatch:
         mask4 = mask4 | torch.eye(longest, dtype=torch.bool, device=dev)[None, None]
         self.cols_dev[n0 : n0 + m] = longest
         self.positions[n0 : n0 + m] = lengths
+        if any(s.lora for s in seqs):
+            self.lora[n0 : n0 + m] = torch.tensor([s.lora for s in seqs], device=dev)
+        else:
+            self.lora[n0 : n0 + m] = 0
         if any(s.penalty is not None for s in seqs) or (self.seen is not None):
             self._seen_rows(n0, seqs)
         self.mode = "prefill"
@@ -399,6 +433,7 @@ class SlotBatch:
         self.seqs.extend(seqs)
         self.cols.extend([longest] * m)
         self._plan = None
+        self._any_lora = None
         return input_ids, mask4, position_ids
 
     def copy_rows(self, src: list[int], seqs: list[Sequence]) -> None:
@@ -418,6 +453,8 @@ class SlotBatch:
         self.mask[n0 : n0 + m] = self.mask[idx]
         self.cols_dev[n0 : n0 + m] = self.cols_dev[idx]
         self.positions[n0 : n0 + m] = self.positions[idx]
+        self.lora[n0 : n0 + m] = self.lora[idx]  # the same adapter (copies share its prompt key)
+        self._any_lora = None
         if any(s.penalty is not None for s in seqs) or (self.seen is not None):
             self._seen_rows(n0, seqs)
         self.seqs.extend(seqs)
@@ -473,7 +510,7 @@ class SlotBatch:
             last = self.n - 1
             if r != last:
                 self._move_row(last, r, self.cols[last])
-                for t in (self.cols_dev, self.positions, self.next_ids):
+                for t in (self.cols_dev, self.positions, self.next_ids, self.lora):
                     t[r] = t[last]
                 if self.seen is not None:
                     self.seen[r] = self.seen[last]
@@ -483,7 +520,9 @@ class SlotBatch:
             self.cols.pop()
             if self.partial is not None:  # the parked partial prefill follows, to slot n
                 self._move_row(self.n + 1, self.n, self.partial_done)
+                self.lora[self.n] = self.partial.lora
         self._plan = None
+        self._any_lora = None
         if not self.seqs and self.partial is None and not self.hold:
             self._alloc_small()  # the memory goes back until the next join
 

@@ -12,6 +12,7 @@ from bitserve.engine.worker import compiled as compiled_mod
 from bitserve.engine.worker.batch import Batch, seen_of
 from bitserve.engine.worker.input_batch import SlotBatch, supports
 from bitserve.engine.worker.kv_cache import new_cache
+from bitserve.engine.worker.lora import LoraBank, pass_index
 
 # Label scoring copies the prompt's KV cache once per (prompt, label) row it scores; rows are
 # scored in chunks so that at most this many cached prompt tokens exist at once (memory grows
@@ -54,8 +55,23 @@ class CausalLM:
         self.max_context = max_context or int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 4096
         )
+        # LoRA adapters applied per row on this base (None: this model serves none).
+        self.lora: LoraBank | None = None
         # The persistent batch's compiled decode step (`compile_decode`); None: eager.
         self.compiled: compiled_mod.CompiledDecode | None = None
+
+    def _forward(self, index: torch.Tensor | None, **kw: Any) -> Any:
+        """The model on `kw`, each row through its adapter slot in `index` (None: the base)."""
+        if self.lora is None:
+            return self.model(**kw)
+        self.lora.index = index
+        try:
+            return self.model(**kw)
+        finally:
+            self.lora.index = None
+
+    def _rows_index(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        return pass_index([s.lora for s in seqs], self.device) if self.lora is not None else None
 
     def use_compiled(self, setting: str, quantization: str) -> str:
         """Compile the persistent batch's decode step per `setting` (auto | on | off) where the
@@ -112,7 +128,8 @@ class CausalLM:
         """Prefill `seqs` into free slots of `batch` (keeping `extra` more ready for copies of
         their rows); their next-token logits, [m, V]."""
         input_ids, mask, position_ids = batch.begin_join(seqs, extra)
-        out = self.model(
+        out = self._forward(
+            batch.lora_index(),
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
@@ -126,7 +143,8 @@ class CausalLM:
         """Prefill `seq`'s prompt up to column `end` (after the chunks before it) in the slot
         parked for it; the last position's logits, [1, V]."""
         input_ids, mask, position_ids = batch.begin_chunk(seq, end)
-        out = self.model(
+        out = self._forward(
+            batch.lora_index(),
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
@@ -137,10 +155,12 @@ class CausalLM:
         return out.logits[:, -1, :]
 
     def _decode_slots(self, batch: SlotBatch) -> torch.Tensor:
-        if self.compiled is not None:
+        # A step with adapter rows runs eager: the compiled graph is the base's alone.
+        if self.compiled is not None and not batch.decode_has_lora():
             return self.compiled.decode(batch)
         input_ids, mask, position_ids = batch.begin_decode()
-        out = self.model(
+        out = self._forward(
+            batch.lora_index(),
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
@@ -165,7 +185,8 @@ class CausalLM:
         else:
             position_ids = torch.arange(longest, device=dev).expand(len(seqs), -1)
         cache = new_cache(self.model)
-        out = self.model(
+        out = self._forward(
+            self._rows_index(seqs),
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
@@ -186,7 +207,8 @@ class CausalLM:
         mask = batch.mask
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(len(batch), 1)], 1)
-        out = self.model(
+        out = self._forward(
+            self._rows_index(batch.seqs),
             input_ids=batch.next_ids[:, None],
             attention_mask=mask[:, None, None, :] if mask is not None and self._mask_4d else mask,
             position_ids=batch.positions[:, None],
