@@ -70,13 +70,24 @@ async def _run_join(target, model, prompts, row_tokens, warm, long_text, long_ne
     async with AsyncClient(target, timeout=600) as client:
         await client.generate("warm up", model=model, max_new_tokens=2)
 
+        ended: set[int] = set()
+
+        def check_warm() -> None:
+            # Every row has had `warm` tokens or has already ended (a random model can hit its
+            # end token early: waiting for such a row would wait forever).
+            if not all_warm.is_set() and all(i in ended or len(t) >= warm for i, t in enumerate(times)):
+                all_warm.set()
+
         async def row(i: int, prompt: str) -> None:
-            async for ev in client.generate_stream(prompt, model=model, max_new_tokens=row_tokens):
-                if ev.final is not None and not ev.text:
-                    continue  # a closing message with no token in it is not a step
-                times[i].append(time.perf_counter())
-                if not all_warm.is_set() and min(len(t) for t in times) >= warm:
-                    all_warm.set()
+            try:
+                async for ev in client.generate_stream(prompt, model=model, max_new_tokens=row_tokens):
+                    if ev.final is not None and not ev.text:
+                        continue  # a closing message with no token in it is not a step
+                    times[i].append(time.perf_counter())
+                    check_warm()
+            finally:
+                ended.add(i)
+                check_warm()
 
         rows = [asyncio.create_task(row(i, p)) for i, p in enumerate(prompts)]
         try:
