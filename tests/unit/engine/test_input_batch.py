@@ -293,6 +293,33 @@ def test_a_long_prompt_joins_when_the_running_rows_fill_every_allocated_slot(mod
         assert got[i] == solo(loaded, p, 30)
 
 
+def test_columns_grow_once_to_what_the_rows_reserved_not_by_doubling(models, monkeypatch):
+    """Rows whose answers outgrow the first column allocation: the batch grows once, to their
+    columns + max_new_tokens, so no decode step later copies every row's K/V again (doubling
+    did at 128 and 256 columns: 85-100 ms steps of 63 rows). The tiny model's context is 128
+    columns, the first allocation's size: it is made 16 here so that doubling would grow."""
+    from bitserve.engine.worker import input_batch
+
+    monkeypatch.setattr(input_batch, "FIRST_COLUMNS", 16)
+    loaded = models("none")
+    n_new = 60
+    assert loaded.max_context >= 16 + n_new + 16
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
+    lm.eos = frozenset()
+    sched = Scheduler(lm, max_concurrent=4, prefill_token_budget=4096, max_waiting_ms=0)
+    tok = loaded.tokenizer
+    ptrs = set()
+    with torch.inference_mode():
+        for i in range(3):
+            ids = tok(PROMPTS[i])["input_ids"]
+            sched.add(GenerationRequest(i, "lm", ids, SamplingParams(max_new_tokens=n_new), n_new, (), None))
+        while sched.has_work():
+            assert not sched.step().errors
+            if isinstance(sched.slots, SlotBatch) and sched.slots.n:
+                ptrs.add(sched.slots.cache.layers[0].keys.data_ptr())
+    assert len(ptrs) == 1  # one buffer for the whole run
+
+
 def test_engine_stats_report_kv_tokens_to_the_gauge(models, tiny_models):
     from bitserve.engine.core import Core
     from bitserve.engine.workers import workers_for

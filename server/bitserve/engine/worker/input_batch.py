@@ -226,6 +226,11 @@ class SlotBatch:
         # Keep the buffers at their full size, allocated once and never freed (CUDA graphs
         # replay fixed shapes and addresses: see compiled.py).
         self.hold = False
+        # When the columns must grow, grow them to what the rows have reserved (their columns +
+        # max_new_tokens left; admission kept that within the KV budget) instead of doubling:
+        # a growth copies every row, and it is cheapest early (few columns used). Off where the
+        # step attends over every allocated column (the compiled graph).
+        self.grow_to_reserved = True
         self._alloc_small()
 
     @property
@@ -256,17 +261,30 @@ class SlotBatch:
         return sum(self.cols)
 
     # capacity ----------------------------------------------------------------------------------
-    def _ensure(self, slots: int, cols: int) -> None:
-        """Room for `slots` rows of `cols` columns: grown by doubling, bounded."""
+    def _reserved(self, extra: int = 0) -> int:
+        """The most columns a row will hold when it ends: its columns + its tokens left (and
+        `extra`, a joining group's own need)."""
+        if not self.grow_to_reserved:
+            return 0
+        need = [
+            c + max(0, s.max_new_tokens - len(s.token_ids))
+            for c, s in zip(self.cols, self.seqs, strict=False)
+        ]
+        return min(max([*need, extra], default=0), self.max_columns)
+
+    def _ensure(self, slots: int, cols: int, reserve: int = 0) -> None:
+        """Room for `slots` rows of `cols` columns: grown by doubling (or to `reserve` columns
+        when that is more), bounded."""
         if self.cache is not None and slots <= self.slot_cap and cols <= self.col_cap:
             return
         if slots > self.max_slots:
             raise ValueError(f"{slots} rows exceed the batch's {self.max_slots} slots")
         new_cols = self.col_cap
         if cols > new_cols:
+            cols_wanted = max(cols, reserve)
             # Doubling stops at the context, unless a row needs more: a short prompt padded to a
             # long one in its prefill pass ends past the context by that padding.
-            new_cols = min(max(2 * self.col_cap, FIRST_COLUMNS, cols), max(self.max_columns, cols))
+            new_cols = min(max(2 * self.col_cap, FIRST_COLUMNS, cols_wanted), max(self.max_columns, cols))
         new_slots = self.slot_cap
         if slots > new_slots:
             new_slots = min(max(2 * self.slot_cap, FIRST_SLOTS, slots), self.max_slots)
@@ -405,7 +423,8 @@ class SlotBatch:
         assert self.partial is None, "no join while a prompt is prefilled in chunks"
         n0, m = self.n, len(seqs)
         longest = max(len(s.prompt_ids) for s in seqs)
-        self._ensure(n0 + m + extra, longest + 1)
+        own = longest + max(s.max_new_tokens for s in seqs)
+        self._ensure(n0 + m + extra, longest + 1, reserve=self._reserved(own))
         assert self.mask is not None
         dev = self.device
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=dev)
@@ -477,7 +496,7 @@ class SlotBatch:
         n = self.n
         width = max(self.cols) + 1
         if width > self.col_cap:
-            self._ensure(self.slot_cap, width)
+            self._ensure(self.slot_cap, width, reserve=self._reserved())
         assert self.mask is not None
         self.mask[self.row_index[:n], self.cols_dev[:n]] = True
         self.mode = "decode"

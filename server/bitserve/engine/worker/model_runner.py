@@ -86,6 +86,7 @@ class CausalLM:
         bucket up to the batch's slots) on throwaway rows, so no request pays for it."""
         if self.compiled is None:
             return
+        batch.grow_to_reserved = False  # the graph attends over every allocated column
         from bitserve.types import GenerationRequest, SamplingParams
 
         def rows(k: int) -> list[Sequence]:
