@@ -35,6 +35,22 @@ from bitserve_proto.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+
+class _CancelledWriteIsDebug(logging.Filter):
+    """grpc.aio logs at ERROR, with a traceback, a stream message whose send fails because the
+    caller has just cancelled (its core has not yet marked the call closed: a race inside grpc,
+    grpc/grpc#32551). The caller is gone and the call is counted CANCELLED; this is debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("ExecuteBatchError raised in core by servicer method"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_CancelledWriteIsDebug())
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
