@@ -42,7 +42,7 @@ def _token(tenant: str) -> str:
     return f"bench-token-of-{tenant}-0123456789"
 
 
-def _hog(target: str, token: str, stop: Any, counts: Any) -> None:
+def hog_callers(target: str, token: str, stop: Any, counts: Any) -> None:
     """4 callers of the hog tenant in this (spawned) process, sending until `stop`; refused
     calls ignore RetryInfo and resend 20 times a second. counts: [OK, RESOURCE_EXHAUSTED]."""
     from bitserve_client import Client
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 stop, counts = ctx.Event(), ctx.Array("i", 2)
                 procs = [
-                    ctx.Process(target=_hog, args=(target, _token("hog"), stop, counts)) for _ in range(2)
+                    ctx.Process(target=hog_callers, args=(target, _token("hog"), stop, counts))
+                    for _ in range(2)
                 ]
                 for p in procs:
                     p.start()

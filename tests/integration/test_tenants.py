@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import threading
 import time
 import urllib.request
 
@@ -18,6 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.tenants import hog_callers
 from bitserve_client import Client
 from bitserve_client.errors import ResourceExhaustedError
 from bitserve_client.retry import RetryInfoPolicy
@@ -270,7 +270,9 @@ def test_a_tenant_at_its_limit_leaves_another_tenant_served(srv):
     # The hog is another customer: its 8 callers run in their own processes, as they would.
     ctx = multiprocessing.get_context("spawn")
     stop, counts = ctx.Event(), ctx.Array("i", 2)
-    procs = [ctx.Process(target=_hog, args=(srv.target, _token("hog"), stop, counts)) for _ in range(2)]
+    procs = [
+        ctx.Process(target=hog_callers, args=(srv.target, _token("hog"), stop, counts)) for _ in range(2)
+    ]
     for pr in procs:
         pr.start()
     most = 0
@@ -291,30 +293,6 @@ def test_a_tenant_at_its_limit_leaves_another_tenant_served(srv):
     assert most <= 2
     refused = srv.server.metrics.tenant_requests.labels("victim", "RESOURCE_EXHAUSTED")._value.get()
     assert refused == 0
-
-
-def _hog(target: str, token: str, stop, counts) -> None:
-    """4 callers of the hog tenant in this (spawned) process, sending until `stop`; refused
-    calls ignore RetryInfo and resend 20 times a second. counts: [OK, RESOURCE_EXHAUSTED]."""
-
-    def caller(i: int) -> None:
-        with Client(target, token=token, timeout=60, service_config={}) as c:
-            c.retry_policy = RetryInfoPolicy(max_attempts=1)
-            while not stop.is_set():
-                try:
-                    c.generate(f"hog {i}", model="lm", max_new_tokens=64)
-                    k = 0
-                except ResourceExhaustedError:
-                    k = 1
-                    time.sleep(0.05)
-                with counts.get_lock():
-                    counts[k] += 1
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 # metering ------------------------------------------------------------------------------------
