@@ -437,7 +437,7 @@ class Scheduler:
         # (Same prompt, same adapter: a prompt through another adapter is another prefill.)
         reps: dict[tuple[int, ...], Sequence] = {}
         for s in seqs:
-            reps.setdefault((s.lora, *s.prompt_ids), s)
+            reps.setdefault(_prompt_key(s), s)
         distinct = list(reps.values())
         groups = length_groups([len(s.prompt_ids) for s in distinct], self._pass_tokens)
         parts = [self.lm.prefill([distinct[i] for i in g]) for g in groups]
@@ -515,7 +515,7 @@ def _copy_rows(
     """The batch of `seqs` from the prefilled batch of their distinct prompts: each row a copy
     of its prompt's row (cache, mask, positions, logits)."""
     row = {id(s): i for i, s in enumerate(batch.seqs)}
-    idx = [row[id(reps[(s.lora, *s.prompt_ids)])] for s in seqs]
+    idx = [row[id(reps[_prompt_key(s)])] for s in seqs]
     copied = batch.filter(idx)
     assert copied is not None
     copied.seqs = list(seqs)
