@@ -154,14 +154,21 @@ class GenerateTask(Task):
     auto_class_name = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
     heads = ("ForCausalLM",)
-    columns = (("prompt", "completion"), ("text",))
+    # prompt/completion: plain text; user/completion (+ optional system): a chat turn, the prompt
+    # rendered by the tokenizer's chat template exactly as the server's instruct backend renders
+    # it, the completion the assistant's answer ended by the end-of-turn token; text: plain LM.
+    columns = (("prompt", "completion"), ("user", "completion"), ("text",))
     primary_metric = "perplexity"
     higher_is_better = False
 
     def encode(self, record, tokenizer, config, max_length):
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        if "completion" in record.fields and "prompt" in record.fields:
-            prompt = tokenizer(record.text("prompt"))["input_ids"]
+        if "completion" in record.fields and ("prompt" in record.fields or "user" in record.fields):
+            if "prompt" in record.fields:
+                prompt = tokenizer(record.text("prompt"))["input_ids"]
+            else:
+                prompt = chat_prompt_ids(tokenizer, record)
+                eos = [end_of_turn_id(tokenizer)]
             completion = tokenizer(record.text("completion"), add_special_tokens=False)["input_ids"] + eos
             # The completion is what is learned: the prompt gives way first, from the left (its
             # end is the context nearest the answer). One prompt token always stays, since the
@@ -182,7 +189,7 @@ class GenerateTask(Task):
 
     def cut(self, record, tokenizer, max_length):
         """Whether `max_length` cuts the completion (and its EOS) of a prompt/completion record."""
-        if "completion" not in record.fields or "prompt" not in record.fields:
+        if "completion" not in record.fields or not ("prompt" in record.fields or "user" in record.fields):
             return False
         n = len(tokenizer(record.text("completion"), add_special_tokens=False)["input_ids"]) + 1
         return n > max_length - 1
@@ -220,6 +227,35 @@ class GenerateTask(Task):
             len(feats),
             seconds,
         )
+
+
+def chat_prompt_ids(tokenizer: Any, record: Record) -> list[int]:
+    """A chat record's prompt ids, as `bitserve.frontend.instruct` builds them at inference: the
+    system (if any) and user turns through the chat template, ending where the answer begins."""
+    from bitserve.frontend import chat
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            record.path,
+            "a user/completion record needs a tokenizer with a chat template (use prompt/completion)",
+            line=record.line,
+            column="user",
+        )
+    messages = [chat.ChatMessage("user", record.text("user"))]
+    if record.get("system") is not None:
+        messages.insert(0, chat.ChatMessage("system", record.text("system")))
+    return chat.prompt_ids(tokenizer, messages, "finetune", add_special_tokens=False)
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn: ChatML's `<|im_end|>` where the vocabulary has it
+    (the instruct backend stops there), else EOS."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        return im_end
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer", "no end-of-turn token: the tokenizer has neither <|im_end|> nor EOS")
+    return int(tokenizer.eos_token_id)
 
 
 class ClassifyTask(Task):

