@@ -37,8 +37,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_config(merged: Path | None) -> dict[str, Any]:
-    """The default config's translate entry (zero-shot), plus the merged fine-tune if given."""
+def server_config(merged: Path | None, only: list[str] | None = None) -> dict[str, Any]:
+    """The default config's translate entry (zero-shot), plus the merged fine-tune if given;
+    `only`: just these of the two. (One model per server here: two entries loading at once can
+    fail with "cannot import name 'AutoConfig' from 'transformers'", an import race in the front.)"""
     from bitserve.models import demo
 
     cfg = demo.default_config()
@@ -46,6 +48,7 @@ def server_config(merged: Path | None) -> dict[str, Any]:
     models = [entry]
     if merged is not None:
         models.append({**entry, "name": TUNED, "path": str(merged)})
+    models = [m for m in models if only is None or m["name"] in only]
     return {"server": {"host": "127.0.0.1"}, "models": models}
 
 
@@ -129,8 +132,8 @@ def score_run(
     tests = {lang: read_jsonl(run / f"test-{lang}.jsonl")[: limit or None] for lang in langs}
     scores: dict[str, dict[str, Any]] = {}
     examples: dict[str, dict[str, dict[str, str]]] = {}
-    with Served(server_config(merged), run / "serve.log") as srv:
-        for model in models:
+    for model in models:
+        with Served(server_config(merged, [model]), run / f"serve-{model}.log") as srv:
             for lang in langs:
                 refs = [t["target"] for t in tests[lang]]
                 hyps, seconds = translate_all(
@@ -164,12 +167,62 @@ def export_merged(run: Path) -> Path:
     return out
 
 
+def training_summary(run: Path, train_run: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tune's manifest; for a run stopped at a checkpoint (train.py from-checkpoint),
+    the same facts from its command line, trainer state and the peak RSS read before it stopped."""
+    manifest = run / "adapter" / "finetune.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())
+    flags = train_run["finetune"]
+    opts: dict[str, Any] = {}
+    for i, flag in enumerate(flags):
+        if flag.startswith("--") and i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            value: Any = flags[i + 1]
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    pass
+            opts[flag[2:].replace("-", "_")] = value
+    n_train = sum(1 for line in Path(opts["data"]).read_text().splitlines() if line.strip())
+    return {
+        "options": opts,
+        "steps": train_run["stopped_at_step"],
+        "schedule_steps": train_run["schedule_steps"],
+        "train_examples": n_train,
+        "seconds": train_run["wall_s"],
+        "peak_memory_bytes": train_run["peak_memory_bytes"],
+        "trainable_parameters": train_run.get("trainable_parameters"),
+        "total_parameters": train_run.get("total_parameters"),
+        "final_loss": train_run["losses"][-1],
+        "losses": train_run["losses"],
+        "eval_metrics": {},
+    }
+
+
+def qlora_note(ft: dict[str, Any]) -> str:
+    o = ft["options"]
+    stopped = (
+        f" (the step-{ft['steps']} checkpoint of a {ft['schedule_steps']}-step cosine schedule: time ran out)"
+        if ft.get("schedule_steps")
+        else ""
+    )
+    return (
+        f"QLoRA: NF4 base (double quant) + LoRA r={o['lora_r']} alpha={o['lora_alpha']} on "
+        f"{o['lora_targets']}, {o['precision']} autocast, {ft['steps']} steps x batch {o['batch_size']} = "
+        f"{ft['steps'] * o['batch_size']} rows of {ft['train_examples']} (fr, de, es interleaved){stopped}, "
+        f"max {o['max_length']} tokens, lr {o['lr']:g} {o['schedule']}; {ft['seconds'] / 60:.0f} min on "
+        f"the shared 2-core CPU, peak RSS {ft['peak_memory_bytes'] / 2**20:.0f} MiB."
+    )
+
+
 def write_result(args: argparse.Namespace, run: Path, scored: dict, started: float) -> Path:
     sys.path.insert(0, str(ROOT))
     from bench import results
 
-    ft = json.loads((run / "adapter" / "finetune.json").read_text())
     train_run = json.loads((run / "train_run.json").read_text())
+    ft = training_summary(run, train_run)
     o = ft["options"]
     rows = []
     for lang in args.langs:
@@ -202,11 +255,7 @@ def write_result(args: argparse.Namespace, run: Path, scored: dict, started: flo
         f"`{ZERO_SHOT}` is the default config's instruct entry (no adapter); `{TUNED}` the same entry "
         "on the QLoRA adapter merged into the fp32 base (`quantize export --merge-base fp32`), as "
         "translate requests take no adapter yet.",
-        f"QLoRA: NF4 base (double quant) + LoRA r={o['lora_r']} alpha={o['lora_alpha']} on {o['lora_targets']}, "
-        f"{o['precision']} autocast, {ft['steps']} steps x batch {o['batch_size']} = "
-        f"{ft['steps'] * o['batch_size']} rows of {ft['train_examples']} (fr, de, es interleaved), "
-        f"max {o['max_length']} tokens, lr {o['lr']:g} {o['schedule']}; {ft['seconds'] / 60:.0f} min, "
-        f"peak RSS {ft['peak_memory_bytes'] / 2**20:.0f} MiB.",
+        qlora_note(ft),
         "Held-out strings come from gettext catalogs (packages) never trained on (prepare.py's split); "
         "a fixed seeded sample per language, the same for both models.",
     ]

@@ -153,9 +153,54 @@ def package(run: Path, dest: Path) -> None:
     print(f"adapter ({size / 2**20:.1f} MiB) in {dest}")
 
 
+def from_checkpoint(run: Path, step: int | None) -> Path:
+    """A finished-step checkpoint of a fine-tune that was stopped (time ran out) -> a peft adapter
+    in RUN/adapter, with a finetune.json saying which step of which schedule it is."""
+    import torch
+
+    from bitserve_quantize import checkpoints, tasks
+    from bitserve_quantize.train import FinetuneOptions, build_model
+
+    out = run / "adapter"
+    done = checkpoints.finished(out)
+    if not done:
+        raise SystemExit(f"{out}: no finished checkpoint")
+    at, path = next(((s, p) for s, p in done if s == step), done[-1]) if step else done[-1]
+    train_run = json.loads((run / "train_run.json").read_text())
+    flags = train_run["finetune"][train_run["finetune"].index("finetune") + 1 :]
+    opts: dict[str, Any] = {}
+    for i, flag in enumerate(flags):
+        if flag.startswith("--") and i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            opts[flag[2:].replace("-", "_")] = flags[i + 1]
+    fo = FinetuneOptions(
+        model=opts["model"], task="generate", data=opts["data"], output=str(out), method="qlora",
+        precision=opts["precision"], lora_r=int(opts["lora_r"]), lora_alpha=int(opts["lora_alpha"]),
+        lora_dropout=float(opts["lora_dropout"]), lora_targets=opts["lora_targets"], device="cpu",
+    )  # fmt: skip
+    model = build_model(fo, tasks.get("generate"), None, torch.device("cpu"))
+    state = torch.load(path / checkpoints.STATE, map_location="cpu", weights_only=False)["model"]
+    missing = set(state) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise SystemExit(f"{path}: parameters the model lacks: {sorted(missing)[:3]}")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value)
+    model.save_pretrained(out, safe_serialization=True)
+    from bitserve.models.loading import load_tokenizer
+
+    load_tokenizer(opts["model"]).save_pretrained(out)
+    trainer = json.loads((path / checkpoints.TRAINER_STATE).read_text())
+    train_run.update(stopped_at_step=at, schedule_steps=trainer["total_steps"], losses=trainer["losses"])
+    (run / "train_run.json").write_text(json.dumps(train_run, indent=2))
+    print(f"adapter from {path} (step {at} of {trainer['total_steps']}) in {out}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("data", "train", "package"))
+    p.add_argument("command", choices=("data", "train", "package", "from-checkpoint"))
+    p.add_argument("--step", type=int, help="from-checkpoint: which step (default: the newest)")
     p.add_argument("--dest", type=Path, help="package: where the adapter goes")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--langs", default="fr,de,es")
@@ -178,6 +223,9 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
+    if args.command == "from-checkpoint":
+        from_checkpoint(args.out, args.step)
+        return
     if args.command == "package":
         package(args.out, args.dest or HERE.parents[1] / "server/bitserve/adapters/translate")
         return
@@ -188,10 +236,11 @@ def main() -> None:
     cmd = finetune_command(args, train, eval_, base)
     print(" ".join(cmd), flush=True)
     started = time.time()
+    record = {"argv": sys.argv, "finetune": cmd, "wall_s": None}
+    (args.out / "train_run.json").write_text(json.dumps(record, indent=2))  # from-checkpoint reads it
     subprocess.run(cmd, check=True)
-    (args.out / "train_run.json").write_text(
-        json.dumps({"argv": sys.argv, "finetune": cmd, "wall_s": round(time.time() - started, 1)}, indent=2)
-    )
+    record["wall_s"] = round(time.time() - started, 1)
+    (args.out / "train_run.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

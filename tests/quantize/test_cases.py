@@ -132,15 +132,15 @@ def test_case_b_qlora_on_smollm2_translates_held_out_strings_better_than_zero_sh
             report=False, device="cpu",
         )
     )  # fmt: skip
-    cfg = score_mod.server_config(tmp_path / "merged")
-    cfg["server"].update(port=0, metrics_port=-1)
-    srv = RunningServer(build_settings(config_data=cfg, environ={}))
-    try:
-        refs = [t["target"] for t in tests["fr"]]
-        chrf = {}
-        for model in (score_mod.ZERO_SHOT, score_mod.TUNED):
+    refs = [t["target"] for t in tests["fr"]]
+    chrf = {}
+    for model in (score_mod.ZERO_SHOT, score_mod.TUNED):  # one model per server, as score.py serves
+        cfg = score_mod.server_config(tmp_path / "merged", [model])
+        cfg["server"].update(port=0, metrics_port=-1)
+        srv = RunningServer(build_settings(config_data=cfg, environ={}))
+        try:
             hyps, _ = score_mod.translate_all(srv.target, model, [t["source"] for t in tests["fr"]], "fr", 12)
-            chrf[model] = sacrebleu.corpus_chrf(hyps, [refs]).score
-    finally:
-        srv.stop()
+        finally:
+            srv.stop()
+        chrf[model] = sacrebleu.corpus_chrf(hyps, [refs]).score
     assert chrf[score_mod.TUNED] > chrf[score_mod.ZERO_SHOT], chrf
