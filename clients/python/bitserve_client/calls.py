@@ -55,11 +55,13 @@ class ClassifyOptions(TypedDict, total=False):
     model: str | None
     top_k: int | None  # None: every label
     candidate_labels: Sequence[str] | None  # zero-shot labels (instruction models)
+    adapter: str | None  # a LoRA adapter of the model (contract revision 5); None: its default
     timeout: float | None
 
 
 class SentimentOptions(TypedDict, total=False):
     model: str | None
+    adapter: str | None  # a LoRA adapter of the model (contract revision 5); None: its default
     timeout: float | None
 
 
@@ -68,6 +70,7 @@ class TranslateOptions(TypedDict, total=False):
     target_lang: str | None
     model: str | None
     max_new_tokens: int | None
+    adapter: str | None  # a LoRA adapter of the model (contract revision 5); None: its default
     timeout: float | None
 
 
@@ -231,6 +234,7 @@ def classify(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any
         model=o.get("model") or "",
         top_k=o.get("top_k") or 0,
         candidate_labels=list(o.get("candidate_labels") or []),
+        adapter=o.get("adapter") or "",
     )
     read = _one_or_all(
         lambda r: [[results.LabelScore(s.label, s.score) for s in c.labels] for c in r.results], single
@@ -244,9 +248,8 @@ def sentiment(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[An
     read = _one_or_all(
         lambda r: [results.Sentiment(s.label, s.score, s.raw_label) for s in r.results], single
     )
-    return Call(
-        "Sentiment", pb.SentimentRequest(texts=items, model=o.get("model") or ""), read, o.get("timeout")
-    )
+    req = pb.SentimentRequest(texts=items, model=o.get("model") or "", adapter=o.get("adapter") or "")
+    return Call("Sentiment", req, read, o.get("timeout"))
 
 
 def translate(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any]:
@@ -258,6 +261,7 @@ def translate(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[An
         source_lang=o.get("source_lang") or "",
         target_lang=o.get("target_lang") or "",
         max_new_tokens=o.get("max_new_tokens") or 0,
+        adapter=o.get("adapter") or "",
     )
     read = _one_or_all(lambda r: [results.Translation(t.text) for t in r.results], single)
     return Call("Translate", req, read, o.get("timeout"))

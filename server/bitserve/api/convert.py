@@ -199,16 +199,21 @@ def tokenize_response(model: str, results: Sequence[Tokenized]) -> pb.TokenizeRe
     )
 
 
-def with_adapter(params: SamplingParams, adapter: str) -> SamplingParams:
-    """`params` naming the request's LoRA adapter (checked for form here; the engine says
+def adapter_from(adapter: str) -> str:
+    """A request's LoRA adapter name, checked for form here ("" = none named; the engine says
     NOT_FOUND for one its model does not have)."""
-    if not adapter:
-        return params
-    if not ADAPTER_NAME.fullmatch(adapter):
+    if adapter and not ADAPTER_NAME.fullmatch(adapter):
         raise InvalidArgument(
             f"adapter {adapter[:64]!r} is not an adapter name (letters, digits, '.', '_', '-'; at most 128)"
         )
-    return dataclasses.replace(params, adapter=adapter)
+    return adapter
+
+
+def with_adapter(params: SamplingParams, adapter: str) -> SamplingParams:
+    """`params` naming the request's LoRA adapter (`adapter_from`)."""
+    if not adapter:
+        return params
+    return dataclasses.replace(params, adapter=adapter_from(adapter))
 
 
 def adapter_info_pb(a: dict[str, Any], *, with_path: bool = True) -> pb.AdapterInfo:

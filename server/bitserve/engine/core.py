@@ -103,7 +103,7 @@ class Core:
         op, rid = msg[0], msg[1]
         try:
             if op == P.SCORE:
-                result = self.w.score(msg[2], msg[3])
+                result = self.w.score(*msg[2:])
             elif op == P.ADAPTER:
                 result = self.w.adapter_op(msg[2], msg[3])
             else:

@@ -17,7 +17,7 @@ from bitserve.engine.heads import BatchRunner, model_half
 from bitserve.engine.sched.scheduler import Scheduler
 from bitserve.engine.worker.lora import LoraBank
 from bitserve.engine.worker.model_runner import CausalLM
-from bitserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from bitserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from bitserve.models.backends import resolve_backend
 from bitserve.models.loading import LoadedModel, load_checkpoint
 from bitserve.settings import ModelSettings
@@ -40,10 +40,58 @@ class Workers:
         self.scheduler = scheduler
         self.lm = lm
 
-    def score(self, prompts: list[list[int]], conts: list[list[list[int]]]) -> list[list[float]]:
+    def score(
+        self,
+        prompts: list[list[int]],
+        conts: list[list[list[int]]],
+        model: str = "",
+        adapters: list[str] | None = None,
+    ) -> list[list[float] | str]:
+        """Per prompt, its continuations' log-likelihoods through its LoRA adapter of `model`
+        ("": the base), or an error code for that prompt alone: NOT_FOUND (no such adapter) or
+        RESOURCE_EXHAUSTED (every adapter slot is held by running rows). Prompts of different
+        adapters share one pass (the bank's stacked form costs the same whatever the mix); only
+        adapters that cannot be resident together are scored in further passes."""
         if self.lm is None:
             raise InvalidArgument("this engine has no causal LM to score labels with")
-        return self.lm.score(prompts, conts)
+        if not adapters or not any(adapters):
+            return list(self.lm.score(prompts, conts))
+        bank = self.lm.lora
+        keys = [f"{model}:{a}" if a else "" for a in adapters]
+        out: list[list[float] | str] = ["" for _ in prompts]
+        todo = []
+        for i, k in enumerate(keys):
+            if k and (bank is None or k not in bank.known):
+                out[i] = NotFound.code
+            else:
+                todo.append(i)
+        running = self.scheduler.adapters_in_use() if self.scheduler is not None else set()
+        while todo:
+            assert bank is not None
+            held, slot_of, deferred = set(running), {"": 0}, set()
+            rows: list[int] = []
+            later: list[int] = []
+            for i in todo:
+                k = keys[i]
+                if k not in slot_of and k not in deferred:
+                    s = bank.acquire(k, held)
+                    if s is None:
+                        deferred.add(k)
+                    else:
+                        slot_of[k] = s
+                        held.add(s)
+                (rows if k in slot_of else later).append(i)
+            if not rows:  # every slot is held by running generation rows
+                for i in later:
+                    out[i] = ResourceExhausted.code
+                break
+            got = self.lm.score(
+                [prompts[i] for i in rows], [conts[i] for i in rows], [slot_of[keys[i]] for i in rows]
+            )
+            for i, sc in zip(rows, got, strict=True):
+                out[i] = sc
+            todo = later
+        return out
 
     def run_batch(self, model: str, items: list[Any]) -> list[Any]:
         return self.runners[model].run_batch(items)

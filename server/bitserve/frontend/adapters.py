@@ -13,7 +13,27 @@ from typing import Any
 from bitserve.errors import FailedPrecondition, InvalidArgument
 from bitserve.frontend.base import Engine
 from bitserve.ipc import protocol as P
-from bitserve.settings import ADAPTER_NAME
+from bitserve.settings import ADAPTER_NAME, BASE_ADAPTER, ModelSettings
+
+
+def resolve(settings: ModelSettings, requested: str) -> str:
+    """The adapter a request runs with: the one it names; the model entry's `default_adapter`
+    when it names none; the base model ("") for the reserved name "base" or no default."""
+    if requested == BASE_ADAPTER:
+        return ""
+    return requested or settings.default_adapter
+
+
+def refuse_on_head(engine: Engine, requested: str) -> None:
+    """A model with its own task head (a sequence classifier, a seq2seq translator) serves no
+    adapter: FAILED_PRECONDITION saying why, for any name but "base" (none named is the base)."""
+    if resolve(engine.settings, requested):
+        raise FailedPrecondition(
+            f"adapter {requested!r}: model {engine.name!r} ({engine.task.value}) has its own task head; "
+            "LoRA adapters are served on causal LMs only (backend: instruct or generate). A peft "
+            "classifier adapter replaces the head (modules_to_save), which rows of other adapters "
+            "cannot share: merge it with `quantize export` and serve it as its own model"
+        )
 
 
 def _check_name(name: str) -> None:
@@ -21,6 +41,8 @@ def _check_name(name: str) -> None:
         raise InvalidArgument(
             f"name {name[:64]!r}: an adapter name is letters, digits, '.', '_', '-' (1-128)"
         )
+    if name == BASE_ADAPTER:
+        raise InvalidArgument(f"name {name!r} is reserved: a request naming it gets the base model")
 
 
 def _lm(engine: Engine) -> Engine:
@@ -50,6 +72,11 @@ async def load(engine: Engine, name: str, path: str) -> dict[str, Any]:
 async def unload(engine: Engine, name: str) -> int:
     """Unknown from now on; how many rows still decode with it (they finish first)."""
     _check_name(name)
+    if name == engine.settings.default_adapter:
+        raise FailedPrecondition(
+            f"adapter {name!r} is model {engine.name!r}'s default_adapter: requests naming no adapter "
+            "run with it; change the model's default_adapter in its config to unload it"
+        )
     result = await _lm(engine).core.call(P.ADAPTER, "unload", [engine.name, name])
     _remember(engine, name, None)
     await refresh(engine)

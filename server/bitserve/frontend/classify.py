@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from bitserve.errors import ConfigError, InvalidArgument
+from bitserve.frontend import adapters
 from bitserve.frontend.base import BatchedEngine, ClassifyEngine, SentimentEngine, register
 from bitserve.metrics import Metrics
 from bitserve.models.loading import LoadedModel
@@ -46,7 +47,9 @@ class HeadClassifyEngine(_HeadScorer, ClassifyEngine):
         top_k: int | None,
         candidate_labels: list[str],
         deadline: float | None,
+        adapter: str = "",
     ) -> list[list[LabelScore]]:
+        adapters.refuse_on_head(self, adapter)
         if candidate_labels:
             raise InvalidArgument(
                 f"candidate_labels: model {self.name!r} has a fixed label set {self._labels}; "
@@ -96,7 +99,10 @@ class HeadSentimentEngine(_HeadScorer, SentimentEngine):
             )
         self._norm = [mapped[raw] for raw in self._labels]
 
-    async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]:
+    async def sentiment(
+        self, texts: list[str], *, deadline: float | None, adapter: str = ""
+    ) -> list[SentimentResult]:
+        adapters.refuse_on_head(self, adapter)
         out = []
         for probs in await self.scores(texts, deadline):
             totals: dict[str, float] = {}

@@ -3,7 +3,12 @@
 front -> core:  [GENERATE, rid, request dict]   a generation request (token ids, sampling)
                 [GENERATE_MANY, [[rid, request dict], ...]]
                                                 several, seen by the same step (n completions)
-                [SCORE, rid, prompts, conts]    label scoring: log-likelihood of continuations
+                [SCORE, rid, prompts, conts, model, adapters]
+                                                label scoring: log-likelihood of continuations,
+                                                each prompt through its LoRA adapter of `model`
+                                                ("": the base); answered per prompt with its
+                                                scores or an error code (a str: NOT_FOUND,
+                                                RESOURCE_EXHAUSTED)
                 [BATCH, rid, model, items]      one batch for a model with its own task head
                 [ADAPTER, rid, op, args]        a LoRA adapter operation, between steps: "load"
                                                 [model, name, path], "unload" [model, name],
