@@ -1,7 +1,8 @@
 """LoRA adapters served unmerged, per row (engine/worker/lora.py), driven through the scheduler:
 greedy output with an adapter equals the merged model's (peft merge_and_unload, as `quantize
-export` merges) token for token - on an fp32 base, and on an NF4 base against the adapter merged
-into the dequantized base; two adapters and the base in one running batch each equal their solo
+export` merges) token for token - on an fp32 base, on an NF4 base against the adapter merged
+into the dequantized base, on an int8 base against peft's PeftModel over the same int8 base;
+label scores (classify/sentiment) with adapters equal the merged models' within a derived bound; two adapters and the base in one running batch each equal their solo
 runs; an adapter that does not fit is FAILED_PRECONDITION with the reason; an unknown one is
 NOT_FOUND, never the base; at most `capacity` stay resident (LRU), an evicted one reloads."""
 
@@ -362,3 +363,24 @@ def test_label_scoring_groups_adapters_that_cannot_be_resident_together(tiny_mod
         sched.step()
         held = w.score(prompts[:2], [labels] * 2, "lm", ["b", ""])
         assert held[0] == "RESOURCE_EXHAUSTED" and held[1] == w.score(prompts[1:2], [labels])[0]
+
+
+@pytest.mark.numeric
+def test_adapter_on_int8_base_equals_peft_on_the_same_int8_base(tiny_models, adapters):
+    """An LLM.int8 base (bitsandbytes Linear8bitLt) with the adapter unmerged equals peft's own
+    PeftModel over the same int8-loaded base with the same adapter, token for token. Not the
+    merge into a dequantized int8 base: LLM.int8 also quantizes the activations (per row, to
+    int8, beside an fp16 outlier part), so a merged weight's product rounds differently from
+    base(x) + the LoRA term; peft, like this bank, adds the LoRA term beside the int8 matmul."""
+    from peft import PeftModel
+
+    settings = ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"]), quantize="int8")
+    served = workers.load(settings)
+    assert served.quantization == "int8"
+    ref = workers.load(settings)
+    ref.model = PeftModel.from_pretrained(ref.model, str(adapters["a"])).eval()
+    prompts = [served.tokenizer(p)["input_ids"] for p in PROMPTS]
+    want = {i: solo(ref, p, 12) for i, p in enumerate(prompts)}
+    assert want != {i: solo(served, p, 12) for i, p in enumerate(prompts)}  # the adapter matters
+    got = run(engine(served, {"a": adapters["a"]}), [(i % 2, p, "a", 12) for i, p in enumerate(prompts)])
+    assert got == want
