@@ -12,7 +12,7 @@ from typing import Any
 
 from bitserve.api import checks
 from bitserve.errors import InvalidArgument
-from bitserve.settings import ADAPTER_NAME, ServerSettings
+from bitserve.settings import ServerSettings
 from bitserve.types import (
     Constraint,
     FinishReason,
@@ -202,11 +202,7 @@ def tokenize_response(model: str, results: Sequence[Tokenized]) -> pb.TokenizeRe
 def adapter_from(adapter: str) -> str:
     """A request's LoRA adapter name, checked for form here ("" = none named; the engine says
     NOT_FOUND for one its model does not have)."""
-    if adapter and not ADAPTER_NAME.fullmatch(adapter):
-        raise InvalidArgument(
-            f"adapter {adapter[:64]!r} is not an adapter name (letters, digits, '.', '_', '-'; at most 128)"
-        )
-    return adapter
+    return checks.adapter_name(adapter)
 
 
 def with_adapter(params: SamplingParams, adapter: str) -> SamplingParams:
