@@ -335,7 +335,9 @@ class ModelSettings(_Strict):
             if not ADAPTER_NAME.fullmatch(name):
                 raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-'")
             if name == BASE_ADAPTER:
-                raise ValueError(f"adapter name {name!r} is reserved: a request naming it gets the base model")
+                raise ValueError(
+                    f"adapter name {name!r} is reserved: a request naming it gets the base model"
+                )
         return v
 
     @field_validator("max_memory", mode="before")

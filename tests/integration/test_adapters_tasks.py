@@ -164,10 +164,13 @@ def test_default_adapter_serves_requests_naming_none_and_base_reaches_the_base(c
     for text in TEXTS:
         want = client.generate(text, model="gen-m", max_new_tokens=10).text
         assert client.generate(text, model="gen-default", max_new_tokens=10).text == want
-        assert client.chat([("user", text)], model="gen-default", max_new_tokens=10).text == client.chat(
-            [("user", text)], model="gen-m", max_new_tokens=10
-        ).text
-        streamed = "".join(ev.text for ev in client.generate_stream(text, model="gen-default", max_new_tokens=10))
+        assert (
+            client.chat([("user", text)], model="gen-default", max_new_tokens=10).text
+            == client.chat([("user", text)], model="gen-m", max_new_tokens=10).text
+        )
+        streamed = "".join(
+            ev.text for ev in client.generate_stream(text, model="gen-default", max_new_tokens=10)
+        )
         assert streamed == want
     with pytest.raises(FailedPreconditionError, match="default_adapter"):
         client.unload_adapter("gen-default", "a")

@@ -100,7 +100,9 @@ def test_an_adapter_on_classify_sentiment_translate_to_an_older_server_fails_bef
     target, servicer = old_server
     real = servicer.ListModels
     monkeypatch.setattr(
-        servicer, "ListModels", lambda r, ctx: (real(r, ctx), pb.ListModelsResponse(contract_revision=revision))[1]
+        servicer,
+        "ListModels",
+        lambda r, ctx: (real(r, ctx), pb.ListModelsResponse(contract_revision=revision))[1],
     )
     with Client(target, timeout=10) as c:
         for call, field in (

@@ -20,7 +20,11 @@ N = 10
 def dirs(tiny_chat_lm, tmp_path_factory):
     d = tmp_path_factory.mktemp("oai-lora")
     a = make_adapter(tiny_chat_lm, d / "a", seed=31)
-    return {"a": a, "b": make_adapter(tiny_chat_lm, d / "b", seed=32), "merged": merged_checkpoint(tiny_chat_lm, a, d / "m")}
+    return {
+        "a": a,
+        "b": make_adapter(tiny_chat_lm, d / "b", seed=32),
+        "merged": merged_checkpoint(tiny_chat_lm, a, d / "m"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +81,10 @@ def test_models_lists_each_adapter_as_base_colon_adapter(srv, oai, dirs):
         c.load_adapter("lm", "b", str(dirs["b"]))
         try:
             assert sorted(m.id for m in oai.models.list().data) == ["lm", "lm:a", "lm:b", "merged"]
-            assert _complete(oai, "lm:b", PROMPTS[0]).choices[0].text == c.generate(
-                PROMPTS[0], model="lm", adapter="b", max_new_tokens=N
-            ).text
+            assert (
+                _complete(oai, "lm:b", PROMPTS[0]).choices[0].text
+                == c.generate(PROMPTS[0], model="lm", adapter="b", max_new_tokens=N).text
+            )
         finally:
             c.unload_adapter("lm", "b")
     assert "lm:b" not in [m.id for m in oai.models.list().data]

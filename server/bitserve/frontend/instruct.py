@@ -166,8 +166,10 @@ class _LabelScorer(_InstructEngine, BatchedEngine):
         for it, sc in zip(batch, scores, strict=False):
             key = (it.prior_prompt, it.labels, it.adapter)
             prior = priors[key] if key in priors else self._priors[key]
-            if isinstance(sc, str) or isinstance(prior, str):
-                out.append(self._row_error(sc if isinstance(sc, str) else prior, it.adapter))
+            if isinstance(sc, str):
+                out.append(self._row_error(sc, it.adapter))
+            elif isinstance(prior, str):
+                out.append(self._row_error(prior, it.adapter))
             else:
                 out.append(_softmax([a - b for a, b in zip(sc, prior, strict=True)]))
         return out
