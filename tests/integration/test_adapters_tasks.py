@@ -19,8 +19,8 @@ from bitserve.frontend.instruct import CLASSIFY_SYSTEM, CONTENT_FREE, SENTIMENT_
 from bitserve.settings import ModelSettings, build_settings
 from bitserve_client import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
 
-from ..adapters import make_adapter, merged_checkpoint
-from ..numeric import U32, forward_bound, log_softmax_bound
+from ..adapters import make_adapter, make_classifier_adapter, merged_checkpoint
+from ..numeric import U32, forward_bound, log_softmax_bound, softmax_bound
 
 LABELS = ["business", "sports", "politics", "tech"]
 TEXTS = ["The team won the football match last night.", "Stock markets fell.", "Hello", "la maison"]
@@ -28,10 +28,15 @@ RANK = 4  # make_adapter's default
 
 
 @pytest.fixture(scope="module")
-def dirs(tiny_chat_lm, tmp_path_factory):
+def dirs(tiny_chat_lm, tiny_models, tmp_path_factory):
     d = tmp_path_factory.mktemp("lora-tasks")
     a = make_adapter(tiny_chat_lm, d / "a", seed=21)
-    return {"a": a, "merged": merged_checkpoint(tiny_chat_lm, a, d / "merged-a")}
+    out = {"a": a, "merged": merged_checkpoint(tiny_chat_lm, a, d / "merged-a")}
+    for kind in ("topics", "sentiment"):  # peft SEQ_CLS adapters: LoRA + their own classifier
+        ad = make_classifier_adapter(tiny_models[kind], d / f"{kind}-c", seed=22)
+        out[f"{kind}-c"] = ad
+        out[f"{kind}-merged"] = merged_checkpoint(tiny_models[kind], ad, d / f"{kind}-m", task="classify")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,21 @@ def srv(server_factory, tiny_chat_lm, tiny_models, dirs):
             {"name": "sent-m", "task": "sentiment", "path": merged},
             {"name": "tr-m", "path": merged, **tr},
             {"name": "gen-m", "task": "generate", "path": merged},
-            {"name": "topics", "task": "classify", "path": str(tiny_models["topics"])},
+            {
+                "name": "topics",
+                "task": "classify",
+                "path": str(tiny_models["topics"]),
+                "adapters": {"c": str(dirs["topics-c"])},
+                "max_batch_delay_ms": 50,
+            },
+            {"name": "topics-m", "task": "classify", "path": str(dirs["topics-merged"])},
+            {
+                "name": "sent-head",
+                "task": "sentiment",
+                "path": str(tiny_models["sentiment"]),
+                "adapters": {"c": str(dirs["sentiment-c"])},
+            },
+            {"name": "sent-head-m", "task": "sentiment", "path": str(dirs["sentiment-merged"])},
             {"name": "t5", "task": "translate", "path": str(tiny_models["t5"])},
         ]
     )
@@ -147,12 +166,63 @@ def test_unknown_adapter_is_not_found_on_every_task(client):
     assert client.classify(TEXTS[0], model="cls", adapter="a")
 
 
-def test_a_model_with_its_own_head_refuses_an_adapter(client):
-    with pytest.raises(FailedPreconditionError, match="own task head"):
-        client.classify(TEXTS[0], model="topics", adapter="a")
-    with pytest.raises(FailedPreconditionError, match="own task head"):
+def _head_bound(path, texts) -> float:
+    """tests/unit/engine/test_lora_heads.py's bound: the classifier's forward (pooler and head
+    after the layers; r + 2 more terms per reduction), halved by the softmax, plus float32."""
+    loaded = workers.load(ModelSettings(name="m", task="classify", path=str(path)))
+    ids = [loaded.tokenizer(t)["input_ids"] for t in texts]
+    with torch.inference_mode():
+        zmax = max(loaded.model(input_ids=torch.tensor([i])).logits.abs().max().item() for i in ids)
+    width = max(len(i) for i in ids)
+    return softmax_bound(forward_bound(loaded.model.config, width, zmax, heads=2, extra_k=RANK + 2)) + 2 * U32
+
+
+@pytest.mark.numeric
+def test_a_sequence_classifier_serves_its_classifier_adapters_as_merged(client, dirs):
+    """A peft SEQ_CLS adapter (LoRA on the encoder and its own classifier) on the head backend:
+    as the merged model, alone and in batches mixed with base rows; hot-loaded too."""
+    tol = _head_bound(dirs["topics-merged"], TEXTS)
+    got = _probs(client.classify(TEXTS, model="topics", adapter="c"))
+    want = _probs(client.classify(TEXTS, model="topics-m"))
+    base = _probs(client.classify(TEXTS, model="topics"))
+    labels = sorted(got[0])
+    for g, w in zip(got, want, strict=True):
+        assert [g[x] for x in labels] == pytest.approx([w[x] for x in labels], abs=tol)
+    assert max(abs(g[x] - b[x]) for g, b in zip(got, base) for x in labels) > 10 * tol
+    jobs = [(t, a) for t in TEXTS for a in ("c", "")] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        mixed = list(
+            pool.map(lambda j: _probs([client.classify(j[0], model="topics", adapter=j[1])])[0], jobs)
+        )
+    for (t, a), m in zip(jobs, mixed):
+        ref = (got if a else base)[TEXTS.index(t)]
+        assert [m[x] for x in labels] == pytest.approx([ref[x] for x in labels], abs=tol)
+    st = _head_bound(dirs["sentiment-merged"], TEXTS)
+    s_got = client.sentiment(TEXTS, model="sent-head", adapter="c")
+    s_want = client.sentiment(TEXTS, model="sent-head-m")
+    assert [r.raw_label for r in s_got] == [r.raw_label for r in s_want]
+    assert [r.score for r in s_got] == pytest.approx([r.score for r in s_want], abs=st)
+    # hot load on a classifier, then unload: NOT_FOUND
+    client.load_adapter("topics", "hot", str(dirs["topics-c"]))
+    try:
+        assert [a.name for a in client.list_adapters("topics")["topics"]] == ["c", "hot"]
+        hot = _probs(client.classify(TEXTS, model="topics", adapter="hot"))
+        for h, g in zip(hot, got, strict=True):
+            assert [h[x] for x in labels] == pytest.approx([g[x] for x in labels], abs=tol)
+    finally:
+        client.unload_adapter("topics", "hot")
+    with pytest.raises(NotFoundError, match="'hot'"):
+        client.classify(TEXTS[0], model="topics", adapter="hot")
+
+
+def test_a_seq2seq_model_refuses_an_adapter(client):
+    with pytest.raises(NotFoundError, match="'a'"):
+        client.classify(TEXTS[0], model="topics", adapter="a")  # a classifier without that adapter
+    with pytest.raises(FailedPreconditionError, match="seq2seq"):
         client.translate(TEXTS[0], model="t5", adapter="a", source_lang="en", target_lang="fr")
-    assert client.classify(TEXTS[0], model="topics", adapter="base")  # the reserved name: the model itself
+    assert client.translate(TEXTS[0], model="t5", adapter="base", source_lang="en", target_lang="fr")
+    with pytest.raises(FailedPreconditionError, match="seq2seq"):
+        client.load_adapter("t5", "x", "/x")
 
 
 def test_default_adapter_serves_requests_naming_none_and_base_reaches_the_base(client):

@@ -37,7 +37,8 @@ class GenerationOptions(TypedDict, total=False):
     stop: Sequence[str] | str | None  # the text is cut before the first one produced
     seed: int | None  # same seed, parameters and prompt -> same output
     logprobs: bool  # return each generated token's log-probability
-    adapter: str | None  # a LoRA adapter of the model (ModelInfo.adapters); None: the base model
+    adapter: str | None  # a LoRA adapter of the model (ModelInfo.adapters); None: its default_adapter or
+    # the base model; "base": the base model
     timeout: float | None  # seconds; None: the client's timeout
     # Contract revision 3 (a call that sets one asks the server's revision first):
     n: int  # completions per prompt (1-32); n > 1 returns a list of Generations per prompt

@@ -107,7 +107,7 @@ class Core:
             elif op == P.ADAPTER:
                 result = self.w.adapter_op(msg[2], msg[3])
             else:
-                result = self.w.run_batch(msg[2], msg[3])
+                result = self.w.run_batch(*msg[2:])
         except Exception as e:
             log.exception("%s job failed", op)
             self.send(P.error_to_wire(rid, e))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitserve.errors import FailedPrecondition, InvalidArgument
+from bitserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from bitserve.frontend.base import Engine
 from bitserve.ipc import protocol as P
 from bitserve.settings import ADAPTER_NAME, BASE_ADAPTER, ModelSettings
@@ -24,16 +24,31 @@ def resolve(settings: ModelSettings, requested: str) -> str:
     return requested or settings.default_adapter
 
 
+def serves_adapters(engine: Engine) -> bool:
+    """Causal LMs on the generation scheduler and sequence classifiers (head backend) do."""
+    return bool(getattr(engine, "serves_adapters", engine.uses_scheduler))
+
+
 def refuse_on_head(engine: Engine, requested: str) -> None:
-    """A model with its own task head (a sequence classifier, a seq2seq translator) serves no
-    adapter: FAILED_PRECONDITION saying why, for any name but "base" (none named is the base)."""
+    """A seq2seq translator serves no adapter: FAILED_PRECONDITION saying why, for any name but
+    "base" (none named is the base)."""
     if resolve(engine.settings, requested):
         raise FailedPrecondition(
-            f"adapter {requested!r}: model {engine.name!r} ({engine.task.value}) has its own task head; "
-            "LoRA adapters are served on causal LMs only (backend: instruct or generate). A peft "
-            "classifier adapter replaces the head (modules_to_save), which rows of other adapters "
-            "cannot share: merge it with `quantize export` and serve it as its own model"
+            f"adapter {requested!r}: model {engine.name!r} ({engine.task.value}) has its own task head "
+            "(a seq2seq model), which takes no LoRA adapter; adapters are served on causal LMs and "
+            "sequence classifiers. Merge it with `quantize export` and serve it as its own model"
         )
+
+
+def row_error(engine: Engine, code: str, adapter: str) -> BaseException:
+    """The error of one row the engine could not run with its adapter (an error code)."""
+    if code == NotFound.code:
+        return NotFound(f"model {engine.name!r} has no adapter {adapter!r} loaded")
+    return ResourceExhausted(
+        f"model {engine.name!r}: every LoRA adapter slot (max_resident_adapters="
+        f"{engine.settings.max_resident_adapters}) is held by running generations; retry "
+        f"adapter {adapter!r} when they finish"
+    )
 
 
 def _check_name(name: str) -> None:
@@ -46,10 +61,10 @@ def _check_name(name: str) -> None:
 
 
 def _lm(engine: Engine) -> Engine:
-    if not engine.uses_scheduler:
+    if not serves_adapters(engine):
         raise FailedPrecondition(
-            f"model {engine.name!r} ({engine.task.value}) has its own task head; LoRA adapters are "
-            "served on causal LMs"
+            f"model {engine.name!r} ({engine.task.value}) has its own task head (seq2seq) that takes "
+            "no adapter; LoRA adapters are served on causal LMs and sequence classifiers"
         )
     return engine
 
@@ -84,7 +99,7 @@ async def unload(engine: Engine, name: str) -> int:
 
 
 async def listing(engine: Engine) -> list[dict[str, Any]]:
-    return await refresh(engine) if engine.uses_scheduler else []
+    return await refresh(engine) if serves_adapters(engine) else []
 
 
 def _remember(engine: Engine, name: str, path: str | None) -> None:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bitserve.errors import InvalidArgument, NotFound, ResourceExhausted
+from bitserve.errors import InvalidArgument
 from bitserve.frontend import adapters, chat
 from bitserve.frontend.base import BatchedEngine, ClassifyEngine, SentimentEngine, TranslateEngine, register
 from bitserve.frontend.batching import Room
@@ -167,21 +167,12 @@ class _LabelScorer(_InstructEngine, BatchedEngine):
             key = (it.prior_prompt, it.labels, it.adapter)
             prior = priors[key] if key in priors else self._priors[key]
             if isinstance(sc, str):
-                out.append(self._row_error(sc, it.adapter))
+                out.append(adapters.row_error(self, sc, it.adapter))
             elif isinstance(prior, str):
-                out.append(self._row_error(prior, it.adapter))
+                out.append(adapters.row_error(self, prior, it.adapter))
             else:
                 out.append(_softmax([a - b for a, b in zip(sc, prior, strict=True)]))
         return out
-
-    def _row_error(self, code: str, adapter: str) -> BaseException:
-        if code == NotFound.code:
-            return NotFound(f"model {self.name!r} has no adapter {adapter!r} loaded")
-        return ResourceExhausted(
-            f"model {self.name!r}: every LoRA adapter slot (max_resident_adapters="
-            f"{self.settings.max_resident_adapters}) is held by running generations; retry "
-            f"adapter {adapter!r} when they finish"
-        )
 
 
 def _softmax(xs: list[float]) -> list[float]:
