@@ -2,8 +2,9 @@
 5), and a model entry's default_adapter: an instruct model with an adapter answers as a second
 entry serving the `quantize export` merge of the same adapter does - classify and sentiment
 probabilities within a derived float bound, translate's greedy output exactly; an unknown
-adapter is NOT_FOUND naming it; a model with its own task head refuses any adapter with
-FAILED_PRECONDITION; a request naming no adapter runs with the entry's default_adapter and one
+adapter is NOT_FOUND naming it; a sequence classifier (head backend) serves peft SEQ_CLS
+adapters - their own classifier included - as their merged models; a seq2seq model refuses
+any adapter with FAILED_PRECONDITION; a request naming no adapter runs with the entry's default_adapter and one
 naming "base" with the base model."""
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ front -> core:  [GENERATE, rid, request dict]   a generation request (token ids,
                                                 ("": the base); answered per prompt with its
                                                 scores or an error code (a str: NOT_FOUND,
                                                 RESOURCE_EXHAUSTED)
-                [BATCH, rid, model, items]      one batch for a model with its own task head
+                [BATCH, rid, model, items, adapters?]
+                                                one batch for a model with its own task head;
+                                                with adapters (a sequence classifier's), each
+                                                item through its own ("": the base), answered
+                                                per item as SCORE is
                 [ADAPTER, rid, op, args]        a LoRA adapter operation, between steps: "load"
                                                 [model, name, path], "unload" [model, name],
                                                 "list" [model] (answered with RESULT or ERROR)

@@ -105,3 +105,28 @@ def test_hot_load_and_unload_on_a_classifier(tiny_models, cls_adapters):
     with torch.inference_mode():
         assert w.run_batch("topics", ids[:1], ["b"]) == ["NOT_FOUND"]
     assert w.info()["adapters"] == {"topics": []}
+
+
+def test_a_replaced_head_that_is_not_one_linear_layer_is_failed_precondition(
+    tiny_models, cls_adapters, tmp_path
+):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bitserve.engine.worker.lora import read_adapter
+    from bitserve.errors import FailedPrecondition
+
+    dirs, _ = cls_adapters
+    model = workers.load(ModelSettings(name="t", task="classify", path=str(tiny_models["topics"]))).model
+    assert read_adapter(dirs["a"], model, 64, heads=True).heads  # as saved: served
+    with pytest.raises(FailedPrecondition, match="modules_to_save"):
+        read_adapter(dirs["a"], model, 64)  # a bank without heads (a causal LM's) refuses it
+    bad = shutil.copytree(dirs["a"], tmp_path / "several")
+    t = load_file(str(bad / "adapter_model.safetensors"))
+    save_file(
+        {k.replace("classifier.", "classifier.out_proj."): v for k, v in t.items()},
+        str(bad / "adapter_model.safetensors"),
+    )
+    with pytest.raises(FailedPrecondition, match="head of several layers"):
+        read_adapter(bad, model, 64, heads=True)

@@ -114,7 +114,14 @@ def read_adapter(path: str | Path, model: Any, max_rank: int, *, heads: bool = F
                 break
         else:
             mod_name, _, param = k.removeprefix(_PREFIX).rpartition(".")
-            if not any(mod_name == m or mod_name.endswith("." + m) for m in to_save):
+            inside = [m for m in to_save if f".{m}." in f".{mod_name}."]
+            if inside and not any(mod_name == m or mod_name.endswith("." + m) for m in to_save):
+                raise FailedPrecondition(
+                    f"{d}: saved module {inside[0]!r} is a head of several layers ({k!r}); a "
+                    "replaced head is served per row only as one linear layer - merge this adapter "
+                    "with `quantize export` and serve it as its own model"
+                )
+            if not inside:
                 raise FailedPrecondition(
                     f"{d}: weight {k!r} is not a lora_A/lora_B matrix (embedding or extra weights)"
                 )
