@@ -240,7 +240,8 @@ class SlotBatch:
         # On the CPU the K/V buffers are allocated once at the whole budget (every slot, every
         # column the KV budget allows) as lazily zeroed memory (`zeros`): only the pages rows
         # write become resident, and no join ever waits for a growth that copies every row
-        # (bench.long_join: growing 64 slots to 2,064 columns stalled them 0.4-0.5 s). A GPU has
+        # (bench.long_join, under load: with the growth, its window's longest gaps were 0.4-0.5 s;
+        # without, 0.05-0.12 s). A GPU has
         # no lazy pages: there the buffers grow as above. Off where the step attends over every
         # allocated column (the compiled graph).
         self.lazy = device.type == "cpu"
