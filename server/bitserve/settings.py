@@ -140,6 +140,16 @@ class ServerSettings(_Strict):
     )
     workers: int = Field(32, ge=1, description="Threads for gRPC handlers' blocking work (tokenization).")
     log_level: str = Field("INFO", description="Python logging level.")
+    engine_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description=(
+            "Niceness the engine processes add to themselves at start (0: none): on a machine with "
+            "few cores the front - health checks, refusals of a full queue, streaming - then gets "
+            "a core first when both want one, and the engines take every cycle it leaves."
+        ),
+    )
     # Request limits that keep the front's event loop free (issue 17).
     max_stop_chars: int = Field(
         4096,

@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open(args.spec) as f:
         spec = json.load(f)
+    if spec.get("nice"):
+        os.nice(int(spec["nice"]))  # server.engine_nice: the front gets a core first
     logging.basicConfig(
         level=spec.get("log_level", "INFO").upper(),
         format=f"%(asctime)s %(levelname)s engine[{spec['engine']}] %(name)s: %(message)s",
