@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker import attention
 from bitserve.engine.worker import compiled as compiled_mod
 from bitserve.engine.worker.batch import Batch, seen_of
 from bitserve.engine.worker.input_batch import SlotBatch, supports
@@ -47,11 +48,13 @@ class CausalLM:
         # (~10% of a step on a small model). Not for sliding-window or other attention kinds,
         # whose masks differ per layer or in format.
         cfg = model.config
-        self._mask_4d = getattr(cfg, "_attn_implementation", None) == "sdpa" and not any(
+        self._mask_4d = getattr(cfg, "_attn_implementation", None) in ("sdpa", attention.NAME) and not any(
             getattr(cfg, k, None) for k in ("sliding_window", "attention_chunk_size")
         )
         # Why the persistent batch cannot serve this model (None: it can).
         self.no_slots_reason = supports(model)
+        if self.no_slots_reason is None:
+            attention.use(model)  # SDPA, per run of rows of like width in a decode step
         self.max_context = max_context or int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 4096
         )
@@ -78,6 +81,8 @@ class CausalLM:
         model allows it; says what was decided and why. Compiling happens at `warm_up`."""
         reason = self.no_slots_reason or compiled_mod.eligible(self.model, self.device, quantization)
         on, why = compiled_mod.resolve(setting, self.device, reason)
+        if self.no_slots_reason is None:
+            attention.use(self.model, not on)  # a compiled graph attends as plain SDPA
         self.compiled = compiled_mod.CompiledDecode(self.model, self.device, self._cache_kw) if on else None
         return why
 
@@ -86,7 +91,10 @@ class CausalLM:
         bucket up to the batch's slots) on throwaway rows, so no request pays for it."""
         if self.compiled is None:
             return
-        batch.grow_to_reserved = False  # the graph attends over every allocated column
+        # The graph attends over every allocated column: no growth to reservations, and no
+        # buffers at the whole budget.
+        batch.grow_to_reserved = False
+        batch.lazy = False
         from bitserve.types import GenerationRequest, SamplingParams
 
         def rows(k: int) -> list[Sequence]:
@@ -160,14 +168,15 @@ class CausalLM:
         if self.compiled is not None and not batch.decode_has_lora():
             return self.compiled.decode(batch)
         input_ids, mask, position_ids = batch.begin_decode()
-        out = self._forward(
-            batch.lora_index(),
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_kw: batch.cache},
-        )
+        with attention.grouped(batch.groups):
+            out = self._forward(
+                batch.lora_index(),
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_kw: batch.cache},
+            )
         batch.end_decode()
         return out.logits[:, -1, :]
 
@@ -221,13 +230,21 @@ class CausalLM:
         return out.logits[:, -1, :]
 
     # label scoring ---------------------------------------------------------------------------
-    def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[float]]:
+    def score(
+        self,
+        prompts: list[list[int]],
+        continuations: list[list[list[int]]],
+        slots: list[int] | None = None,
+    ) -> list[list[float]]:
         """Per prompt, the summed log-probability of each of its continuations after it.
 
         One pass over the left-padded prompts fills a cache; each (prompt, continuation) row
         then reuses its prompt's cache, scored in chunks of at most SCORE_CACHE_TOKENS cached
         tokens, so a request with many labels costs label tokens, not labels x prompt.
+        `slots`: each prompt's LoRA bank slot (resident; 0 or None: the base), applied per row
+        in both passes, so prompts of different adapters share them.
         """
+        index = None if self.lora is None or slots is None else pass_index(slots, self.device)
         dev = self.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -238,7 +255,8 @@ class CausalLM:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.model)
-        out = self.model(
+        out = self._forward(
+            index,
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
@@ -251,7 +269,7 @@ class CausalLM:
         totals: list[float] = []
         chunk = max(1, SCORE_CACHE_TOKENS // max(width, 1))
         for start in range(0, len(pairs), chunk):
-            totals.extend(self._score_pairs(pairs[start : start + chunk], cache, first, mask, pos))
+            totals.extend(self._score_pairs(pairs[start : start + chunk], cache, first, mask, pos, index))
         result, k = [], 0
         for conts in continuations:
             result.append(totals[k : k + len(conts)])
@@ -265,6 +283,7 @@ class CausalLM:
         first: torch.Tensor,
         mask: torch.Tensor,
         pos: torch.Tensor,
+        slot_index: torch.Tensor | None = None,
     ) -> list[float]:
         dev = self.device
         index = torch.tensor([r for r, _ in pairs], device=dev)
@@ -295,7 +314,8 @@ class CausalLM:
             # Right padding after a continuation cannot affect its own (earlier) positions.
             cmask = torch.cat([mask[index], torch.ones_like(cont)], dim=1)
             cpos = pos[index, -1:] + 1 + torch.arange(width - 1, device=dev)
-            logits = self.model(
+            logits = self._forward(
+                None if slot_index is None else slot_index.index_select(0, index),
                 input_ids=cont,
                 attention_mask=cmask,
                 position_ids=cpos,
