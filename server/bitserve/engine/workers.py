@@ -19,6 +19,7 @@ from bitserve.engine.worker.lora import LoraBank
 from bitserve.engine.worker.model_runner import CausalLM
 from bitserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from bitserve.models.backends import resolve_backend
+from bitserve.models.loaded import front_info
 from bitserve.models.loading import LoadedModel, load_checkpoint
 from bitserve.settings import ModelSettings
 
@@ -100,6 +101,7 @@ class Workers:
             if self.lm is not None and self.lm.lora is not None
             else {},
             "compiled_decode": self.lm is not None and self.lm.compiled is not None,
+            **front_info(lm.model, lm.tokenizer),
         }
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from bitserve.errors import InvalidArgument
 from bitserve.frontend.batching import BatchHooks, DynamicBatcher
 from bitserve.metrics import Metrics
-from bitserve.models.loading import LoadedModel
+from bitserve.models.loaded import LoadedModel
 from bitserve.settings import ModelSettings
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import Any
 from bitserve.errors import ConfigError, InvalidArgument
 from bitserve.frontend.base import BatchedEngine, ClassifyEngine, SentimentEngine, register
 from bitserve.metrics import Metrics
-from bitserve.models.loading import LoadedModel
+from bitserve.models.loaded import LoadedModel
 from bitserve.settings import ModelSettings
 from bitserve.types import LabelScore, SentimentResult
 

@@ -15,7 +15,7 @@ from typing import Any
 from bitserve.errors import InvalidArgument
 from bitserve.frontend.base import BatchedEngine, TranslateEngine, encode, register
 from bitserve.metrics import Metrics
-from bitserve.models.loading import LoadedModel
+from bitserve.models.loaded import LoadedModel
 from bitserve.settings import ModelSettings
 from bitserve.types import Translation
 
