@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         notes=[
             "default config: SmolLM2-135M-Instruct for all four tasks, quantize none (538 MB of fp32 weights)",
             f"command to SERVING: {ready_s:.1f} s; then one request per model, 1 s idle, /proc VmRSS",
+            "file-backed: shared libraries, and the weights, mapped once from the GGUF cache's "
+            "model.safetensors (/proc/PID/smaps); the front imports no torch "
+            "(tests/integration/test_front_imports.py), a CPU-only engine no triton (engine/core.py)",
         ],
     )
     print(f"total RSS after warm-up: {total['VmRSS'] / 1e9:.2f} GB over {len(rss)} processes; saved {path}")
