@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     pool.submit(time.sleep, 0).result()
     client_pid = pool.submit(os.getpid).result()
     cpu_ms: dict[str, list[float]] = {"static": [], "client": [], "front": [], "engine": []}
+    mean_batch: list[float] = []
     try:
         for rnd in range(args.repeat):
             c0 = cpu_seconds(os.getpid())
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 ).result()
                 for k, p in pids.items():
                     cpu_ms[k].append((cpu_seconds(p) - c0s[k]) * 1000 / len(texts))
+                sizes = srv.engine()._batcher.stats.sizes  # the batches the front's batcher formed
+                mean_batch.append(sum(sizes) / max(1, len(sizes)))
             finally:
                 srv.stop()
             served_tps.append(len(lat) / wall)
@@ -182,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"round {rnd + 1}/{args.repeat}: static B={args.batch_size} {static_tps[-1]:.0f} texts/s; "
                 f"served N={args.clients} {served_tps[-1]:.0f} texts/s = {served_tps[-1] / static_tps[-1]:.2f}x; "
-                "CPU ms per text: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in cpu_ms.items()),
+                "CPU ms per text: "
+                + ", ".join(f"{k} {v[-1]:.3f}" for k, v in cpu_ms.items())
+                + f"; mean served batch {mean_batch[-1]:.1f}",
                 flush=True,
             )
     finally:
@@ -228,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         + _span(cpu_ms["front"], "{:.3f}")
         + ", engine "
         + _span(cpu_ms["engine"], "{:.3f}")
-        + f" ({os.cpu_count()} cores)",
+        + f" ({os.cpu_count()} cores); mean served batch "
+        + _span(mean_batch, "{:.1f}"),
     ]
     print()
     for row in rows:
@@ -249,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     "p50_s": p50,
                     "p99_s": p99,
                     "cpu_ms_per_text": cpu_ms,
+                    "mean_served_batch": mean_batch,
                 },
             },
             started=started,
