@@ -273,7 +273,9 @@ class ModelSettings(_Strict):
         ge=0,
         description=(
             "Most KV-cache tokens (slots x columns) the running batch may reserve; admission keeps "
-            "within it. 0: max_concurrent_sequences x the model's context."
+            "within it. 0: max_concurrent_sequences x the model's context. On the CPU the buffers "
+            "are allocated at this size at once as lazily zeroed memory (address space; pages "
+            "become resident as rows write them: Linux's default overcommit), on a GPU they grow."
         ),
     )
     prefill_chunk_tokens: int = Field(
@@ -282,7 +284,8 @@ class ModelSettings(_Strict):
         description=(
             "Prompts longer than this are prefilled in chunks of at most it, a decode step of the "
             "running rows between chunks (persistent batch only), so a long prompt does not stall "
-            "them; beside running rows a chunk is ~4 tokens per row (at least 64)."
+            "them; beside running rows a chunk is sized so that its pass costs about one of their "
+            "decode steps (at least 16 tokens)."
         ),
     )
     compile_decode: Literal["auto", "on", "off"] = Field(

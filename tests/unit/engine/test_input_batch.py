@@ -99,19 +99,26 @@ def run(sched: Scheduler, prompts: list[list[int]], order: list[tuple[int, int]]
 
 # bitsandbytes on CPU is slow: each quantized mode runs one order by default (a middle row
 # leaves, joins refill its slot), the other orders under -m slow.
-CASES = [("none", o) for o in ORDERS] + [
-    pytest.param(q, o, marks=() if o == "middle-leaves-joins-refill" else pytest.mark.slow)
-    for q in ("int8", "nf4")
-    for o in ORDERS
-]
+CASES = (
+    [("none", o) for o in ORDERS]
+    + [("none-growing", o) for o in ORDERS]
+    + [
+        pytest.param(q, o, marks=() if o == "middle-leaves-joins-refill" else pytest.mark.slow)
+        for q in ("int8", "nf4")
+        for o in ORDERS
+    ]
+)
 
 
 @pytest.mark.parametrize(("quantize", "order"), CASES)
 def test_greedy_equals_solo_generate_whatever_joins_and_leaves(models, quantize, order):
-    loaded = models(quantize)
+    """ "-growing": buffers that grow as rows need them (a GPU's path; the CPU's default
+    allocates the KV budget at once, lazily)."""
+    loaded = models(quantize.removesuffix("-growing"))
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     sched = scheduler(loaded)
-    assert sched.path == "persistent"
+    assert sched.path == "persistent" and sched.slots is not None
+    sched.slots.lazy = not quantize.endswith("-growing")
     got = run(sched, prompts, ORDERS[order])
     for i, (_, n) in enumerate(ORDERS[order]):
         assert got[i] == solo(loaded, prompts[i], n), PROMPTS[i]
@@ -270,6 +277,8 @@ def test_a_long_prompt_joins_when_the_running_rows_fill_every_allocated_slot(mod
         max_waiting_ms=0,
         prefill_chunk_tokens=16,
     )
+    assert sched.slots is not None
+    sched.slots.lazy = False  # the growth path (a GPU's; the CPU allocates the budget at once)
     got: dict[int, list[int]] = {i: [] for i in range(FIRST_SLOTS + 1)}
     with torch.inference_mode():
         for i, p in enumerate(prompts):
@@ -293,7 +302,8 @@ def test_a_long_prompt_joins_when_the_running_rows_fill_every_allocated_slot(mod
         assert got[i] == solo(loaded, p, 30)
 
 
-def test_columns_grow_once_to_what_the_rows_reserved_not_by_doubling(models, monkeypatch):
+@pytest.mark.parametrize("lazy", [False, True], ids=["growing", "lazy-budget"])
+def test_columns_grow_once_to_what_the_rows_reserved_not_by_doubling(models, monkeypatch, lazy):
     """Rows whose answers outgrow the first column allocation: the batch grows once, to their
     columns + max_new_tokens, so no decode step later copies every row's K/V again (doubling
     did at 128 and 256 columns: 85-100 ms steps of 63 rows). The tiny model's context is 128
@@ -307,6 +317,8 @@ def test_columns_grow_once_to_what_the_rows_reserved_not_by_doubling(models, mon
     lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
     lm.eos = frozenset()
     sched = Scheduler(lm, max_concurrent=4, prefill_token_budget=4096, max_waiting_ms=0)
+    assert sched.slots is not None
+    sched.slots.lazy = lazy
     tok = loaded.tokenizer
     ptrs = set()
     with torch.inference_mode():
@@ -483,3 +495,78 @@ def test_a_cancelled_lead_of_a_chunked_prompt_hands_its_completions_to_the_next(
                 break
     assert got[0] == [] and got[1] == got[2] == solo(loaded, long, 6)
     assert sched.stats.prefill_rows == 1  # the new lead's prefill, shared by the other
+
+
+def test_width_groups_cut_long_rows_apart():
+    from bitserve.engine.worker.attention import width_groups
+
+    assert width_groups([10, 12, 11]) is None  # even widths: one run
+    assert width_groups([10]) is None
+    # One long row in the middle: three runs, each as wide as its widest row.
+    assert width_groups([10, 12, 2064, 11, 9]) == [(0, 2, 12), (2, 3, 2064), (3, 5, 11)]
+    assert width_groups([2064, 10, 12]) == [(0, 1, 2064), (1, 3, 12)]
+    # Many long rows scattered among short ones: more runs than pay, so one.
+    assert width_groups([2000, 10] * 8 + [10] * 8) is None
+
+
+def test_decode_attends_per_run_of_like_widths_and_equals_solo(models, monkeypatch):
+    """A long prompt beside short rows: decode steps attend in runs (the short rows over their
+    own columns, not the long row's) and every row still equals its solo generate()."""
+    from bitserve.engine.worker import attention
+
+    monkeypatch.setattr(attention, "LONG_MIN_COLUMNS", 8)  # the tiny model's context is short
+    seen: list[list[tuple[int, int, int]]] = []
+    real = attention.width_groups
+
+    def spy(widths):
+        g = real(widths)
+        if g is not None:
+            seen.append(g)
+        return g
+
+    monkeypatch.setattr(attention, "width_groups", spy)
+    loaded = models("none")
+    tok = loaded.tokenizer
+    prompts = [tok(p)["input_ids"] for p in (PROMPTS[0], PROMPTS[2], PROMPTS[4])]
+    long = tok(" ".join(PROMPTS) + " " + PROMPTS[3])["input_ids"][:60]
+    order = [(0, 24), (0, 24), (3, 12), (1, 24)]
+    got = run(scheduler(loaded), [prompts[0], prompts[1], long, prompts[2]], order)
+    for i, (p, (_, n)) in enumerate(zip([prompts[0], prompts[1], long, prompts[2]], order, strict=True)):
+        assert got[i] == solo(loaded, p, n), i
+    assert seen, "no decode step attended in runs"
+    assert any(len(g) >= 2 and max(w for _, _, w in g) > 2 * min(w for _, _, w in g) for g in seen)
+
+
+def test_chunk_size_follows_the_decode_step_time(models):
+    """A chunk beside running rows is sized so that its pass costs about one of their decode
+    steps: a chunk that took twice a step halves the next, a cheap one doubles it (at most),
+    within MIN_CHUNK_TOKENS..prefill_chunk_tokens; alone, a prompt takes whole chunks."""
+    from bitserve.engine.sched import scheduler as S
+
+    loaded = models("none")
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=loaded.max_context)
+    sched = Scheduler(
+        lm, max_concurrent=8, prefill_token_budget=4096, max_waiting_ms=0, prefill_chunk_tokens=512
+    )
+    assert sched._chunk_size() == 512  # nothing running
+    tok = loaded.tokenizer
+    sched.add(
+        GenerationRequest(
+            0, "lm", tok(PROMPTS[0])["input_ids"], SamplingParams(max_new_tokens=30), 30, (), None
+        )
+    )
+    with torch.inference_mode():
+        sched.step()
+    assert len(sched.running) == 1
+    assert sched._chunk_size() == S.FIRST_CHUNK_TOKENS  # no pass timed yet
+    sched._decode_s = 0.010
+    sched._last_chunk = (128, 0.020)  # twice a decode step: half as many tokens
+    assert sched._chunk_size() == 64
+    sched._last_chunk = (128, 0.010)  # on target: the same
+    assert sched._chunk_size() == 128
+    sched._last_chunk = (128, 0.001)  # far under: doubled, not more
+    assert sched._chunk_size() == 256
+    sched._last_chunk = (400, 0.001)  # capped by prefill_chunk_tokens
+    assert sched._chunk_size() == 512
+    sched._last_chunk = (20, 1.0)  # a pass dearer than any target: the floor
+    assert sched._chunk_size() == S.MIN_CHUNK_TOKENS

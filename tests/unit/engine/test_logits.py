@@ -277,3 +277,31 @@ async def test_n_is_checked_and_streams_take_one(engine):
     with pytest.raises(InvalidArgument, match="a stream carries one completion"):
         async for _ in engine.generate_stream(PROMPTS[0], SamplingParams(n=2), deadline=None):
             pass
+
+
+@pytest.mark.parametrize("vocab", [1000, 1024, 49152])
+def test_cpu_ban_equals_xgrammar_kernel(vocab):
+    """The CPU mask path (numpy-unpacked bits, one masked_fill_) bans exactly the tokens
+    xgrammar's own kernel bans: random words (sign bit included), a vocabulary that is not a
+    multiple of 32, and an all-ones row (a row no grammar fills) that must lose nothing."""
+    import xgrammar as xgr
+
+    from bitserve.engine.worker.logits import ban_cpu
+
+    g = torch.Generator().manual_seed(vocab)
+    rows = 6
+    bitmask = xgr.allocate_token_bitmask(rows, vocab)
+    words = bitmask.shape[1]
+    bitmask[:-1] = torch.randint(-(2**31), 2**31, (rows - 1, words), generator=g, dtype=torch.int64).to(
+        torch.int32
+    )
+    logits = torch.randn(rows, vocab, generator=g)
+    mine, theirs = logits.clone(), logits.clone()
+    ban_cpu(mine, bitmask)
+    xgr.apply_token_bitmask_inplace(theirs, bitmask, vocab_size=vocab)
+    assert torch.equal(mine, theirs)
+    assert torch.equal(mine[-1], logits[-1])
+    # Token t is banned iff bit t % 32 of word t // 32 is clear.
+    t = torch.arange(vocab)
+    allowed = (bitmask[0, t // 32].long() >> (t % 32)) & 1
+    assert torch.equal(torch.isinf(mine[0]), allowed == 0)

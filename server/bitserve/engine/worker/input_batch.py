@@ -22,9 +22,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker import attention
 
 if TYPE_CHECKING:
     from bitserve.engine.worker.sampler import Plan
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 # The first allocation: slots and columns for a small batch; both double when outgrown.
 FIRST_SLOTS = 8
 FIRST_COLUMNS = 128
+# numpy dtypes of each element size, for lazily zeroed buffers viewed as any torch dtype
+# (all-zero bits are 0.0 in float32, bfloat16 and float16 alike).
+_NP_BY_SIZE = {4: np.float32, 2: np.uint16, 1: np.uint8}
 
 
 def supports(model: Any) -> str | None:
@@ -39,7 +44,7 @@ def supports(model: Any) -> str | None:
     copying `Batch` path): SDPA attention over full (not sliding or chunked) attention layers."""
     cfg = model.config
     impl = getattr(cfg, "_attn_implementation", None)
-    if impl != "sdpa":
+    if impl not in ("sdpa", attention.NAME):
         return f"attention implementation {impl!r} (the persistent batch needs sdpa)"
     for k in ("sliding_window", "attention_chunk_size"):
         if getattr(cfg, k, None):
@@ -85,8 +90,8 @@ def _classes() -> tuple[type, type]:
             def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
                 b = self.batch
                 h, d, dv = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
-                self.keys = key_states.new_zeros(b.slot_cap, h, b.col_cap, d)
-                self.values = value_states.new_zeros(b.slot_cap, h, b.col_cap, dv)
+                self.keys = b.zeros((b.slot_cap, h, b.col_cap, d), key_states)
+                self.values = b.zeros((b.slot_cap, h, b.col_cap, dv), value_states)
                 self.device = key_states.device
                 self.is_initialized = True
 
@@ -132,9 +137,9 @@ def _classes() -> tuple[type, type]:
             def regrow(self, slots: int, cols: int, n: int, used: int) -> None:
                 if self.keys is None:
                     return
-                k, v = self.keys, self.values
-                nk = k.new_zeros(slots, k.shape[1], cols, k.shape[3])
-                nv = v.new_zeros(slots, v.shape[1], cols, v.shape[3])
+                k, v, b = self.keys, self.values, self.batch
+                nk = b.zeros((slots, k.shape[1], cols, k.shape[3]), k)
+                nv = b.zeros((slots, v.shape[1], cols, v.shape[3]), v)
                 nk[:n, :, :used] = k[:n, :, :used]
                 nv[:n, :, :used] = v[:n, :, :used]
                 self.keys, self.values = nk, nv
@@ -206,6 +211,7 @@ class SlotBatch:
         self.mode = "decode"
         self.span = (0, 0, 0, 0)
         self.width = 0
+        self.groups: attention.Groups | None = None
         self.slot_cap = self.col_cap = 0
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
@@ -231,7 +237,24 @@ class SlotBatch:
         # a growth copies every row, and it is cheapest early (few columns used). Off where the
         # step attends over every allocated column (the compiled graph).
         self.grow_to_reserved = True
+        # On the CPU the K/V buffers are allocated once at the whole budget (every slot, every
+        # column the KV budget allows) as lazily zeroed memory (`zeros`): only the pages rows
+        # write become resident, and no join ever waits for a growth that copies every row
+        # (bench.long_join, under load: with the growth, its window's longest gaps were 0.4-0.5 s;
+        # without, 0.05-0.12 s). A GPU has
+        # no lazy pages: there the buffers grow as above. Off where the step attends over every
+        # allocated column (the compiled graph).
+        self.lazy = device.type == "cpu"
         self._alloc_small()
+
+    def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A zero tensor of `like`'s dtype and device. Lazy on the CPU: numpy's zeros come from
+        calloc, which maps large buffers from the kernel's zero pages, resident once written
+        (torch's own zeros write every byte)."""
+        if not self.lazy or like.device.type != "cpu" or like.element_size() not in _NP_BY_SIZE:
+            return like.new_zeros(shape)
+        arr = np.zeros(shape, dtype=_NP_BY_SIZE[like.element_size()])
+        return torch.from_numpy(arr).view(like.dtype)
 
     @property
     def held(self) -> int:
@@ -288,6 +311,9 @@ class SlotBatch:
         new_slots = self.slot_cap
         if slots > new_slots:
             new_slots = min(max(2 * self.slot_cap, FIRST_SLOTS, slots), self.max_slots)
+        if self.lazy and self.cache is None:
+            new_slots = max(new_slots, self.max_slots)
+            new_cols = max(new_cols, min(self.max_columns, self.kv_tokens // max(self.max_slots, 1)))
         if self.hold:
             new_slots = self.max_slots
             new_cols = max(cols, min(self.max_columns, self.kv_tokens // max(new_slots, 1)))
@@ -501,6 +527,9 @@ class SlotBatch:
         self.mask[self.row_index[:n], self.cols_dev[:n]] = True
         self.mode = "decode"
         self.width = width
+        # Runs of rows attending over their own widths (a long row's columns are not read by
+        # the short rows beside it): engine/worker/attention.py.
+        self.groups = attention.width_groups([c + 1 for c in self.cols[:n]])
         return (
             self.next_ids[:n, None],
             self.mask[:n, None, None, :width],

@@ -15,10 +15,12 @@ from __future__ import annotations
 import collections
 import json
 import re
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from bitserve.errors import InvalidArgument
@@ -229,6 +231,28 @@ class Adjust:
             g = self.grammars
             g.batch_matcher.batch_fill_next_token_bitmask(self.matchers, self.bitmask, indices=self.guided)
             self.bitmask[self.rows] &= self.allowed
-            mask = self.bitmask.to(logits.device, non_blocking=True)
-            g._xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=self.guided)
+            if logits.device.type == "cpu" and logits.dtype == torch.float32 and _LITTLE_ENDIAN:
+                ban_cpu(logits, self.bitmask)
+            else:
+                mask = self.bitmask.to(logits.device, non_blocking=True)
+                g._xgr.apply_token_bitmask_inplace(
+                    logits, mask, vocab_size=logits.shape[1], indices=self.guided
+                )
         return logits
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def ban_cpu(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """-inf into every `logits[i, t]` whose bit is clear in `bitmask` (int32 words, bit j of word
+    w: token 32w + j, as xgrammar lays it out), for all rows at once, on the CPU.
+
+    What xgrammar's CPU kernel does, without its per-token branch: the inverted words are
+    unpacked into one byte per token (numpy's unpackbits; little-endian words, so the bytes'
+    little bit order is the token order) and those bytes are the boolean mask of one
+    `masked_fill_`. Rows that no grammar fills keep allocate_token_bitmask's all-ones words and
+    so lose nothing. 2-3x faster on a 49,152-token vocabulary (bench/structured.py)."""
+    vocab = logits.shape[1]
+    banned = np.unpackbits(np.invert(bitmask.numpy()).view(np.uint8), axis=1, bitorder="little")
+    logits.masked_fill_(torch.from_numpy(banned[:, :vocab]).view(torch.bool), -float("inf"))

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from bitserve.engine.sched.sequence import Sequence
+from bitserve.engine.worker import attention
 from bitserve.engine.worker import compiled as compiled_mod
 from bitserve.engine.worker.batch import Batch, seen_of
 from bitserve.engine.worker.input_batch import SlotBatch, supports
@@ -47,11 +48,13 @@ class CausalLM:
         # (~10% of a step on a small model). Not for sliding-window or other attention kinds,
         # whose masks differ per layer or in format.
         cfg = model.config
-        self._mask_4d = getattr(cfg, "_attn_implementation", None) == "sdpa" and not any(
+        self._mask_4d = getattr(cfg, "_attn_implementation", None) in ("sdpa", attention.NAME) and not any(
             getattr(cfg, k, None) for k in ("sliding_window", "attention_chunk_size")
         )
         # Why the persistent batch cannot serve this model (None: it can).
         self.no_slots_reason = supports(model)
+        if self.no_slots_reason is None:
+            attention.use(model)  # SDPA, per run of rows of like width in a decode step
         self.max_context = max_context or int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 4096
         )
@@ -78,6 +81,8 @@ class CausalLM:
         model allows it; says what was decided and why. Compiling happens at `warm_up`."""
         reason = self.no_slots_reason or compiled_mod.eligible(self.model, self.device, quantization)
         on, why = compiled_mod.resolve(setting, self.device, reason)
+        if self.no_slots_reason is None:
+            attention.use(self.model, not on)  # a compiled graph attends as plain SDPA
         self.compiled = compiled_mod.CompiledDecode(self.model, self.device, self._cache_kw) if on else None
         return why
 
@@ -86,7 +91,10 @@ class CausalLM:
         bucket up to the batch's slots) on throwaway rows, so no request pays for it."""
         if self.compiled is None:
             return
-        batch.grow_to_reserved = False  # the graph attends over every allocated column
+        # The graph attends over every allocated column: no growth to reservations, and no
+        # buffers at the whole budget.
+        batch.grow_to_reserved = False
+        batch.lazy = False
         from bitserve.types import GenerationRequest, SamplingParams
 
         def rows(k: int) -> list[Sequence]:
@@ -160,14 +168,15 @@ class CausalLM:
         if self.compiled is not None and not batch.decode_has_lora():
             return self.compiled.decode(batch)
         input_ids, mask, position_ids = batch.begin_decode()
-        out = self._forward(
-            batch.lora_index(),
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_kw: batch.cache},
-        )
+        with attention.grouped(batch.groups):
+            out = self._forward(
+                batch.lora_index(),
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_kw: batch.cache},
+            )
         batch.end_decode()
         return out.logits[:, -1, :]
 
