@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--warmup", type=int, default=1, help="unmeasured bursts per server first (the first one is cold)"
     )
+    ap.add_argument(
+        "--engine-nice", type=int, default=None, help="server.engine_nice (default: the setting's)"
+    )
     ap.add_argument("--save", default="burst", help="bench/results/NAME.json ('' to skip)")
     args = ap.parse_args(argv)
     import psutil
@@ -186,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     model = build_classifier(tmp / "sentiment", ["NEGATIVE", "POSITIVE"], seed=2)
     port = _free_port()
     cfg = {
-        "server": {"host": "127.0.0.1", "port": port, "metrics_port": -1, "log_level": "WARNING"},
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "metrics_port": -1,
+            "log_level": "WARNING",
+            **({} if args.engine_nice is None else {"engine_nice": args.engine_nice}),
+        },
         "models": [
             {
                 "name": "burst",

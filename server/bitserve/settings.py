@@ -140,6 +140,16 @@ class ServerSettings(_Strict):
     )
     workers: int = Field(32, ge=1, description="Threads for gRPC handlers' blocking work (tokenization).")
     log_level: str = Field("INFO", description="Python logging level.")
+    engine_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description=(
+            "Niceness the engine processes add to themselves at start (0: none): on a machine with "
+            "few cores the front - health checks, refusals of a full queue, streaming - then gets "
+            "a core first when both want one, and the engines take every cycle it leaves."
+        ),
+    )
     # Request limits that keep the front's event loop free (issue 17).
     max_stop_chars: int = Field(
         4096,
@@ -205,6 +215,8 @@ class ServerSettings(_Strict):
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9._\-]{1,128}")
+# The adapter name a request gives for the base model itself (where a default_adapter is set).
+BASE_ADAPTER = "base"
 
 
 class ModelSettings(_Strict):
@@ -308,6 +320,13 @@ class ModelSettings(_Strict):
             "its `adapter` field; more are loaded at run time with the Admin service."
         ),
     )
+    default_adapter: str = Field(
+        "",
+        description=(
+            "One of `adapters`: what a request naming no adapter runs with (empty: the base model). "
+            f"A request reaches the base model then by naming the reserved adapter {BASE_ADAPTER!r}."
+        ),
+    )
     max_resident_adapters: int = Field(
         8,
         ge=1,
@@ -328,6 +347,10 @@ class ModelSettings(_Strict):
         for name in v:
             if not ADAPTER_NAME.fullmatch(name):
                 raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-'")
+            if name == BASE_ADAPTER:
+                raise ValueError(
+                    f"adapter name {name!r} is reserved: a request naming it gets the base model"
+                )
         return v
 
     @field_validator("max_memory", mode="before")
@@ -360,6 +383,11 @@ class ModelSettings(_Strict):
         if self.max_memory is not None and self.device != "auto":
             raise ValueError(
                 f"max_memory spreads the model over devices: it needs device: auto, not {self.device!r}"
+            )
+        if self.default_adapter and self.default_adapter not in self.adapters:
+            raise ValueError(
+                f"default_adapter: {self.default_adapter!r} is not one of this model's adapters "
+                f"(configured: {', '.join(sorted(self.adapters)) or 'none'})"
             )
         return self
 

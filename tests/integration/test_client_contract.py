@@ -78,7 +78,7 @@ def test_the_server_reports_its_version_and_contract_revision(srv):
         assert c.server_info() == ServerInfo(
             version=bitserve.__version__, contract_revision=CONTRACT_REVISION
         )
-    assert CONTRACT_REVISION == pb.DESCRIPTOR.GetOptions().Extensions[pb.contract_revision] == 4
+    assert CONTRACT_REVISION == pb.DESCRIPTOR.GetOptions().Extensions[pb.contract_revision] == 5
 
 
 def test_an_adapter_or_an_admin_call_to_an_older_server_fails_before_it_is_sent(old_server):
@@ -88,6 +88,30 @@ def test_an_adapter_or_an_admin_call_to_an_older_server_fails_before_it_is_sent(
             c.generate("hi", adapter="a")
         with pytest.raises(IncompatibleServerError, match=r"LoadAdapter \(revision 4\)"):
             c.load_adapter("lm", "a", "/x")
+    assert servicer.calls == ["ListModels"]
+
+
+@pytest.mark.parametrize("revision", [1, 4])
+def test_an_adapter_on_classify_sentiment_translate_to_an_older_server_fails_before_it_is_sent(
+    old_server, monkeypatch, revision
+):
+    """Revision 5 added the adapter to the other tasks: a revision-4 server (which takes it on
+    generate) would drop it there and answer with the base model."""
+    target, servicer = old_server
+    real = servicer.ListModels
+    monkeypatch.setattr(
+        servicer,
+        "ListModels",
+        lambda r, ctx: (real(r, ctx), pb.ListModelsResponse(contract_revision=revision))[1],
+    )
+    with Client(target, timeout=10) as c:
+        for call, field in (
+            (lambda: c.classify("hi", adapter="a"), "ClassifyRequest"),
+            (lambda: c.sentiment("hi", adapter="a"), "SentimentRequest"),
+            (lambda: c.translate("hi", target_lang="fr", adapter="a"), "TranslateRequest"),
+        ):
+            with pytest.raises(IncompatibleServerError, match=rf"{field}\.adapter \(revision 5\)"):
+                call()
     assert servicer.calls == ["ListModels"]
 
 

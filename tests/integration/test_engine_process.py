@@ -166,3 +166,15 @@ def test_compiled_decode_is_ready_before_the_first_request_and_answers_as_eager(
             return [[t.id for t in f.result().logprobs] for f in futs]
 
         assert answers("compiled") == answers("eager")
+
+
+def test_engine_nice_lowers_the_engine_processes_priority_not_the_fronts(server_factory, tiny_models):
+    """server.engine_nice: each engine process adds it to its niceness at start; the front
+    (this process) keeps its own, so it gets a core first when both want one."""
+    s = server_factory(
+        [{"name": "sent", "task": "sentiment", "path": str(tiny_models["sentiment"])}], engine_nice=7
+    )
+    pid = s.server.registry._engines["sent"].core.pid
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+    with Client(s.target) as c:
+        assert c.sentiment(["good"])[0].label in ("positive", "negative")

@@ -37,7 +37,8 @@ class GenerationOptions(TypedDict, total=False):
     stop: Sequence[str] | str | None  # the text is cut before the first one produced
     seed: int | None  # same seed, parameters and prompt -> same output
     logprobs: bool  # return each generated token's log-probability
-    adapter: str | None  # a LoRA adapter of the model (ModelInfo.adapters); None: the base model
+    adapter: str | None  # a LoRA adapter of the model (ModelInfo.adapters); None: its default_adapter or
+    # the base model; "base": the base model
     timeout: float | None  # seconds; None: the client's timeout
     # Contract revision 3 (a call that sets one asks the server's revision first):
     n: int  # completions per prompt (1-32); n > 1 returns a list of Generations per prompt
@@ -55,11 +56,13 @@ class ClassifyOptions(TypedDict, total=False):
     model: str | None
     top_k: int | None  # None: every label
     candidate_labels: Sequence[str] | None  # zero-shot labels (instruction models)
+    adapter: str | None  # a LoRA adapter of the model (contract revision 5); None: its default
     timeout: float | None
 
 
 class SentimentOptions(TypedDict, total=False):
     model: str | None
+    adapter: str | None  # a LoRA adapter of the model (contract revision 5); None: its default
     timeout: float | None
 
 
@@ -68,6 +71,7 @@ class TranslateOptions(TypedDict, total=False):
     target_lang: str | None
     model: str | None
     max_new_tokens: int | None
+    adapter: str | None  # a LoRA adapter of the model (contract revision 5); None: its default
     timeout: float | None
 
 
@@ -231,6 +235,7 @@ def classify(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any
         model=o.get("model") or "",
         top_k=o.get("top_k") or 0,
         candidate_labels=list(o.get("candidate_labels") or []),
+        adapter=o.get("adapter") or "",
     )
     read = _one_or_all(
         lambda r: [[results.LabelScore(s.label, s.score) for s in c.labels] for c in r.results], single
@@ -244,9 +249,8 @@ def sentiment(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[An
     read = _one_or_all(
         lambda r: [results.Sentiment(s.label, s.score, s.raw_label) for s in r.results], single
     )
-    return Call(
-        "Sentiment", pb.SentimentRequest(texts=items, model=o.get("model") or ""), read, o.get("timeout")
-    )
+    req = pb.SentimentRequest(texts=items, model=o.get("model") or "", adapter=o.get("adapter") or "")
+    return Call("Sentiment", req, read, o.get("timeout"))
 
 
 def translate(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[Any]:
@@ -258,6 +262,7 @@ def translate(texts: str | Sequence[str], options: Mapping[str, Any]) -> Call[An
         source_lang=o.get("source_lang") or "",
         target_lang=o.get("target_lang") or "",
         max_new_tokens=o.get("max_new_tokens") or 0,
+        adapter=o.get("adapter") or "",
     )
     read = _one_or_all(lambda r: [results.Translation(t.text) for t in r.results], single)
     return Call("Translate", req, read, o.get("timeout"))

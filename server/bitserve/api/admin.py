@@ -64,7 +64,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             engines = [self._model(request.model)] if request.model else self._registry.engines()
             out = pb.ListAdaptersResponse()
             for e in engines:
-                if not e.uses_scheduler or not e.core.ready:
+                if not adapters.serves_adapters(e) or not e.core.ready:
                     continue
                 listed = await adapters.listing(e)
                 out.models[e.name].adapters.extend(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from bitserve.errors import MAX_ECHO_CHARS, InvalidArgument, Unavailable
 from bitserve.frontend import chat
 from bitserve.frontend.base import Engine
-from bitserve.settings import ServerSettings, Settings
+from bitserve.settings import ADAPTER_NAME, ServerSettings, Settings
 from bitserve.types import Constraint, SamplingParams, Task, TokenPrompt
 
 MAX_STOP_SEQUENCES = 16
@@ -63,6 +63,22 @@ def model_name(name: str) -> str:
             f"model: the name is {len(name)} characters; model names are at most {MAX_ECHO_CHARS}"
         )
     return name
+
+
+def adapter_name(adapter: str, field: str = "adapter") -> str:
+    """A request's LoRA adapter name, checked for form ("" = none named; the engine says
+    NOT_FOUND for one its model does not have)."""
+    if adapter and not ADAPTER_NAME.fullmatch(adapter):
+        raise InvalidArgument(
+            f"{field}: {adapter[:64]!r} is not an adapter name (letters, digits, '.', '_', '-'; at most 128)"
+        )
+    return adapter
+
+
+def model_and_adapter(name: str) -> tuple[str, str]:
+    """`model` as the OpenAI front takes it: "base" or "base:adapter" (model names hold no ':')."""
+    base, _, adapter = name.partition(":")
+    return base, adapter_name(adapter, "model") if adapter else ""
 
 
 def fits_queue(n_texts: int, model: str, max_queue_size: int) -> None:

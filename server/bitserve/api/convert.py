@@ -12,7 +12,7 @@ from typing import Any
 
 from bitserve.api import checks
 from bitserve.errors import InvalidArgument
-from bitserve.settings import ADAPTER_NAME, ServerSettings
+from bitserve.settings import ServerSettings
 from bitserve.types import (
     Constraint,
     FinishReason,
@@ -199,16 +199,17 @@ def tokenize_response(model: str, results: Sequence[Tokenized]) -> pb.TokenizeRe
     )
 
 
-def with_adapter(params: SamplingParams, adapter: str) -> SamplingParams:
-    """`params` naming the request's LoRA adapter (checked for form here; the engine says
+def adapter_from(adapter: str) -> str:
+    """A request's LoRA adapter name, checked for form here ("" = none named; the engine says
     NOT_FOUND for one its model does not have)."""
+    return checks.adapter_name(adapter)
+
+
+def with_adapter(params: SamplingParams, adapter: str) -> SamplingParams:
+    """`params` naming the request's LoRA adapter (`adapter_from`)."""
     if not adapter:
         return params
-    if not ADAPTER_NAME.fullmatch(adapter):
-        raise InvalidArgument(
-            f"adapter {adapter[:64]!r} is not an adapter name (letters, digits, '.', '_', '-'; at most 128)"
-        )
-    return dataclasses.replace(params, adapter=adapter)
+    return dataclasses.replace(params, adapter=adapter_from(adapter))
 
 
 def adapter_info_pb(a: dict[str, Any], *, with_path: bool = True) -> pb.AdapterInfo:

@@ -8,13 +8,17 @@ that matches their gRPC code (`code` is that code's name), mapped once, in `_Cal
 
 Differences from OpenAI's API: `temperature` defaults to 1 as OpenAI's does, so greedy needs
 `temperature: 0` (the gRPC API's default is greedy); `top_k` and `repetition_penalty` are
-accepted as extensions (as vLLM does); fields the server has no use for are ignored.
+accepted as extensions (as vLLM does); fields the server has no use for are ignored. `model`
+may name a LoRA adapter as "base:adapter" (model names hold no ':'); /v1/models lists each adapter
+that way, with `parent` set to its base, as vLLM lists its LoRA modules; an unknown adapter is a
+404 (NOT_FOUND), never answered by the base.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -161,9 +165,9 @@ def _logit_bias(bias: dict[str, float] | None) -> list[tuple[int, float]]:
     return out
 
 
-def _sampling(body: _Body, engine: GenerateEngine, **extra: Any) -> SamplingParams:
+def _sampling(body: _Body, engine: GenerateEngine, *, adapter: str = "", **extra: Any) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
-    return checks.sampling(
+    params = checks.sampling(
         engine.settings.default_max_new_tokens,
         temperature=body.temperature,
         top_k=body.top_k,
@@ -177,6 +181,12 @@ def _sampling(body: _Body, engine: GenerateEngine, **extra: Any) -> SamplingPara
         names={"max_new_tokens": "max_tokens"},
         **extra,
     )
+    return dataclasses.replace(params, adapter=adapter) if adapter else params
+
+
+def _id(engine: GenerateEngine, adapter: str) -> str:
+    """The model id a response names: the request's "base:adapter", or the model's name."""
+    return f"{engine.name}:{adapter}" if adapter else engine.name
 
 
 # responses ------------------------------------------------------------------------------------
@@ -336,17 +346,19 @@ class OpenAIFront:
             return None
         return security.check_bearer(self.tokens, request.headers.get("authorization"), "header")
 
-    def _engine(self, call: _Call, name: str) -> GenerateEngine:
-        engine = self.registry.get(Task.GENERATE, name, GenerateEngine)
+    def _engine(self, call: _Call, name: str) -> tuple[GenerateEngine, str]:
+        """The engine of `model` ("base" or "base:adapter") and the adapter named ("": none)."""
+        base, adapter = checks.model_and_adapter(name)
+        engine = self.registry.get(Task.GENERATE, base, GenerateEngine)
         call.model = engine.name
-        return engine
+        return engine, adapter
 
     # /v1/completions ---------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         call = _Call(self, request, "/v1/completions")
         try:
             body: CompletionBody = await call.body(CompletionBody)
-            engine = self._engine(call, body.model)
+            engine, adapter = self._engine(call, body.model)
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             prompts = checks.texts(
                 prompts, self.server, exactly_one="a stream" if body.stream else None, field="prompt"
@@ -358,9 +370,10 @@ class OpenAIFront:
                 max_new_tokens=body.max_tokens or 0,
                 logprobs=body.logprobs is not None,
                 top_logprobs=body.logprobs or 0,
+                adapter=adapter,
             )
             rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-            head = {"id": rid, "object": "text_completion", "created": created, "model": engine.name}
+            head = {"id": rid, "object": "text_completion", "created": created, "model": _id(engine, adapter)}
             if body.stream:
                 return await self._stream(call, engine, prompts[0], params, body, head, _completion_chunk)
             gens = await engine.generate(prompts, params, deadline=None)
@@ -386,7 +399,7 @@ class OpenAIFront:
         call = _Call(self, request, "/v1/chat/completions")
         try:
             body: ChatBody = await call.body(ChatBody)
-            engine = self._engine(call, body.model)
+            engine, adapter = self._engine(call, body.model)
             prompt = await checks.chat_prompt(
                 engine, [(m.role, m.text()) for m in body.messages], self.server
             )
@@ -398,9 +411,10 @@ class OpenAIFront:
                 logprobs=body.logprobs,
                 top_logprobs=body.top_logprobs,
                 constraint=constraint_of(body.response_format),
+                adapter=adapter,
             )
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            head = {"id": rid, "object": "chat.completion", "created": created, "model": engine.name}
+            head = {"id": rid, "object": "chat.completion", "created": created, "model": _id(engine, adapter)}
             if body.stream:
                 head["object"] = "chat.completion.chunk"
                 return await self._stream(call, engine, prompt, params, body, head, _chat_chunk)
@@ -490,13 +504,23 @@ class OpenAIFront:
             "task": task.value,
         }
 
+    def _cards(self) -> list[dict[str, Any]]:
+        """Each model, then each of its LoRA adapters as "base:adapter" (as the engine last
+        reported them: configured and loaded at run time)."""
+        cards = []
+        for e in self.registry.engines():
+            cards.append(self._model_card(e.name, e.task))
+            cards.extend(
+                {**self._model_card(f"{e.name}:{a['name']}", e.task), "parent": e.name} for a in e.adapters
+            )
+        return cards
+
     async def models(self, request: Request) -> Response:
         problem = self.check_auth(request)
         if problem is not None:
             status, body = error_body("UNAUTHENTICATED", problem)
             return JSONResponse(body, status_code=status)
-        cards = [self._model_card(e.name, e.task) for e in self.registry.engines()]
-        return JSONResponse({"object": "list", "data": cards})
+        return JSONResponse({"object": "list", "data": self._cards()})
 
     async def model(self, request: Request) -> Response:
         problem = self.check_auth(request)
@@ -504,9 +528,9 @@ class OpenAIFront:
             status, body = error_body("UNAUTHENTICATED", problem)
             return JSONResponse(body, status_code=status)
         name = request.path_params["model"]
-        for e in self.registry.engines():
-            if e.name == name:
-                return JSONResponse(self._model_card(e.name, e.task))
+        for card in self._cards():
+            if card["id"] == name:
+                return JSONResponse(card)
         status, body = error_body("NOT_FOUND", f"model {name[:200]!r} is not loaded", "model")
         return JSONResponse(body, status_code=status)
 

@@ -257,6 +257,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 top_k=request.top_k or None,
                 candidate_labels=labels,
                 deadline=_deadline(context),
+                adapter=convert.adapter_from(request.adapter),
             )
             return convert.classify_response(engine.name, results, engine.multi_label)
         return None  # the caller left (cancelled, deadline): nothing to answer
@@ -268,7 +269,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.model = engine.name
             texts = convert.texts_from(request.texts, self._server)
             convert.check_fits_queue(len(texts), engine.name, engine.settings.max_queue_size)
-            results = await engine.sentiment(texts, deadline=_deadline(context))
+            results = await engine.sentiment(
+                texts, deadline=_deadline(context), adapter=convert.adapter_from(request.adapter)
+            )
             return convert.sentiment_response(engine.name, results)
         return None  # the caller left (cancelled, deadline): nothing to answer
 
@@ -287,6 +290,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 target_lang=target,
                 max_new_tokens=request.max_new_tokens or None,
                 deadline=_deadline(context),
+                adapter=convert.adapter_from(request.adapter),
             )
             return convert.translate_response(engine.name, results)
         return None  # the caller left (cancelled, deadline): nothing to answer

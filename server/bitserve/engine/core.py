@@ -103,11 +103,11 @@ class Core:
         op, rid = msg[0], msg[1]
         try:
             if op == P.SCORE:
-                result = self.w.score(msg[2], msg[3])
+                result = self.w.score(*msg[2:])
             elif op == P.ADAPTER:
                 result = self.w.adapter_op(msg[2], msg[3])
             else:
-                result = self.w.run_batch(msg[2], msg[3])
+                result = self.w.run_batch(*msg[2:])
         except Exception as e:
             log.exception("%s job failed", op)
             self.send(P.error_to_wire(rid, e))
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open(args.spec) as f:
         spec = json.load(f)
+    if spec.get("nice"):
+        os.nice(int(spec["nice"]))  # server.engine_nice: the front gets a core first
     logging.basicConfig(
         level=spec.get("log_level", "INFO").upper(),
         format=f"%(asctime)s %(levelname)s engine[{spec['engine']}] %(name)s: %(message)s",

@@ -250,6 +250,7 @@ class ClassifyEngine(Engine):
         top_k: int | None,
         candidate_labels: list[str],
         deadline: float | None,
+        adapter: str = "",
     ) -> list[list[LabelScore]]: ...
 
 
@@ -257,7 +258,9 @@ class SentimentEngine(Engine):
     task = Task.SENTIMENT
 
     @abc.abstractmethod
-    async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]: ...
+    async def sentiment(
+        self, texts: list[str], *, deadline: float | None, adapter: str = ""
+    ) -> list[SentimentResult]: ...
 
 
 class TranslateEngine(Engine):
@@ -272,6 +275,7 @@ class TranslateEngine(Engine):
         target_lang: str | None,
         max_new_tokens: int | None,
         deadline: float | None,
+        adapter: str = "",
     ) -> list[Translation]: ...
 
 

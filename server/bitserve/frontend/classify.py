@@ -6,7 +6,9 @@ import re
 from typing import Any
 
 from bitserve.errors import ConfigError, InvalidArgument
+from bitserve.frontend import adapters
 from bitserve.frontend.base import BatchedEngine, ClassifyEngine, SentimentEngine, register
+from bitserve.ipc import protocol
 from bitserve.metrics import Metrics
 from bitserve.models.loaded import LoadedModel
 from bitserve.settings import ModelSettings
@@ -14,7 +16,11 @@ from bitserve.types import LabelScore, SentimentResult
 
 
 class _HeadScorer(BatchedEngine):
-    """Shared part: batched forward through AutoModelForSequenceClassification -> label scores."""
+    """Shared part: batched forward through AutoModelForSequenceClassification -> label scores.
+    LoRA adapters apply per row (the engine's head bank: LoRA on the encoder and each adapter's
+    own classifier, peft's `modules_to_save`)."""
+
+    serves_adapters = True
 
     def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: Any):
         super().__init__(settings, loaded, metrics, core)
@@ -29,10 +35,26 @@ class _HeadScorer(BatchedEngine):
     def labels(self) -> list[str]:
         return list(self._labels)
 
-    async def scores(self, texts: list[str], deadline: float | None) -> list[list[float]]:
+    async def scores(self, texts: list[str], deadline: float | None, adapter: str = "") -> list[list[float]]:
+        adapter = adapters.resolve(self.settings, adapter)
         with self._batcher.reserve(len(texts)) as room:  # a full queue refuses before tokenizing
             ids = await self.tokenize_checked(texts)
-            return await self._batcher.submit(ids, deadline=deadline, room=room)
+            results = await self._batcher.submit([(i, adapter) for i in ids], deadline=deadline, room=room)
+        for r in results:
+            if isinstance(r, BaseException):  # this request's adapter, not the batch's
+                raise r
+        return results
+
+    async def process_batch(self, batch: list[Any]) -> list[Any]:
+        ids = [list(i) for i, _ in batch]
+        names = [a for _, a in batch]
+        if not any(names):
+            return list(await self.core.call(protocol.BATCH, self.name, ids))
+        got = await self.core.call(protocol.BATCH, self.name, ids, names)
+        return [
+            adapters.row_error(self, r, a) if isinstance(r, str) else r
+            for r, a in zip(got, names, strict=True)
+        ]
 
 
 @register
@@ -46,6 +68,7 @@ class HeadClassifyEngine(_HeadScorer, ClassifyEngine):
         top_k: int | None,
         candidate_labels: list[str],
         deadline: float | None,
+        adapter: str = "",
     ) -> list[list[LabelScore]]:
         if candidate_labels:
             raise InvalidArgument(
@@ -54,7 +77,7 @@ class HeadClassifyEngine(_HeadScorer, ClassifyEngine):
             )
         k = len(self._labels) if not top_k else min(top_k, len(self._labels))
         out = []
-        for probs in await self.scores(texts, deadline):
+        for probs in await self.scores(texts, deadline, adapter):
             ranked = sorted(zip(self._labels, probs), key=lambda x: -x[1])[:k]
             out.append([LabelScore(label, float(p)) for label, p in ranked])
         return out
@@ -96,9 +119,11 @@ class HeadSentimentEngine(_HeadScorer, SentimentEngine):
             )
         self._norm = [mapped[raw] for raw in self._labels]
 
-    async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]:
+    async def sentiment(
+        self, texts: list[str], *, deadline: float | None, adapter: str = ""
+    ) -> list[SentimentResult]:
         out = []
-        for probs in await self.scores(texts, deadline):
+        for probs in await self.scores(texts, deadline, adapter):
             totals: dict[str, float] = {}
             for norm, p in zip(self._norm, probs):
                 totals[norm or ""] = totals.get(norm or "", 0.0) + p

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from bitserve.errors import InvalidArgument, ResourceExhausted
-from bitserve.frontend import tenants
+from bitserve.frontend import adapters, tenants
 from bitserve.frontend.base import Engine, GenerateEngine, prompt_name, register
 from bitserve.frontend.batching import Room
 from bitserve.frontend.context import current_client
@@ -223,6 +223,12 @@ class GenerationFront(Engine):
         """The request's stop strings, compiled on the tokenization thread (linear in their length)."""
         return await self.off_loop(StopStrings, params.stop) if params.stop else None
 
+    def with_adapter(self, params: SamplingParams) -> SamplingParams:
+        """`params` with the adapter the request runs with (`adapters.resolve`: its own, the
+        model's default_adapter, or the base for "base")."""
+        adapter = adapters.resolve(self.settings, params.adapter)
+        return params if adapter == params.adapter else dataclasses.replace(params, adapter=adapter)
+
     def check_params(self, params: SamplingParams) -> None:
         """The structured-output and sampling controls, whichever front built them;
         INVALID_ARGUMENT naming the field."""
@@ -387,6 +393,7 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
     ) -> list[Generation]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
         self.check_params(params)
+        params = self.with_adapter(params)
         # A full engine answers before the request pays for tokenizing.
         with self.reserve(len(texts) * params.n) as room:
             prompts = await self.prompts(list(texts), n)
@@ -398,6 +405,7 @@ class CausalLMGenerateEngine(GenerationFront, GenerateEngine):
     ) -> AsyncIterator[StreamChunk]:
         n = self.resolve_max_new_tokens(params.max_new_tokens)
         self.check_params(params)
+        params = self.with_adapter(params)
         if params.n != 1:
             raise InvalidArgument(
                 f"parameters.n is {params.n}; a stream carries one completion (use the unary call for n > 1)"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitserve.errors import InvalidArgument
-from bitserve.frontend import chat
+from bitserve.frontend import adapters, chat
 from bitserve.frontend.base import BatchedEngine, ClassifyEngine, SentimentEngine, TranslateEngine, register
 from bitserve.frontend.batching import Room
 from bitserve.frontend.generate import GenerationFront
@@ -101,6 +101,7 @@ class _ScoreItem:
     prompt: tuple[int, ...]
     prior_prompt: tuple[int, ...]  # the same prompt with a content-free text
     labels: tuple[tuple[int, ...], ...]  # each label's answer tokens, end-of-turn included
+    adapter: str = ""  # the LoRA adapter it is scored through ("": the base)
 
 
 class _LabelScorer(_InstructEngine, BatchedEngine):
@@ -110,7 +111,9 @@ class _LabelScorer(_InstructEngine, BatchedEngine):
 
     def __init__(self, settings: ModelSettings, loaded: LoadedModel, metrics: Metrics, core: Any):
         super().__init__(settings, loaded, metrics, core)
-        # Priors depend only on (prompt, labels): computed once, reused by later batches.
+        # The base model's priors depend only on (prompt, labels): computed once, reused by
+        # later batches. An adapter's are computed in each batch that needs them (one row per
+        # adapter and label set): a name may be unloaded and loaded again with other weights.
         self._priors: collections.OrderedDict[tuple[Any, ...], list[float]] = collections.OrderedDict()
 
     def label_ids(self, labels: list[str] | tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -125,30 +128,50 @@ class _LabelScorer(_InstructEngine, BatchedEngine):
         labels: list[str] | tuple[str, ...],
         deadline: float | None,
         room: Room | None = None,
+        adapter: str = "",
     ) -> list[list[float]]:
         lids = self.label_ids(labels)
         reserve = max(len(x) for x in lids)
-        items = [_ScoreItem(tuple(p), tuple(prior_prompt), lids) for p in self.checked(prompts, reserve)]
-        return await self._batcher.submit(items, deadline=deadline, room=room)
+        items = [
+            _ScoreItem(tuple(p), tuple(prior_prompt), lids, adapter) for p in self.checked(prompts, reserve)
+        ]
+        results = await self._batcher.submit(items, deadline=deadline, room=room)
+        for r in results:
+            if isinstance(r, BaseException):  # this request's adapter, not the batch's
+                raise r
+        return results
 
-    async def process_batch(self, batch: list[_ScoreItem]) -> list[list[float]]:
-        need = []
+    async def process_batch(self, batch: list[_ScoreItem]) -> list[list[float] | BaseException]:
+        need: list[tuple[Any, ...]] = []
         for it in batch:
-            key = (it.prior_prompt, it.labels)
-            if key not in self._priors and key not in need:
+            key = (it.prior_prompt, it.labels, it.adapter)
+            if (it.adapter or key not in self._priors) and key not in need:
                 need.append(key)
-        rows = [(it.prompt, it.labels) for it in batch] + need
+        rows = [(it.prompt, it.labels, it.adapter) for it in batch] + need
         scores = await self.core.call(
-            protocol.SCORE, [list(p) for p, _ in rows], [[list(c) for c in conts] for _, conts in rows]
+            protocol.SCORE,
+            [list(p) for p, _, _ in rows],
+            [[list(c) for c in conts] for _, conts, _ in rows],
+            self.name,
+            [a for _, _, a in rows],
         )
+        priors = {}
         for key, sc in zip(need, scores[len(batch) :], strict=True):
-            self._priors[key] = sc
-            if len(self._priors) > self._PRIOR_CACHE_SIZE:
-                self._priors.popitem(last=False)
-        out = []
+            priors[key] = sc
+            if not key[2] and not isinstance(sc, str):
+                self._priors[key] = sc
+                if len(self._priors) > self._PRIOR_CACHE_SIZE:
+                    self._priors.popitem(last=False)
+        out: list[list[float] | BaseException] = []
         for it, sc in zip(batch, scores, strict=False):
-            prior = self._priors[(it.prior_prompt, it.labels)]
-            out.append(_softmax([a - b for a, b in zip(sc, prior, strict=True)]))
+            key = (it.prior_prompt, it.labels, it.adapter)
+            prior = priors[key] if key in priors else self._priors[key]
+            if isinstance(sc, str):
+                out.append(adapters.row_error(self, sc, it.adapter))
+            elif isinstance(prior, str):
+                out.append(adapters.row_error(self, prior, it.adapter))
+            else:
+                out.append(_softmax([a - b for a, b in zip(sc, prior, strict=True)]))
         return out
 
 
@@ -172,7 +195,9 @@ class InstructClassifyEngine(_LabelScorer, ClassifyEngine):
         top_k: int | None,
         candidate_labels: list[str],
         deadline: float | None,
+        adapter: str = "",
     ) -> list[list[LabelScore]]:
+        adapter = adapters.resolve(self.settings, adapter)
         labels = list(candidate_labels or self.settings.labels)
         if len(labels) < 2:
             raise InvalidArgument(
@@ -187,7 +212,7 @@ class InstructClassifyEngine(_LabelScorer, ClassifyEngine):
             *prompts, prior = await self.chat_prompts(
                 CLASSIFY_SYSTEM, [classify_prompt(t, labels) for t in [*texts, CONTENT_FREE]]
             )
-            scores = await self.label_probs(prompts, prior, labels, deadline, room)
+            scores = await self.label_probs(prompts, prior, labels, deadline, room, adapter)
         for probs in scores:
             ranked = sorted(zip(labels, probs), key=lambda x: -x[1])[:k]
             out.append([LabelScore(label, float(p)) for label, p in ranked])
@@ -196,12 +221,15 @@ class InstructClassifyEngine(_LabelScorer, ClassifyEngine):
 
 @register
 class InstructSentimentEngine(_LabelScorer, SentimentEngine):
-    async def sentiment(self, texts: list[str], *, deadline: float | None) -> list[SentimentResult]:
+    async def sentiment(
+        self, texts: list[str], *, deadline: float | None, adapter: str = ""
+    ) -> list[SentimentResult]:
+        adapter = adapters.resolve(self.settings, adapter)
         with self._batcher.reserve(len(texts)) as room:  # a full queue refuses before templating
             *prompts, prior = await self.chat_prompts(
                 SENTIMENT_SYSTEM, [sentiment_prompt(t) for t in [*texts, CONTENT_FREE]]
             )
-            scores = await self.label_probs(prompts, prior, SENTIMENT_LABELS, deadline, room)
+            scores = await self.label_probs(prompts, prior, SENTIMENT_LABELS, deadline, room, adapter)
         out = []
         for probs in scores:
             best = max(range(len(probs)), key=lambda i: probs[i])
@@ -253,6 +281,7 @@ class InstructTranslateEngine(_InstructEngine, GenerationFront, TranslateEngine)
         target_lang: str | None,
         max_new_tokens: int | None,
         deadline: float | None,
+        adapter: str = "",
     ) -> list[Translation]:
         target = self._language("target_lang", target_lang)
         if target is None:
@@ -269,7 +298,8 @@ class InstructTranslateEngine(_InstructEngine, GenerationFront, TranslateEngine)
                 n,
             )
             self.check_context(prompts, n)
-            greedy = SamplingParams(max_new_tokens=n)
+            # Through the request's adapter (or the model's default_adapter), as generate runs.
+            greedy = SamplingParams(max_new_tokens=n, adapter=adapters.resolve(self.settings, adapter))
             # A multi-line source must not stop at a newline: its rows get the end-of-turn stops only.
             one_line = [i for i, t in enumerate(texts) if "\n" not in t.strip()]
             multi = [i for i, t in enumerate(texts) if "\n" in t.strip()]

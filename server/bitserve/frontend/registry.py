@@ -133,6 +133,7 @@ class ModelRegistry:
                 "engine": engine_id,
                 "models": [m.model_dump(mode="json") for m in entries],
                 "log_level": self._settings.server.log_level,
+                "nice": self._settings.server.engine_nice,
             },
             on_state=lambda ok: self._engine_state(names, ok),
             on_give_up=self._gave_up,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitserve.errors import InvalidArgument
+from bitserve.frontend import adapters
 from bitserve.frontend.base import BatchedEngine, TranslateEngine, encode, register
 from bitserve.metrics import Metrics
 from bitserve.models.loaded import LoadedModel
@@ -136,7 +137,9 @@ class Seq2SeqTranslateEngine(BatchedEngine, TranslateEngine):
         target_lang: str | None,
         max_new_tokens: int | None,
         deadline: float | None,
+        adapter: str = "",
     ) -> list[Translation]:
+        adapters.refuse_on_head(self, adapter)
         tok = self.loaded.tokenizer
         prep = self.strategy.prepare(tok, source_lang, target_lang)
         n = self.resolve_max_new_tokens(max_new_tokens)

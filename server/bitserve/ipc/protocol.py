@@ -3,8 +3,17 @@
 front -> core:  [GENERATE, rid, request dict]   a generation request (token ids, sampling)
                 [GENERATE_MANY, [[rid, request dict], ...]]
                                                 several, seen by the same step (n completions)
-                [SCORE, rid, prompts, conts]    label scoring: log-likelihood of continuations
-                [BATCH, rid, model, items]      one batch for a model with its own task head
+                [SCORE, rid, prompts, conts, model, adapters]
+                                                label scoring: log-likelihood of continuations,
+                                                each prompt through its LoRA adapter of `model`
+                                                ("": the base); answered per prompt with its
+                                                scores or an error code (a str: NOT_FOUND,
+                                                RESOURCE_EXHAUSTED)
+                [BATCH, rid, model, items, adapters?]
+                                                one batch for a model with its own task head;
+                                                with adapters (a sequence classifier's), each
+                                                item through its own ("": the base), answered
+                                                per item as SCORE is
                 [ADAPTER, rid, op, args]        a LoRA adapter operation, between steps: "load"
                                                 [model, name, path], "unload" [model, name],
                                                 "list" [model] (answered with RESULT or ERROR)

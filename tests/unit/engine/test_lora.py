@@ -1,7 +1,8 @@
 """LoRA adapters served unmerged, per row (engine/worker/lora.py), driven through the scheduler:
 greedy output with an adapter equals the merged model's (peft merge_and_unload, as `quantize
-export` merges) token for token - on an fp32 base, and on an NF4 base against the adapter merged
-into the dequantized base; two adapters and the base in one running batch each equal their solo
+export` merges) token for token - on an fp32 base, on an NF4 base against the adapter merged
+into the dequantized base, on an int8 base against peft's PeftModel over the same int8 base;
+label scores (classify/sentiment) with adapters equal the merged models' within a derived bound; two adapters and the base in one running batch each equal their solo
 runs; an adapter that does not fit is FAILED_PRECONDITION with the reason; an unknown one is
 NOT_FOUND, never the base; at most `capacity` stay resident (LRU), an evicted one reloads."""
 
@@ -287,3 +288,99 @@ def test_compiled_decode_steps_with_adapter_rows_run_eager_and_equal_merged(
     calls["n"] = 0
     with_a = run(sched, [(0, p, "a", 8) for p in prompts])
     assert calls["n"] == 0 and with_a == {i: solo(ref, p, 8) for i, p in enumerate(prompts)}
+
+
+# label scoring (classify / sentiment on the instruct backend) ---------------------------------
+def _score_bound(loaded, prompts, conts, rank: int) -> float:
+    """What two fp32 evaluations of one label's summed log-likelihood may differ by when one
+    runs the adapter unmerged and the other merged (tests/numeric.py: the LoRA branch and its
+    merge add rank + 2 terms to each reduction), summed over the label's tokens."""
+    from ...numeric import forward_bound, log_softmax_bound
+
+    width = max(len(p) for p in prompts) + max(len(c) for cs in conts for c in cs)
+    longest = max(prompts, key=len) + max((c for cs in conts for c in cs), key=len)
+    with torch.inference_mode():
+        zmax = loaded.model(input_ids=torch.tensor([longest])).logits.abs().max().item()
+    per_token = log_softmax_bound(forward_bound(loaded.model.config, width, zmax, extra_k=rank + 2))
+    return max(len(c) for cs in conts for c in cs) * per_token
+
+
+@pytest.mark.numeric
+def test_label_scores_with_adapters_equal_the_merged_models_in_one_mixed_batch(
+    tiny_models, adapters, base_fp32, tmp_path_factory
+):
+    """Prompts of adapter a, adapter b and the base in one SCORE call (one pass): each prompt's
+    label log-likelihoods equal its own model's (a and b merged as `quantize export` merges,
+    the base itself) within the derived bound; an unknown adapter is NOT_FOUND for its prompt
+    alone."""
+    tmp = tmp_path_factory.getbasetemp()
+    refs = {
+        "a": merged(tiny_models["lm"], adapters["a"], tmp / "merged-a"),
+        "b": merged(tiny_models["lm"], adapters["b"], tmp / "merged-b"),
+        "": base_fp32,
+    }
+    loaded = base_fp32
+    tok = loaded.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    labels = [tok(w, add_special_tokens=False)["input_ids"] for w in ("sports news", "tech", "a b c d")]
+    names = ["a", "", "b", "a", "b"]
+    sched = engine(loaded, adapters, capacity=2)
+    w = workers.Workers(loaded, [ModelSettings(name="lm", task="classify", path="x")], {}, sched, sched.lm)
+    with torch.inference_mode():
+        got = w.score(prompts, [labels] * len(prompts), "lm", names)
+        want = []
+        for p, name in zip(prompts, names):
+            ref = CausalLM(refs[name].model, refs[name].tokenizer, refs[name].device)
+            want.append(ref.score([p], [labels])[0])
+        base = w.score(prompts, [labels] * len(prompts))
+    tol = _score_bound(loaded, prompts, [labels], rank=8)
+    for i, name in enumerate(names):
+        assert got[i] == pytest.approx(want[i], abs=tol), (i, name)
+        if name:  # the adapter moves the scores far beyond the bound (else no test)
+            assert max(abs(x - y) for x, y in zip(got[i], base[i])) > 100 * tol
+    assert sched.lm.lora.index is None  # the pass left the hooks off
+    # an unknown adapter fails its own prompt only
+    with torch.inference_mode():
+        mixed = w.score([prompts[1], prompts[0]], [labels] * 2, "lm", ["nope", "a"])
+    assert mixed[0] == "NOT_FOUND" and mixed[1] == pytest.approx(want[0], abs=tol)
+
+
+def test_label_scoring_groups_adapters_that_cannot_be_resident_together(tiny_models, adapters, base_fp32):
+    """Three adapters with room for one: scored one adapter per pass, each as scored alone."""
+    loaded = base_fp32
+    tok = loaded.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    labels = [tok(w, add_special_tokens=False)["input_ids"] for w in ("yes", "no")]
+    sched = engine(loaded, adapters, capacity=1)
+    w = workers.Workers(loaded, [ModelSettings(name="lm", task="classify", path="x")], {}, sched, sched.lm)
+    with torch.inference_mode():
+        together = w.score(prompts, [labels] * 3, "lm", ["a", "b", "c"])
+        alone = [w.score([p], [labels], "lm", [n])[0] for p, n in zip(prompts, "abc")]
+    assert together == alone
+    # every slot held by a running row: RESOURCE_EXHAUSTED for the adapter prompt, the base row scores
+    with torch.inference_mode():
+        sched.add(GenerationRequest(0, "lm", prompts[0], SamplingParams(adapter="a"), 20, (), None))
+        sched.step()
+        held = w.score(prompts[:2], [labels] * 2, "lm", ["b", ""])
+        assert held[0] == "RESOURCE_EXHAUSTED" and held[1] == w.score(prompts[1:2], [labels])[0]
+
+
+@pytest.mark.numeric
+def test_adapter_on_int8_base_equals_peft_on_the_same_int8_base(tiny_models, adapters):
+    """An LLM.int8 base (bitsandbytes Linear8bitLt) with the adapter unmerged equals peft's own
+    PeftModel over the same int8-loaded base with the same adapter, token for token. Not the
+    merge into a dequantized int8 base: LLM.int8 also quantizes the activations (per row, to
+    int8, beside an fp16 outlier part), so a merged weight's product rounds differently from
+    base(x) + the LoRA term; peft, like this bank, adds the LoRA term beside the int8 matmul."""
+    from peft import PeftModel
+
+    settings = ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"]), quantize="int8")
+    served = workers.load(settings)
+    assert served.quantization == "int8"
+    ref = workers.load(settings)
+    ref.model = PeftModel.from_pretrained(ref.model, str(adapters["a"])).eval()
+    prompts = [served.tokenizer(p)["input_ids"] for p in PROMPTS]
+    want = {i: solo(ref, p, 12) for i, p in enumerate(prompts)}
+    assert want != {i: solo(served, p, 12) for i, p in enumerate(prompts)}  # the adapter matters
+    got = run(engine(served, {"a": adapters["a"]}), [(i % 2, p, "a", 12) for i, p in enumerate(prompts)])
+    assert got == want

@@ -192,16 +192,18 @@ class ChatResponse(_message.Message):
     def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., model: _Optional[str] = ..., generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("texts", "model", "top_k", "candidate_labels")
+    __slots__ = ("texts", "model", "top_k", "candidate_labels", "adapter")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     model: str
     top_k: int
     candidate_labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., top_k: _Optional[int] = ..., candidate_labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., top_k: _Optional[int] = ..., candidate_labels: _Optional[_Iterable[str]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "score")
@@ -228,12 +230,14 @@ class ClassifyResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model: _Optional[str] = ..., multi_label: _Optional[bool] = ...) -> None: ...
 
 class SentimentRequest(_message.Message):
-    __slots__ = ("texts", "model")
+    __slots__ = ("texts", "model", "adapter")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     model: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
+    adapter: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class SentimentResult(_message.Message):
     __slots__ = ("label", "score", "raw_label")
@@ -254,18 +258,20 @@ class SentimentResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[SentimentResult, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("texts", "model", "source_lang", "target_lang", "max_new_tokens")
+    __slots__ = ("texts", "model", "source_lang", "target_lang", "max_new_tokens", "adapter")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LANG_FIELD_NUMBER: _ClassVar[int]
     TARGET_LANG_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     model: str
     source_lang: str
     target_lang: str
     max_new_tokens: int
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., source_lang: _Optional[str] = ..., target_lang: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., source_lang: _Optional[str] = ..., target_lang: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Translation(_message.Message):
     __slots__ = ("text",)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from bitserve.models.loading import LoadedModel
@@ -17,13 +19,22 @@ class HeadScoreRunner:
         tok = loaded.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
+        self.bank: Any = None  # the engine's LoraBank for this classifier's adapters, if any
 
-    def run_batch(self, batch: list[list[int]]) -> list[list[float]]:
+    def run_batch(self, batch: list[list[int]], slots: list[int] | None = None) -> list[list[float]]:
+        """Probabilities per text; `slots`: each text's adapter slot in `bank` (0: the base)."""
         lm = self.loaded
         tok = lm.tokenizer
         ids, mask = pad_batch(batch, tok.pad_token_id, left=tok.padding_side == "left")
         enc = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
-        logits = lm.model(**enc).logits.float()
+        if self.bank is not None and slots is not None and any(slots):
+            self.bank.index = torch.tensor(slots, dtype=torch.long, device=lm.device)
+            try:
+                logits = lm.model(**enc).logits.float()
+            finally:
+                self.bank.index = None
+        else:
+            logits = lm.model(**enc).logits.float()
         probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         return probs.cpu().tolist()
 

@@ -25,7 +25,7 @@ import collections
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +50,25 @@ class Adapter:
     rank: int
     alpha: float
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    # A classifier fine-tune's own head (peft `modules_to_save`): module -> (weight, bias or
+    # None) replacing that linear layer's for this adapter's rows. Only a bank with `heads`.
+    heads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         return sum(
             a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values()
+        ) + sum(
+            w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
+            for w, b in self.heads.values()
         )
 
 
-def read_adapter(path: str | Path, model: Any, max_rank: int) -> Adapter:
+def read_adapter(path: str | Path, model: Any, max_rank: int, *, heads: bool = False) -> Adapter:
     """A peft LoRA directory (`quantize finetune --method lora|qlora` writes one):
     adapter_config.json + adapter_model.safetensors, checked against `model`.
-    FAILED_PRECONDITION says what does not fit."""
+    FAILED_PRECONDITION says what does not fit. `heads`: the bank can serve a replaced linear
+    head per row (a sequence classifier's `modules_to_save`, e.g. `classifier`)."""
     d = Path(path)
     cfg_file = d / "adapter_config.json"
     if not cfg_file.is_file():
@@ -81,7 +88,8 @@ def read_adapter(path: str | Path, model: Any, max_rank: int) -> Adapter:
         raise FailedPrecondition(
             f"{d}: DoRA adapters are not served unmerged; merge it with `quantize export`"
         )
-    if cfg.get("modules_to_save"):
+    to_save = list(cfg.get("modules_to_save") or [])
+    if to_save and not heads:
         raise FailedPrecondition(
             f"{d}: modules_to_save={cfg['modules_to_save']} replaces base modules; such an adapter "
             "cannot share the base - merge it with `quantize export` and serve it as its own model"
@@ -98,16 +106,28 @@ def read_adapter(path: str | Path, model: Any, max_rank: int) -> Adapter:
 
     tensors = load_file(str(weights_file))
     parts: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    saved: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     for k, t in tensors.items():
         for suffix, which in _SUFFIXES.items():
             if k.endswith(suffix):
                 parts[k.removeprefix(_PREFIX).removesuffix(suffix)][which] = t
                 break
         else:
-            raise FailedPrecondition(
-                f"{d}: weight {k!r} is not a lora_A/lora_B matrix (embedding or extra weights)"
-            )
-    if not parts:
+            mod_name, _, param = k.removeprefix(_PREFIX).rpartition(".")
+            inside = [m for m in to_save if f".{m}." in f".{mod_name}."]
+            if inside and not any(mod_name == m or mod_name.endswith("." + m) for m in to_save):
+                raise FailedPrecondition(
+                    f"{d}: saved module {inside[0]!r} is a head of several layers ({k!r}); a "
+                    "replaced head is served per row only as one linear layer - merge this adapter "
+                    "with `quantize export` and serve it as its own model"
+                )
+            if not inside:
+                raise FailedPrecondition(
+                    f"{d}: weight {k!r} is not a lora_A/lora_B matrix (embedding or extra weights)"
+                )
+            saved[mod_name][param] = t
+    head_weights = {name: _head(d, model, name, ps) for name, ps in sorted(saved.items())}
+    if not parts and not head_weights:
         raise FailedPrecondition(f"{d}: adapter_model.safetensors holds no LoRA weights")
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, ab in sorted(parts.items()):
@@ -133,17 +153,46 @@ def read_adapter(path: str | Path, model: Any, max_rank: int) -> Adapter:
                 f"{cfg.get('base_model_name_or_path')!r})"
             )
         modules[name] = (a.float().t().contiguous(), (b.float() * scale).t().contiguous())
-    return Adapter(str(d), rank, alpha, modules)
+    return Adapter(str(d), rank, alpha, modules, head_weights)
+
+
+def _head(
+    d: Path, model: Any, name: str, params: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A saved module's weights (`modules_to_save`), checked to replace a float linear layer."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise FailedPrecondition(f"{d}: saved module {name!r} is not in the base model") from None
+    if type(mod) is not torch.nn.Linear or not mod.weight.dtype.is_floating_point:
+        raise FailedPrecondition(
+            f"{d}: saved module {name!r} is a {type(mod).__name__}; a replaced head is served per row "
+            "only for a float linear layer (merge this adapter with `quantize export`)"
+        )
+    w, b = params.get("weight"), params.get("bias")
+    if w is None or set(params) - {"weight", "bias"} or tuple(w.shape) != tuple(mod.weight.shape):
+        raise FailedPrecondition(
+            f"{d}: saved module {name!r} ({', '.join(sorted(params))}) does not fit the base's "
+            f"{mod.in_features}->{mod.out_features} layer"
+        )
+    if (b is None) != (mod.bias is None) or (b is not None and tuple(b.shape) != (mod.out_features,)):
+        raise FailedPrecondition(f"{d}: saved module {name!r}: its bias does not fit the base's")
+    return w.float(), None if b is None else b.float()
 
 
 class LoraBank:
     """The adapters an engine knows (name -> path) and the resident ones (at most `capacity`,
     least recently used evicted first), with the stacks and hooks that apply them per row."""
 
-    def __init__(self, model: Any, *, capacity: int, max_rank: int = 64):
+    def __init__(self, model: Any, *, capacity: int, max_rank: int = 64, heads: bool = False):
         self.model = model
         self.capacity = capacity
         self.max_rank = max_rank
+        # Serve replaced linear heads (`modules_to_save`) per row: a sequence classifier's bank.
+        self.heads = heads
+        # head module -> (weight [slots, out, in], bias [slots, out] or None); slot 0 and the
+        # slots of adapters without that head hold the base's own weights
+        self.head_stacks: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         emb = model.get_input_embeddings().weight
         self.device = emb.device
         self.dtype = emb.dtype if emb.dtype.is_floating_point else torch.float32
@@ -184,7 +233,7 @@ class LoraBank:
             raise FailedPrecondition(
                 f"adapter {name!r} is already loaded from {self.known[name]}; unload it first"
             )
-        ad = read_adapter(path, self.model, self.max_rank)
+        ad = read_adapter(path, self.model, self.max_rank, heads=self.heads)
         self.known[name] = path
         self.draining.discard(name)
         return ad
@@ -225,7 +274,7 @@ class LoraBank:
                 return None
         s = min(free)
         if adapter is None:
-            adapter = read_adapter(self.known[name], self.model, self.max_rank)
+            adapter = read_adapter(self.known[name], self.model, self.max_rank, heads=self.heads)
         self._install(s, adapter)
         self.slot[name] = s
         self.lru[name] = None
@@ -240,6 +289,7 @@ class LoraBank:
         for a, b in self.stacks.values():
             a[:, s].zero_()
             b[s].zero_()
+        self._base_heads(s)
         log.info("adapter %r left slot %d", name, s)
 
     def _install(self, s: int, ad: Adapter) -> None:
@@ -254,6 +304,14 @@ class LoraBank:
             sa, sb = self.stacks[name]
             sa[:, s, : ad.rank] = at.to(sa.device, sa.dtype)
             sb[s, : ad.rank] = bt.to(sb.device, sb.dtype)
+        self._base_heads(s)
+        for name, (w, bias) in ad.heads.items():
+            if name not in self.head_stacks:
+                self._add_head(name)
+            hw, hb = self.head_stacks[name]
+            hw[s] = w.to(hw.device, hw.dtype)
+            if hb is not None and bias is not None:
+                hb[s] = bias.to(hb.device, hb.dtype)
         self.rank[s] = ad.rank
 
     def _grow_rank(self, r: int) -> None:
@@ -272,6 +330,43 @@ class LoraBank:
         b = torch.zeros(n, self.rcap, fout, dtype=self.dtype, device=self.device)
         self.stacks[name] = (a, b)
         self._hooks[name] = self.model.get_submodule(name).register_forward_hook(self._hook(name))
+
+    def _base_heads(self, s: int) -> None:
+        for name, (hw, hb) in self.head_stacks.items():
+            mod = self.model.get_submodule(name)
+            hw[s] = mod.weight.detach().to(hw.dtype)
+            if hb is not None:
+                hb[s] = mod.bias.detach().to(hb.dtype)
+
+    def _add_head(self, name: str) -> None:
+        mod = self.model.get_submodule(name)
+        n = self.capacity + 1
+        w = mod.weight.detach().to(self.dtype).unsqueeze(0).repeat(n, 1, 1).contiguous()
+        b = (
+            None
+            if mod.bias is None
+            else mod.bias.detach().to(self.dtype).unsqueeze(0).repeat(n, 1).contiguous()
+        )
+        self.head_stacks[name] = (w, b)
+        self._hooks[name] = mod.register_forward_hook(self._head_hook(name))
+
+    def _head_hook(self, name: str) -> Any:
+        def own_head(_mod: Any, inputs: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            idx = self.index
+            if idx is None:
+                return out
+            w, b = self.head_stacks[name]
+            x = inputs[0]
+            rows = x.shape[0]
+            # each row through its own adapter's head (slot 0: the base's): [rows, *, in] @ [rows, in, out]
+            y = torch.matmul(
+                x.reshape(rows, -1, x.shape[-1]).to(w.dtype), w.index_select(0, idx).transpose(1, 2)
+            )
+            if b is not None:
+                y = y + b.index_select(0, idx)[:, None, :]
+            return y.reshape(out.shape).to(out.dtype)
+
+        return own_head
 
     def _hook(self, name: str) -> Any:
         def add_lora(_mod: Any, inputs: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:

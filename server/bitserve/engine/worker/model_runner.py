@@ -230,13 +230,21 @@ class CausalLM:
         return out.logits[:, -1, :]
 
     # label scoring ---------------------------------------------------------------------------
-    def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[float]]:
+    def score(
+        self,
+        prompts: list[list[int]],
+        continuations: list[list[list[int]]],
+        slots: list[int] | None = None,
+    ) -> list[list[float]]:
         """Per prompt, the summed log-probability of each of its continuations after it.
 
         One pass over the left-padded prompts fills a cache; each (prompt, continuation) row
         then reuses its prompt's cache, scored in chunks of at most SCORE_CACHE_TOKENS cached
         tokens, so a request with many labels costs label tokens, not labels x prompt.
+        `slots`: each prompt's LoRA bank slot (resident; 0 or None: the base), applied per row
+        in both passes, so prompts of different adapters share them.
         """
+        index = None if self.lora is None or slots is None else pass_index(slots, self.device)
         dev = self.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -247,7 +255,8 @@ class CausalLM:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.model)
-        out = self.model(
+        out = self._forward(
+            index,
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
@@ -260,7 +269,7 @@ class CausalLM:
         totals: list[float] = []
         chunk = max(1, SCORE_CACHE_TOKENS // max(width, 1))
         for start in range(0, len(pairs), chunk):
-            totals.extend(self._score_pairs(pairs[start : start + chunk], cache, first, mask, pos))
+            totals.extend(self._score_pairs(pairs[start : start + chunk], cache, first, mask, pos, index))
         result, k = [], 0
         for conts in continuations:
             result.append(totals[k : k + len(conts)])
@@ -274,6 +283,7 @@ class CausalLM:
         first: torch.Tensor,
         mask: torch.Tensor,
         pos: torch.Tensor,
+        slot_index: torch.Tensor | None = None,
     ) -> list[float]:
         dev = self.device
         index = torch.tensor([r for r, _ in pairs], device=dev)
@@ -304,7 +314,8 @@ class CausalLM:
             # Right padding after a continuation cannot affect its own (earlier) positions.
             cmask = torch.cat([mask[index], torch.ones_like(cont)], dim=1)
             cpos = pos[index, -1:] + 1 + torch.arange(width - 1, device=dev)
-            logits = self.model(
+            logits = self._forward(
+                None if slot_index is None else slot_index.index_select(0, index),
                 input_ids=cont,
                 attention_mask=cmask,
                 position_ids=cpos,
