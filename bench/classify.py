@@ -68,6 +68,12 @@ async def _run(target: str, model: str, texts: list[str], clients: int) -> tuple
     return lat, wall
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of process `pid` so far (/proc/PID/stat), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def in_process(path: Path, texts: list[str], batch: int) -> float:
     """Texts per second for padded batches of `batch`, tokenization included (the server pays it too)."""
     from bitserve.engine.heads import model_half
@@ -142,9 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     p99: list[float] = []
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
     pool.submit(time.sleep, 0).result()
+    client_pid = pool.submit(os.getpid).result()
+    cpu_ms: dict[str, list[float]] = {"static": [], "client": [], "front": [], "engine": []}
+    mean_batch: list[float] = []
     try:
         for rnd in range(args.repeat):
+            c0 = cpu_seconds(os.getpid())
             static_tps.append(in_process(path, texts, args.batch_size))
+            cpu_ms["static"].append((cpu_seconds(os.getpid()) - c0) * 1000 / len(texts))
             srv = InProcessServer(
                 {
                     "name": MODEL_NAME,
@@ -155,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                     "max_queue_size": max(1024, 2 * args.clients),
                 }
             )
+            pids = {"client": client_pid, "front": os.getpid(), "engine": srv.engine().core.pid}
             try:
+                c0s = {k: cpu_seconds(p) for k, p in pids.items()}
                 lat, wall = pool.submit(
                     run_classify_clients, srv.target, MODEL_NAME, texts, args.clients
                 ).result()
+                for k, p in pids.items():
+                    cpu_ms[k].append((cpu_seconds(p) - c0s[k]) * 1000 / len(texts))
+                sizes = srv.engine()._batcher.stats.sizes  # the batches the front's batcher formed
+                mean_batch.append(sum(sizes) / max(1, len(sizes)))
             finally:
                 srv.stop()
             served_tps.append(len(lat) / wall)
@@ -167,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             p99.append(lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))])
             print(
                 f"round {rnd + 1}/{args.repeat}: static B={args.batch_size} {static_tps[-1]:.0f} texts/s; "
-                f"served N={args.clients} {served_tps[-1]:.0f} texts/s = {served_tps[-1] / static_tps[-1]:.2f}x",
+                f"served N={args.clients} {served_tps[-1]:.0f} texts/s = {served_tps[-1] / static_tps[-1]:.2f}x; "
+                "CPU ms per text: "
+                + ", ".join(f"{k} {v[-1]:.3f}" for k, v in cpu_ms.items())
+                + f"; mean served batch {mean_batch[-1]:.1f}",
                 flush=True,
             )
     finally:
@@ -205,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} torch thread(s); server max_batch_size {args.batch_size}, "
         f"max_batch_delay_ms {args.batch_delay_ms:g}",
         check,
+        "CPU ms per text (user+system, /proc): in-process "
+        + _span(cpu_ms["static"], "{:.3f}")
+        + "; served: client "
+        + _span(cpu_ms["client"], "{:.3f}")
+        + " (the AsyncClient's child process; its warm-up call included), front "
+        + _span(cpu_ms["front"], "{:.3f}")
+        + ", engine "
+        + _span(cpu_ms["engine"], "{:.3f}")
+        + f" ({os.cpu_count()} cores); mean served batch "
+        + _span(mean_batch, "{:.1f}"),
     ]
     print()
     for row in rows:
@@ -224,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                     "served_texts_s": served_tps,
                     "p50_s": p50,
                     "p99_s": p99,
+                    "cpu_ms_per_text": cpu_ms,
+                    "mean_served_batch": mean_batch,
                 },
             },
             started=started,

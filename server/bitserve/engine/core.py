@@ -239,6 +239,21 @@ def _zmq_recv(pull: Any) -> Callable[[int], list[list[Any]]]:
     return recv
 
 
+def _without_triton_on_cpu(spec: dict[str, Any]) -> None:
+    """An engine whose models all run on the CPU has no use for triton (a GPU kernel compiler:
+    inductor's CPU backend emits C++, xgrammar and bitsandbytes have CPU kernels), yet
+    torch._dynamo (imported by transformers), bitsandbytes and xgrammar import it when it is
+    installed (xgrammar depends on it): ~100 MB of resident memory per engine
+    (bench/results/serve-memory.json). Marked absent, those imports take their no-triton path."""
+    import torch
+
+    def on_cpu(device: str) -> bool:
+        return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+    if all(on_cpu(str(m.get("device", "auto"))) for m in spec["models"]):
+        sys.modules.setdefault("triton", None)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bitserve-engine")
     ap.add_argument("--spec", required=True, help="JSON file: the models this engine serves")
@@ -269,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     pull.connect(args.inbox)
     push.connect(args.outbox)
     try:
+        _without_triton_on_cpu(spec)
         workers = build_workers(spec)
     except Exception as e:
         log.exception("loading failed")

@@ -21,6 +21,7 @@ from bitserve.engine.worker.lora import LoraBank
 from bitserve.engine.worker.model_runner import CausalLM
 from bitserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from bitserve.models.backends import resolve_backend
+from bitserve.models.loaded import front_info
 from bitserve.models.loading import LoadedModel, load_checkpoint
 from bitserve.settings import ModelSettings
 
@@ -177,6 +178,7 @@ class Workers:
             if self.bank is not None
             else {},
             "compiled_decode": self.lm is not None and self.lm.compiled is not None,
+            **front_info(lm.model, lm.tokenizer),
         }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from bitserve.errors import InvalidArgument
 from bitserve.frontend.batching import BatchHooks, DynamicBatcher
 from bitserve.metrics import Metrics
-from bitserve.models.loading import LoadedModel
+from bitserve.models.loaded import LoadedModel
 from bitserve.settings import ModelSettings
 
 if TYPE_CHECKING:
@@ -56,9 +57,9 @@ class Engine(abc.ABC):
         self.adapters: list[dict[str, Any]] = []
         self.name = settings.name
         self.ready = False
-        # Tokenization runs here, never on the event loop; one thread per engine, since a fast
-        # tokenizer must not be used from two threads at once.
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{settings.name}")
+        # Tokenization runs here, not on the event loop (but see `tokenize_checked`); one thread
+        # per engine, since a fast tokenizer must not be used from two threads at once.
+        self._tokenize_pool = _TokenizePool(f"tokenize-{settings.name}")
         self.max_input_tokens = min(settings.max_input_tokens or loaded.max_context, loaded.max_context)
 
     async def start(self) -> None:
@@ -122,9 +123,20 @@ class Engine(abc.ABC):
         """Token ids per text (off the event loop; a TokenPrompt is tokenized already);
         INVALID_ARGUMENT naming the text when one is over the limit."""
         plain = [t for t in texts if isinstance(t, str)]
-        encoded = iter(
-            await self.off_loop(encode, self.loaded.tokenizer, plain, add_special_tokens) if plain else ()
-        )
+        if (
+            plain
+            and sum(map(len, plain)) <= INLINE_TOKENIZE_CHARS
+            and self._tokenize_pool.idle()
+            and _plain_backend(self.loaded.tokenizer) is not None
+        ):
+            # A short input through the Rust tokenizer encodes in microseconds, less than the hop
+            # to the tokenization thread and back (bench/classify.py); with that thread idle,
+            # nothing queued there is passed and no other thread uses the tokenizer meanwhile.
+            encoded = iter(encode(self.loaded.tokenizer, plain, add_special_tokens))
+        else:
+            encoded = iter(
+                await self.off_loop(encode, self.loaded.tokenizer, plain, add_special_tokens) if plain else ()
+            )
         ids = [list(t.ids) if isinstance(t, TokenPrompt) else next(encoded) for t in texts]
         self.check_lengths(texts, ids)
         return ids
@@ -136,6 +148,38 @@ class Engine(abc.ABC):
                     f"{prompt_name(text, i)} is {len(t)} tokens; model {self.name!r} accepts at most "
                     f"{self.max_input_tokens} input tokens"
                 )
+
+
+# Inputs up to this many characters are tokenized on the event loop when the tokenization thread
+# is idle: a few hundred tokens, tens of microseconds in the Rust tokenizer.
+INLINE_TOKENIZE_CHARS = 2048
+
+
+class _TokenizePool(ThreadPoolExecutor):
+    """The one tokenization thread of an engine, knowing whether anything is queued or running."""
+
+    def __init__(self, name: str):
+        super().__init__(1, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self._pending += 1
+        try:
+            fut = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done(None)
+            raise
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _: Any) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def idle(self) -> bool:
+        return self._pending == 0
 
 
 def prompt_name(text: str | TokenPrompt, i: int, what: str = "texts") -> str:
@@ -150,10 +194,18 @@ def encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) ->
     calls the backend's `encode_batch` directly: the transformers wrapper around it costs most of
     the time, and the Rust call releases the GIL while it works.
     """
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and backend.padding is None and backend.truncation is None:
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
     return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _plain_backend(tokenizer: Any) -> Any:
+    """A fast tokenizer's Rust backend when it is in its plain state (no padding/truncation set)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and backend.padding is None and backend.truncation is None:
+        return backend
+    return None
 
 
 class BatchedEngine(Engine):

@@ -10,7 +10,7 @@ from bitserve.frontend import adapters
 from bitserve.frontend.base import BatchedEngine, ClassifyEngine, SentimentEngine, register
 from bitserve.ipc import protocol
 from bitserve.metrics import Metrics
-from bitserve.models.loading import LoadedModel
+from bitserve.models.loaded import LoadedModel
 from bitserve.settings import ModelSettings
 from bitserve.types import LabelScore, SentimentResult
 

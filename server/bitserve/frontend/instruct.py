@@ -33,7 +33,7 @@ from bitserve.frontend.generate import GenerationFront
 from bitserve.frontend.translate import LANGUAGE_NAMES
 from bitserve.ipc import protocol
 from bitserve.metrics import Metrics
-from bitserve.models.loading import LoadedModel
+from bitserve.models.loaded import LoadedModel
 from bitserve.settings import ModelSettings
 from bitserve.types import LabelScore, SamplingParams, SentimentResult, Translation
 

@@ -21,7 +21,7 @@ from bitserve.frontend.base import BatchedEngine, Engine
 from bitserve.ipc.client import EngineClient, EngineMemoryCollector
 from bitserve.metrics import Metrics
 from bitserve.models.backends import resolve_backend
-from bitserve.models.loading import load_front
+from bitserve.models.loaded import load_front
 from bitserve.settings import ModelSettings, Settings
 from bitserve.types import Task
 

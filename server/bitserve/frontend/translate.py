@@ -16,7 +16,7 @@ from bitserve.errors import InvalidArgument
 from bitserve.frontend import adapters
 from bitserve.frontend.base import BatchedEngine, TranslateEngine, encode, register
 from bitserve.metrics import Metrics
-from bitserve.models.loading import LoadedModel
+from bitserve.models.loaded import LoadedModel
 from bitserve.settings import ModelSettings
 from bitserve.types import Translation
 

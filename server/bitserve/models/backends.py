@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bitserve.settings import ModelSettings
@@ -20,9 +21,8 @@ def resolve_backend(m: ModelSettings) -> str:
     if m.gguf_file or p.suffix == ".gguf":
         return "instruct"  # GGUF files hold decoder-only LMs
     try:
-        from transformers import AutoConfig
-
-        archs = AutoConfig.from_pretrained(str(p)).architectures or []
-    except Exception:  # unreadable config: let the loader report it precisely
+        # config.json read as JSON: transformers' AutoConfig imports torch, which the front does not.
+        archs = json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):  # unreadable config: let the loader report it precisely
         return "head"
     return "instruct" if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) else "head"

@@ -7,7 +7,6 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from bitserve.errors import ConfigError
 from bitserve.models import quantization
+from bitserve.models.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -41,53 +41,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 _SHARED_MODELS: weakref.WeakValueDictionary[tuple[str, ...], Any] = weakref.WeakValueDictionary()
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    device: torch.device
-    dtype: torch.dtype
-    quantization: str
-    memory_bytes: int
-    parameter_count: int
-    architecture: str
-    max_context: int
-    path: str
-    quality_report_json: str = ""
-    source: str = ""  # the directory the weights were read from (a GGUF file's converted cache)
-    front_config: Any = None  # the front's copy of the config (it holds no model)
-    # module -> device when a device map spreads the model (max_memory); empty on one device.
-    device_map: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def config(self) -> Any:
-        return self.front_config if self.model is None else self.model.config
-
-
-def load_front(info: dict[str, Any]) -> LoadedModel:
-    """The front's view of a checkpoint an engine process loaded: tokenizer and config from
-    the directory it read, the rest as the engine reported it. No weights."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    source = info["checkpoint_dir"]
-    return LoadedModel(
-        model=None,
-        tokenizer=AutoTokenizer.from_pretrained(source),
-        device=torch.device(info["device"]),
-        dtype=_DTYPES.get(info["dtype"], torch.float32),
-        quantization=info["quantization"],
-        memory_bytes=info["memory_bytes"],
-        parameter_count=info["parameter_count"],
-        architecture=info["architecture"],
-        max_context=info["max_context"],
-        path=info["path"],
-        quality_report_json=info["quality_report_json"],
-        source=source,
-        front_config=AutoConfig.from_pretrained(source),
-        device_map=dict(info.get("device_map", {})),
-    )
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bitserve.errors import InvalidArgument
-from bitserve.models.loading import LoadedModel
+from bitserve.models.loaded import LoadedModel
 from bitserve.types import Task
 
 
