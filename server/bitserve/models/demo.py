@@ -64,6 +64,8 @@ def default_config() -> dict[str, Any]:
     """The embedded default config (same shape as a YAML config), with the model path filled in."""
     text = importlib.resources.files("bitserve").joinpath("default_config.yaml").read_text()
     text = text.replace("${SMOLLM2_GGUF}", str(smollm2_gguf()))
+    # The adapters shipped inside the package (package data): server/bitserve/adapters/.
+    text = text.replace("${BITSERVE_ADAPTERS}", str(Path(__file__).resolve().parents[1] / "adapters"))
     return yaml.safe_load(text)
 
 

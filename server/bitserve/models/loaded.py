@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,11 +70,19 @@ def _front_config(fields: dict[str, Any]) -> types.SimpleNamespace:
     )
 
 
+# Engines load at once, each front half on a thread: transformers' lazy modules are not safe to
+# import from several threads at the same time ("cannot import name ... from 'transformers'",
+# seen once with two models loading together), so the import of a tokenizer class is serialized;
+# reading the tokenizer files (from_pretrained) still runs in parallel.
+_IMPORT_LOCK = threading.Lock()
+
+
 def _tokenizer_class(spec: str) -> Any:
     module, _, name = spec.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
+    with _IMPORT_LOCK:
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
     return obj
 
 
