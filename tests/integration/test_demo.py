@@ -170,7 +170,12 @@ def test_translate_returns_french(demo_client):
     t = demo_client.translate("Where is the train station?", source_lang="en", target_lang="fr").text
     words = set(re.findall(r"[a-zàâçéèêëîïôûùüÿœ]+", t.lower()))
     assert words & FRENCH_WORDS, t
-    assert t == "Le train station est la station de la rue."  # the README's (poor) translation
+    # The README's translations: the default entry's gettext adapter, and the zero-shot model.
+    assert t == "Enfin, qui est la station de train?"
+    zero = demo_client.translate(
+        "Where is the train station?", source_lang="en", target_lang="fr", adapter="base"
+    ).text
+    assert zero == "Le train station est la station de la rue."
 
 
 @needs_smollm2
