@@ -136,22 +136,17 @@ class CausalLM:
     def join(self, batch: SlotBatch, seqs: list[Sequence], extra: int = 0) -> torch.Tensor:
         """Prefill `seqs` into free slots of `batch` (keeping `extra` more ready for copies of
         their rows); their next-token logits, [m, V]."""
-        input_ids, mask, position_ids = batch.begin_join(seqs, extra)
-        out = self._forward(
-            batch.lora_index(),
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: batch.cache},
-        )
-        return out.logits[:, -1, :]
+        return self._prefill_slots(batch, *batch.begin_join(seqs, extra))
 
     def chunk(self, batch: SlotBatch, seq: Sequence, end: int) -> torch.Tensor:
         """Prefill `seq`'s prompt up to column `end` (after the chunks before it) in the slot
         parked for it; the last position's logits, [1, V]."""
-        input_ids, mask, position_ids = batch.begin_chunk(seq, end)
+        return self._prefill_slots(batch, *batch.begin_chunk(seq, end))
+
+    def _prefill_slots(
+        self, batch: SlotBatch, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The pass `begin_join`/`begin_chunk` set up; its last position's logits per row."""
         out = self._forward(
             batch.lora_index(),
             input_ids=input_ids,
