@@ -160,6 +160,8 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         "total_parameters": res.total_parameters,
         "peak_memory_bytes": res.peak_memory_bytes,
         "eval_peak_memory_bytes": res.eval_peak_memory_bytes,
+        "peak_memory_kind": res.peak_memory_kind,
+        "train_start_memory_bytes": res.train_start_memory_bytes,
         "skipped_steps": res.skipped_steps,
         "resumed_from": res.resumed_from,
     }

@@ -101,6 +101,8 @@ class FinetuneResult:
     manifest: dict[str, Any] = field(default_factory=dict)
     eval_peak_memory_bytes: int = 0
     skipped_steps: int = 0  # optimizer steps GradScaler skipped (inf/NaN gradients under fp16)
+    peak_memory_kind: str = ""  # how peak_memory_bytes was measured (peak_memory_kind())
+    train_start_memory_bytes: int | None = None  # RSS (CPU) / allocated (CUDA) as training began
 
     @property
     def final_loss(self) -> float:
@@ -200,6 +202,11 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
     )
     micro = opts.batch_size
     wrapped.train()
+    # The training window starts here: loading, quantizing and tokenizing are behind us.
+    peak_resettable = reset_peak_memory(world.device)
+    start_memory = (
+        int(torch.cuda.memory_allocated(world.device)) if world.device.type == "cuda" else resident_memory()
+    )
     for step in range(start_step, total_steps):
         indices = _global_batch(len(features), step, steps_per_epoch, per_step, opts.seed)
         micro_batches = []
@@ -290,6 +297,8 @@ def _finetune(opts: FinetuneOptions, task: tasks.Task, out: Path, world: distrib
         seconds=time.perf_counter() - started,
         eval_peak_memory_bytes=eval_peak,
         skipped_steps=skipped,
+        peak_memory_kind=peak_memory_kind(world.device, peak_resettable),
+        train_start_memory_bytes=start_memory,
     )
     if world.is_main:
         result.manifest = _save_final(opts, task, model, tokenizer, train_set, eval_set, result, world)
@@ -511,6 +520,8 @@ def _save_final(
         "total_parameters": result.total_parameters,
         "peak_memory_bytes": result.peak_memory_bytes,
         "eval_peak_memory_bytes": result.eval_peak_memory_bytes,
+        "peak_memory_kind": result.peak_memory_kind,
+        "train_start_memory_bytes": result.train_start_memory_bytes,
         "skipped_steps": result.skipped_steps,
         "world_size": world.size,
         "device": world.device.type,
@@ -531,16 +542,85 @@ def _save_final(
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes since the last `reset_peak_memory`: the CUDA allocator peak on GPU; on CPU the
-    process's peak RSS (which cannot be reset: a process-lifetime high-water mark)."""
+    """Peak bytes since the last `reset_peak_memory`.
+
+    CUDA: the caching allocator's `max_memory_allocated`. CPU on Linux: the kernel's resident-set
+    high-water mark `VmHWM` (/proc/self/status), which `reset_peak_memory` lowers to the current
+    RSS, so the peak counts what stays resident (weights, optimizer state) plus what the window
+    adds, not what loading touched before it. Elsewhere: `ru_maxrss`, a process-lifetime peak
+    that cannot be reset (it includes loading)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if _is_macos() else 1024)
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak window; whether the CPU peak could be reset (Linux) - always on CUDA.
+
+    CPU: garbage is collected and glibc's `malloc_trim(0)` hands freed heap pages back to the
+    kernel first (memory loading freed but the allocator kept would otherwise count as
+    resident), then "5" written to /proc/self/clear_refs resets `VmHWM` to the current RSS."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return True
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_kind(device: torch.device, resettable: bool) -> str:
+    """What `peak_memory` measured, in words (recorded next to the number)."""
+    if device.type == "cuda":
+        return "cuda max_memory_allocated during training"
+    if resettable and _proc_status_bytes("VmHWM") is not None:
+        return "peak RSS during training (VmHWM reset via /proc/self/clear_refs after malloc_trim)"
+    return "process-lifetime peak RSS (ru_maxrss; includes loading)"
+
+
+def resident_memory() -> int | None:
+    """The process's current RSS in bytes (Linux), else None."""
+    return _proc_status_bytes("VmRSS")
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _is_macos() -> bool:
+    import sys
+
+    return sys.platform == "darwin"  # ru_maxrss is bytes there, KiB on Linux
 
 
 def parameter_count(model: Any) -> int:

@@ -170,3 +170,52 @@ def test_classify_and_generate_eval_warm_up_before_timing(tiny_models, tmp_path,
     task.evaluate(model, tok, ds, batch_size=2, max_length=16, autocast=contextlib.nullcontext)
     start = events.index("clock")
     assert "forward" in events[:start] and events[start:].count("forward") == 3, events
+
+
+_CPU = torch.device("cpu")
+_linux_peak = pytest.mark.skipif(
+    train._proc_status_bytes("VmHWM") is None or not train.reset_peak_memory(_CPU),
+    reason="needs Linux's VmHWM and /proc/self/clear_refs",
+)
+
+
+@_linux_peak
+def test_cpu_peak_window_counts_what_is_allocated_after_the_reset_only():
+    mib = 2**20
+    size = 256 * mib
+    before = torch.ones(size // 4)  # 256 MiB, every page written: resident
+    del before  # freed (an mmap'd block goes back to the kernel at once)
+    lifetime = train.peak_memory(_CPU)
+    assert train.reset_peak_memory(_CPU)
+    start = train.peak_memory(_CPU)
+    rss = train.resident_memory()
+    # After the reset the high-water mark is the current RSS: the freed 256 MiB no longer count.
+    assert start <= lifetime - size + 32 * mib, (start, lifetime)
+    assert abs(start - rss) <= 32 * mib, (start, rss)
+    held = torch.ones(size // 4)
+    peak = train.peak_memory(_CPU)
+    # A block written after the reset raises the peak by about its size (slack: other threads'
+    # small allocations and page-table rounding).
+    assert size - 16 * mib <= peak - start <= size + 32 * mib, (peak - start) / mib
+    del held
+
+
+def test_cpu_peak_falls_back_to_the_lifetime_peak_without_proc(monkeypatch):
+    import resource
+
+    monkeypatch.setattr(train, "_proc_status_bytes", lambda field: None)
+    assert train.peak_memory(_CPU) == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert train.peak_memory_kind(_CPU, True).startswith("process-lifetime peak RSS")
+
+
+@_linux_peak
+def test_finetune_records_the_training_window_peak_and_how_it_was_measured(tiny_models, tmp_path):
+    d = write_jsonl(tmp_path / "d.jsonl", topic_rows(8))
+    res = finetune(options(tiny_models["topics"], "classify", d, tmp_path / "o", max_steps=1))
+    assert res.peak_memory_kind.startswith("peak RSS during training (VmHWM reset")
+    assert res.train_start_memory_bytes is not None
+    # The window starts at the training RSS: its peak is at least that (nothing is counted twice).
+    assert res.peak_memory_bytes >= res.train_start_memory_bytes
+    saved = json.loads((tmp_path / "o" / "finetune.json").read_text())
+    assert saved["peak_memory_kind"] == res.peak_memory_kind
+    assert saved["train_start_memory_bytes"] == res.train_start_memory_bytes

@@ -14,6 +14,7 @@ from bitserve.models.tiny import build_classifier
 from bitserve_quantize import data, tasks
 from bitserve_quantize.train import _label_names, build_model, finetune
 
+from ..numeric import forward_bound
 from .conftest import options, topic_rows, write_jsonl
 
 
@@ -101,3 +102,27 @@ def test_decoder_classifier_without_pad_token_id_trains_on_batches(tiny_models, 
     assert len(res.losses) == 2
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
     assert saved["pad_token_id"] == tok.eos_token_id  # the tokenizer's pad (= EOS), also in the config
+
+
+@pytest.mark.numeric
+def test_decoder_classifier_pools_each_right_padded_row_at_its_last_token(tiny_models, tmp_path):
+    """The pad id in the config is the tokenizer's pad, so a Llama head pools each row of a
+    right-padded batch at its own last token: a row's logits equal those of the row alone."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    d = write_jsonl(tmp_path / "d.jsonl", topic_rows(16))
+    finetune(options(tiny_models["lm"], "classify", d, tmp_path / "o", max_steps=2, batch_size=8))
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "o").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "o")
+    tok.padding_side = "right"
+    texts = ["goal", "the bank raised its rates today again"]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"][0] == 0).any()  # the first row is padded
+    with torch.no_grad():
+        together = model(**batch).logits
+        alone = torch.cat([model(**tok([t], return_tensors="pt")).logits for t in texts])
+    # Two fp32 evaluations of the same row differ by rounding only (tests/numeric.py); pooling
+    # at a pad position would read another token's hidden state.
+    seq = batch["input_ids"].shape[1]
+    bound = forward_bound(model.config, seq, float(alone.abs().max()))
+    assert (together - alone).abs().max() <= bound, ((together - alone).abs().max(), bound)
