@@ -144,3 +144,49 @@ def test_case_b_qlora_on_smollm2_translates_held_out_strings_better_than_zero_sh
             srv.stop()
         chrf[model] = sacrebleu.corpus_chrf(hyps, [refs]).score
     assert chrf[score_mod.TUNED] > chrf[score_mod.ZERO_SHOT], chrf
+
+
+def _decoder_for_memory(path: Path) -> Path:
+    """A Llama causal LM big enough (6.9M parameters, 8 layers) that full fine-tuning's fp32
+    weights, gradients and Adam moments (16 bytes a parameter, ~105 MiB) stand well above the
+    process's RSS noise, with the tiny tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitserve.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_case_a_qlora_training_peak_is_below_full_fine_tuning_on_a_decoder_classifier(tmp_path):
+    """examples/bbc_smollm2/run.py, small: a Llama decoder as a topic classifier, full (bf16
+    autocast) then QLoRA, same data/steps/length, gradient checkpointing for both; the training
+    window's peak (VmHWM reset at the loop's start) is lower for QLoRA. Full runs first, so
+    anything it leaves resident counts against QLoRA, not for it."""
+    from bitserve_quantize import train
+    from bitserve_quantize.train import finetune
+
+    from .conftest import topic_rows
+
+    if train._proc_status_bytes("VmHWM") is None:
+        pytest.skip("the training-window peak needs Linux's /proc/self/status")
+    base = _decoder_for_memory(tmp_path / "llama")
+    d = write_jsonl(tmp_path / "d.jsonl", topic_rows(32))
+    common = dict(max_steps=3, batch_size=8, max_length=32, precision="bf16", gradient_checkpointing=True)
+    full = finetune(options(base, "classify", d, tmp_path / "full", method="full", lr=5e-5, **common))
+    qlora = finetune(
+        options(base, "classify", d, tmp_path / "qlora", method="qlora", lr=5e-4, lora_r=16, **common)
+    )
+    assert full.peak_memory_kind.startswith("peak RSS during training")
+    assert qlora.trainable_parameters < full.trainable_parameters / 10
+    assert qlora.peak_memory_bytes < full.peak_memory_bytes, (qlora.peak_memory_bytes, full.peak_memory_bytes)
