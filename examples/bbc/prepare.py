@@ -42,7 +42,9 @@ def main() -> None:
     p.add_argument(
         "--exclude-eval", action="store_true", help="drop the articles of bitserve's topics_eval.jsonl"
     )
-    p.add_argument("--max-test", type=int, default=0, help="at most this many test articles per topic (0: all)")
+    p.add_argument(
+        "--max-test", type=int, default=0, help="at most this many test articles per topic (0: all)"
+    )
     args = p.parse_args()
     excluded = eval_prefixes() if args.exclude_eval else []
     dropped, matched = 0, set()
@@ -74,9 +76,13 @@ def main() -> None:
     if len(matched) != len(excluded):
         # The corpus has duplicate articles: one eval row may match several files (all dropped),
         # but a row that matches none means the matching is wrong.
-        raise SystemExit(f"--exclude-eval: only {len(matched)} of the {len(excluded)} eval rows matched an article")
-    print(f"{len(train)} train / {len(test)} test articles in {args.out} "
-        f"({dropped} articles matching {len(matched)} eval rows left out)")
+        raise SystemExit(
+            f"--exclude-eval: only {len(matched)} of the {len(excluded)} eval rows matched an article"
+        )
+    print(
+        f"{len(train)} train / {len(test)} test articles in {args.out} "
+        f"({dropped} articles matching {len(matched)} eval rows left out)"
+    )
 
 
 if __name__ == "__main__":
