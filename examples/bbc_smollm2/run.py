@@ -273,7 +273,7 @@ def serve_and_score(
     from bitserve_client import Client
 
     served = Served({"server": {"host": "127.0.0.1"}, "models": [
-        {"name": name, "task": "classify", "path": str(path), "max_batch_size": run.args.serve_batch}
+        {"name": name, "task": "classify", "path": str(path.resolve()), "max_batch_size": run.args.serve_batch}
     ]}, work / f"serve-{name}.log")  # fmt: skip
     t0 = time.perf_counter()
     with served as srv:
