@@ -94,6 +94,7 @@ class Run:
         self.versions = _versions()
         self.n_train = self.n_test = 0
         self.data_facts: dict[str, Any] = {}
+        self.kept_export: dict[str, Any] = {}  # --keep: how the reused exports were made
 
     def save(self) -> None:
         from bench import results
@@ -278,7 +279,12 @@ def export(run: Run, method: str, mode: str, work: Path) -> Path:
             "seconds": round(time.perf_counter() - t, 1),
         }
     else:
-        run.stages["export"][f"{method}-{mode}"] = {"command": "quantize " + " ".join(cmd), "reused": True}
+        earlier = run.kept_export.get(f"{method}-{mode}", {})
+        run.stages["export"][f"{method}-{mode}"] = {
+            **earlier,
+            "command": "quantize " + " ".join(cmd),
+            "reused": True,
+        }
     return out
 
 
@@ -402,6 +408,8 @@ def main() -> None:
         old = json.loads(Path(args.result).read_text())
         if old.get("options", {}).get("work") == str(work):
             run.stages["served"].update(old.get("served", {}))
+            run.kept_export = old.get("export", {})
+            run.stages["export"].update(run.kept_export)
     for q in modes:
         for m in methods:
             if f"{m}-{q}" in run.stages["served"]:
