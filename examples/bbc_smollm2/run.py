@@ -381,6 +381,14 @@ def main() -> None:
         )  # fmt: skip
     train, test = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "test.jsonl")
     run = Run(args, started)
+    if args.keep and Path(args.result).is_file():
+        # Scores of a cut-short run on this --work, kept when this run reuses the same exports
+        # (read before the first save below rewrites the file).
+        old = json.loads(Path(args.result).read_text())
+        if old.get("options", {}).get("work") == str(work):
+            run.stages["served"].update(old.get("served", {}))
+            run.kept_export = old.get("export", {})
+            run.stages["export"].update(run.kept_export)
     run.n_train, run.n_test = len(train), len(test)
     base = base_checkpoint()
     from transformers import AutoTokenizer
@@ -403,13 +411,6 @@ def main() -> None:
     for m in methods:
         finetune(run, m, base, work)
         run.save()
-    if args.keep and Path(args.result).is_file():
-        # Scores of a cut-short run on this --work, kept when this run reuses the same exports.
-        old = json.loads(Path(args.result).read_text())
-        if old.get("options", {}).get("work") == str(work):
-            run.stages["served"].update(old.get("served", {}))
-            run.kept_export = old.get("export", {})
-            run.stages["export"].update(run.kept_export)
     for q in modes:
         for m in methods:
             if f"{m}-{q}" in run.stages["served"]:
