@@ -195,7 +195,7 @@ def dequantized_weight(layer: Any) -> torch.Tensor:
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        scb = getattr(w, "SCB", None)
+        scb: Any = getattr(w, "SCB", None)
         if scb is None:
             scb = layer.state.SCB
         return bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
@@ -299,7 +299,8 @@ def recover(opts: RecoverOptions) -> dict[str, Any]:
     eval_blocks, train_blocks = all_blocks[order[:held]], all_blocks[order[held:]]
     log.info("%d training blocks of %d tokens (%d held out)", len(train_blocks), opts.max_length, held)
 
-    teacher = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype).to(device).eval()
+    teacher: Any = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype)
+    teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     kind = (
@@ -331,6 +332,7 @@ def recover(opts: RecoverOptions) -> dict[str, Any]:
     torch.manual_seed(opts.seed)  # svd_lowrank's random projections
     initialised = loftq_init(student, teacher) if opts.init == "loftq" else 0
     kl_init = mean_kl(teacher_eval, student, eval_batches, device) if held else math.nan
+    at_init = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     log.info(
         "held-out KL to the teacher: quantized %.5f, after %s init %.5f", kl_quantized, opts.init, kl_init
     )
@@ -355,7 +357,7 @@ def recover(opts: RecoverOptions) -> dict[str, Any]:
     train_started = time.perf_counter()
     student.train()
     for step in range(opts.steps):
-        idx = [perm[(step * opts.batch_size + i) % n].item() for i in range(opts.batch_size)]
+        idx = torch.stack([perm[(step * opts.batch_size + i) % n] for i in range(opts.batch_size)])
         ids = train_blocks[idx].to(device)
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits
@@ -372,6 +374,19 @@ def recover(opts: RecoverOptions) -> dict[str, Any]:
     bar.close()
     train_seconds = time.perf_counter() - train_started
     kl_after = mean_kl(teacher_eval, student, eval_batches, device) if held else math.nan
+    kept = "trained"
+    if kl_after > kl_init:  # training moved away from the teacher on held-out text (lr too high?)
+        log.warning(
+            "held-out KL rose in training (%.5f -> %.5f): keeping the %s-init adapter",
+            kl_init,
+            kl_after,
+            opts.init,
+        )
+        with torch.no_grad():
+            for n, p in student.named_parameters():
+                if n in at_init:
+                    p.copy_(at_init[n])
+        kept = "init"
     log.info("held-out KL to the teacher after %d steps: %.5f", opts.steps, kl_after)
 
     out = Path(opts.output)
@@ -396,7 +411,9 @@ def recover(opts: RecoverOptions) -> dict[str, Any]:
         "loftq_layers": initialised,
         "kl_quantized": kl_quantized,
         "kl_init": kl_init,
-        "kl_recovered": kl_after,
+        "kl_trained": kl_after,
+        "kept": kept,
+        "kl_recovered": min(kl_after, kl_init) if held else math.nan,
         "final_loss": losses[-1] if losses else math.nan,
         "losses": losses,
         "trainable_parameters": trainable,
