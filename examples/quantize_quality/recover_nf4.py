@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     from bitserve_quantize.report import evaluate
 
     started = time.time()
+    from bench import results
+
+    args.revision = results.git_revision()  # the code that runs: HEAD at the start, not at each write
     path = str(gguf_checkpoint(smollm2_gguf()))
     texts = [json.loads(line)["text"] for line in DATA.read_text().splitlines() if line.strip()][
         : args.articles
@@ -178,7 +181,7 @@ def save(args: argparse.Namespace, rows: list[dict], runs: list[dict], started: 
         ],
         rows=rows,
         notes=notes,
-        extra={"recover_runs": runs},
+        extra={"recover_runs": runs, "git_revision": args.revision},
         started=started,
     )
 
