@@ -383,9 +383,9 @@ def recover(opts: RecoverOptions) -> dict[str, Any]:
             opts.init,
         )
         with torch.no_grad():
-            for n, p in student.named_parameters():
-                if n in at_init:
-                    p.copy_(at_init[n])
+            for name, param in student.named_parameters():
+                if name in at_init:
+                    param.copy_(at_init[name])
         kept = "init"
     log.info("held-out KL to the teacher after %d steps: %.5f", opts.steps, kl_after)
 
