@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: install proto proto-check lint typecheck test test-slow bench tables serve
+.PHONY: install proto proto-check lint typecheck test test-slow test-extended bench tables serve
 
 install:  ## CPU install for development: the client + the server with every extra (README: Install)
 	$(PY) -m pip install -c .ci/constraints-cpu.txt torch==2.13.0
@@ -28,6 +28,9 @@ test:  ## the default suite (what CI runs)
 
 test-slow:  ## real-data fine-tunes and other long suites
 	$(PY) -m pytest -m slow
+
+test-extended:  ## the minutes-long end-to-end suites CI runs after the default one
+	$(PY) -m pytest -m "extended or registry"
 
 bench:  ## generation benchmark on CPU (see bench/README or README)
 	$(PY) -m bench.generation

