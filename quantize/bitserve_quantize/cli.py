@@ -1,4 +1,4 @@
-"""`quantize` console script: finetune | export | report.
+"""`quantize` console script: finetune | export | report | recover.
 
 Each sub-command's flags map one to one onto an options dataclass and a typed function; this is
 the only place that turns errors into a one-line message and an exit status.
@@ -20,6 +20,7 @@ from bitserve.models.quantization import MODES
 
 from .errors import QuantizeError
 from .export import MERGE_BASES, ExportOptions, export
+from .recover import BUILTIN_DATA, INITS, RECOVER_MODES, STUDENTS, RecoverOptions, recover
 from .report import COMPUTE_DTYPES, ReportOptions, report
 from .tasks import TASKS
 from .train import METHODS, PRECISIONS, SCHEDULES, FinetuneOptions, finetune
@@ -142,6 +143,48 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-chart", dest="chart", action="store_false")
     _quant_flags(r)
     r.set_defaults(run=_report)
+
+    c = RecoverOptions
+    q = sub.add_parser(
+        "recover",
+        help="keep the base quantized; train a LoRA adapter that distils the float model into it",
+    )
+    q.add_argument("--model", required=True, help="float checkpoint directory (the teacher, and the base)")
+    q.add_argument("--quantize", choices=RECOVER_MODES, default=c.quantize, help="the served base's mode")
+    q.add_argument(
+        "--data",
+        default=c.data,
+        help=f"general text: a .jsonl/.csv file with a 'text' column, or built-in {', '.join(BUILTIN_DATA)} "
+        "(the Python reference shipped with Python)",
+    )
+    q.add_argument("--output", required=True, help="adapter directory (peft) + recover.json + serve.yaml")
+    q.add_argument("--steps", type=int, default=c.steps, help="optimizer steps")
+    q.add_argument("--batch-size", type=int, default=c.batch_size, help="blocks per step")
+    q.add_argument("--max-length", type=int, default=c.max_length, help="tokens per block")
+    q.add_argument("--lr", type=float, default=c.lr)
+    q.add_argument("--warmup-ratio", type=float, default=c.warmup_ratio)
+    q.add_argument("--lora-r", type=int, default=c.lora_r)
+    q.add_argument("--lora-alpha", type=int, default=c.lora_alpha)
+    q.add_argument(
+        "--lora-targets", default=c.lora_targets, help="'all-linear' or a comma list of module names"
+    )
+    q.add_argument(
+        "--init", choices=INITS, default=c.init, help="loftq: SVD of each layer's quantization residual"
+    )
+    q.add_argument(
+        "--student",
+        choices=STUDENTS,
+        default=c.student,
+        help="train on the bitsandbytes layers, or on their dequantized weights (4-bit: the same "
+        "function, faster); auto: dequantized for nf4/fp4, quantized for int8",
+    )
+    q.add_argument("--temperature", type=float, default=c.temperature, help="distillation temperature")
+    q.add_argument("--eval-blocks", type=int, default=c.eval_blocks, help="held-out blocks for the KL report")
+    q.add_argument("--max-grad-norm", type=float, default=c.max_grad_norm, help="0 disables clipping")
+    q.add_argument("--seed", type=int, default=c.seed)
+    q.add_argument("--device", default=c.device, help="auto | cpu | cuda[:N]")
+    q.add_argument("--no-progress", dest="progress", action="store_false")
+    q.set_defaults(run=_recover)
     return p
 
 
@@ -173,6 +216,10 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
     return report(_options(ReportOptions, args))
+
+
+def _recover(args: argparse.Namespace) -> dict[str, Any]:
+    return recover(_options(RecoverOptions, args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

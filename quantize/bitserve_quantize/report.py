@@ -145,10 +145,21 @@ def evaluate(
     max_length: int,
     device: str = "auto",
     quant: QuantOptions | None = None,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
-    """Load `path` at `mode` as the server would and score it on `dataset`."""
+    """Load `path` at `mode` as the server would and score it on `dataset`; with `adapter`, a
+    peft LoRA directory applied unmerged (peft's PeftModel) on that base, its weights counted in
+    `memory_bytes`."""
     quant = quant or QuantOptions()
     loaded = load(path, task, mode, device, quant)
+    extra = 0
+    if adapter is not None:
+        from peft import PeftModel
+
+        from .recover import adapter_bytes
+
+        loaded.model = PeftModel.from_pretrained(loaded.model, adapter).eval()
+        extra = adapter_bytes(adapter)
     tokenizer = task.prepare_tokenizer(loaded.tokenizer)
     tokenizer.padding_side = "right"
     scored = task.evaluate(
@@ -163,7 +174,7 @@ def evaluate(
     row = {
         "quantize": mode,
         **{k: round(v, 6) for k, v in scored.metrics.items()},
-        "memory_bytes": loaded.memory_bytes,
+        "memory_bytes": loaded.memory_bytes + extra,
         "examples_per_s": round(scored.examples_per_s, 3),
         "seconds": round(scored.seconds, 3),
         "device": loaded.device.type,
@@ -172,6 +183,8 @@ def evaluate(
     }
     if mode != "none" and not quant.is_default:
         row.update(quant.describe())
+    if adapter is not None:
+        row.update(adapter=str(adapter), base_memory_bytes=loaded.memory_bytes, adapter_bytes=extra)
     del loaded
     return row
 
