@@ -82,7 +82,9 @@ def test_case_b_gettext_dataset_holds_out_whole_catalogs_and_qlora_lowers_held_o
     # for the model as trained, its merge, and the nf4 export.
     assert q["qlora-as-trained"]["perplexity"] < before
     assert q["none"]["perplexity"] < before and q["nf4"]["perplexity"] < before
-    assert json.loads((tmp_path / "exp" / "manifest.json").read_text())["merge_base"] == "dequantized"
+    assert (
+        json.loads((tmp_path / "exp" / "manifest.json").read_text())["merge_base"] == "fp32"
+    )  # a 4-bit export
 
 
 def _example(name: str):
