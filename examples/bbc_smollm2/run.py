@@ -124,7 +124,9 @@ class Run:
             "it includes the resident weights, optimizer state and the Python/torch runtime (train start RSS in the file).",
             f"Accuracy and macro-F1 through a real `bitserve serve` (Classify RPC, one model per server): test = {self.n_test} "
             "held-out articles of the non-eval BBC articles; eval40 = the 40 packaged topics_eval.jsonl articles; "
-            f"texts cut to {a.max_length} tokens. 'none' = the merged float export; QLoRA merges into its dequantized NF4 base.",
+            f"texts cut to {a.max_length} tokens. 'none' = the merged float export. QLoRA merges into its dequantized NF4 base "
+            "for the none and int8 exports and into the fp32 base for nf4 (`quantize export --merge-base auto`); "
+            "a served entry named qlora-nf4-merged-dequantized, where present, is an nf4 export merged into the dequantized base.",
         ]
         target = self.target()
         if target:
