@@ -145,9 +145,8 @@ def _merge_base(opts: ExportOptions, src: _Source) -> str:
     classifier: 0.570 vs 0.952 test accuracy, docs/quantize.md)."""
     qlora = src.finetune.get("method") == "qlora"
     if opts.merge_base == "auto":
-        if qlora and src.adapter:
-            return "fp32" if opts.quantize in ("nf4", "fp4") else "dequantized"
-        return "fp32"
+        as_trained = qlora and src.adapter and opts.quantize not in quantization.FOUR_BIT
+        return "dequantized" if as_trained else "fp32"
     if opts.merge_base == "dequantized" and not src.adapter:
         raise OptionError("--merge-base dequantized needs a LoRA adapter to merge")
     return opts.merge_base

@@ -82,9 +82,8 @@ def test_case_b_gettext_dataset_holds_out_whole_catalogs_and_qlora_lowers_held_o
     # for the model as trained, its merge, and the nf4 export.
     assert q["qlora-as-trained"]["perplexity"] < before
     assert q["none"]["perplexity"] < before and q["nf4"]["perplexity"] < before
-    assert (
-        json.loads((tmp_path / "exp" / "manifest.json").read_text())["merge_base"] == "fp32"
-    )  # a 4-bit export
+    # A 4-bit export of QLoRA merges into the fp32 base (export._merge_base).
+    assert json.loads((tmp_path / "exp" / "manifest.json").read_text())["merge_base"] == "fp32"
 
 
 def _example(name: str):

@@ -114,8 +114,8 @@ def test_a_4bit_export_of_qlora_merges_into_fp32_and_the_others_into_the_dequant
     qlora_classifier, tmp_path
 ):
     for mode, base in (("nf4", "fp32"), ("fp4", "fp32"), ("int8", "dequantized"), ("none", "dequantized")):
-        src = _resolve(ExportOptions(model=str(qlora_classifier), output=str(tmp_path / mode), quantize=mode))
-        assert _merge_base(ExportOptions(model="m", output="o", quantize=mode), src) == base, mode
+        opts = ExportOptions(model=str(qlora_classifier), output=str(tmp_path / mode), quantize=mode)
+        assert _merge_base(opts, _resolve(opts)) == base, mode
 
 
 @pytest.mark.numeric
@@ -138,6 +138,7 @@ def test_quantizing_nf4_weights_again_rounds_a_lora_sized_update_away_but_not_fp
     def kept(merged: torch.Tensor) -> float:  # the share of the update the export keeps
         return float(((round_trip(merged) - nf4) * update).sum() / (update * update).sum())
 
-    # Measured: 0.016 and 1.03; each is 0.5 or more away from its bound, no kernel rounding is.
+    # Measured 0.016 and 1.03. Quantizing is an absmax scale and a nearest-level lookup, with no
+    # reduction whose order a CPU kernel could change; the bounds leave 0.08 and 0.23 of room.
     assert kept(nf4 + update) < 0.1
     assert kept(w + update) > 0.8

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 MODES = ("none", "int8", "nf4", "fp4")
+FOUR_BIT = ("nf4", "fp4")
 
 # Task heads stay in full precision: they are a sliver of the weights, carry most of the
 # quantization error for classifiers, and tiny heads (N labels) don't fit 4-bit CPU kernels.
@@ -43,7 +44,7 @@ def bnb_config(
         return BitsAndBytesConfig(
             load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_enable_fp32_cpu_offload=offload
         )
-    if mode in ("nf4", "fp4"):
+    if mode in FOUR_BIT:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=mode,
