@@ -192,7 +192,10 @@ class Core:
             timeout = self.timeout_ms()
             if timeout == IDLE_POLL_MS and worked:
                 # Idle after work: hand the allocator's freed pages (activations, caches of
-                # batches gone) back to the system, so RSS reflects what is really held.
+                # batches gone) and the empty batch's KV pages back to the system, so RSS
+                # reflects what is really held.
+                if sched is not None and sched.slots is not None:
+                    sched.slots.release_pages()
                 _trim()
                 worked = False
             msgs = recv(timeout)

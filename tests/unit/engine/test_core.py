@@ -59,3 +59,34 @@ def test_a_whole_answer_keeps_the_top_logprobs_of_every_token(loaded, tiny_model
     tops = done[5]
     assert tops == [t[4] for t in streamed]
     assert len(tops) == 6 and all(len(top) == 3 for top in tops)
+
+
+def test_an_idle_engine_releases_the_empty_batchs_kv_pages_once(loaded, tiny_models):
+    """The persistent batch keeps its CPU buffers between requests; when the loop falls idle
+    after work it hands their pages back, once (not on every idle poll, not while rows run)."""
+    from bitserve.engine.core import IDLE_POLL_MS
+
+    settings = ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"]))
+    core = Core(workers.workers_for(loaded, [settings]), lambda m: None)
+    slots = core.w.scheduler.slots
+    assert slots is not None
+    released: list[int] = []
+    real = slots.release_pages
+    slots.release_pages = lambda: released.append(len(slots)) or real()  # type: ignore[method-assign]
+    prompt = loaded.tokenizer("Hello world")["input_ids"]
+    req = GenerationRequest(1, "lm", prompt, SamplingParams(max_new_tokens=5), 5)
+    inbox = [[[P.GENERATE, 1, P.request_to_wire(req, whole=True)]]]
+    idle_polls = []
+
+    def recv(timeout_ms: int) -> list[list]:
+        if timeout_ms == IDLE_POLL_MS:
+            idle_polls.append(len(released))
+        return inbox.pop(0) if inbox else []
+
+    with torch.inference_mode():
+        core.serve(recv, alive=lambda: len(idle_polls) < 3)
+    assert released == [0]  # once, with no row held
+    # The first wait comes before the request (nothing to release); after the work, released
+    # before the next idle wait, then never again.
+    assert idle_polls == [0, 1, 1]
+    assert slots.cache is not None  # the buffers themselves stay

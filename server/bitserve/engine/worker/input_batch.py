@@ -11,7 +11,10 @@ model a 4-D view of its first `max(cols) + 1` columns, so attention reads only t
 A join prefills only the new prompts, straight into free slots (`n..n+m-1`): the running rows
 are never copied. A leaving row's slot is refilled by the last row (one row moved per layer,
 only its used columns), so the batch stays dense. Capacity grows rarely (doubling, bounded by
-the model's context and the KV-token budget), and the buffers go when the batch empties.
+the model's context and the KV-token budget). On a GPU the buffers go when the batch empties; on
+the CPU they are mapped once and kept (a request arriving at an empty batch would otherwise pay
+for mapping and faulting them again), and `release_pages` hands their resident pages back when
+the engine has been idle a while.
 
 It plugs into transformers as a `Cache` whose layers answer `update(key, value)`: every SDPA
 causal LM (GPT-2, Llama, Qwen2, Mistral without a sliding window, ...) and bitsandbytes layers
@@ -20,6 +23,7 @@ run unchanged. `supports(model)` says whether a model can be served this way.
 
 from __future__ import annotations
 
+import mmap
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -248,13 +252,35 @@ class SlotBatch:
         self._alloc_small()
 
     def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A zero tensor of `like`'s dtype and device. Lazy on the CPU: numpy's zeros come from
-        calloc, which maps large buffers from the kernel's zero pages, resident once written
-        (torch's own zeros write every byte)."""
+        """A zero tensor of `like`'s dtype and device. Lazy on the CPU: an anonymous mapping of
+        the kernel's zero pages, resident once written (torch's own zeros write every byte; a
+        calloc may be served from the heap and cleared byte by byte)."""
         if not self.lazy or like.device.type != "cpu" or like.element_size() not in _NP_BY_SIZE:
             return like.new_zeros(shape)
-        arr = np.zeros(shape, dtype=_NP_BY_SIZE[like.element_size()])
+        count = 1
+        for k in shape:
+            count *= k
+        nbytes = count * like.element_size()
+        if nbytes == 0:
+            return like.new_zeros(shape)
+        # Private and anonymous: zero pages until written, freed (not kept as shared memory)
+        # when released.
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arr = np.frombuffer(buf, dtype=_NP_BY_SIZE[like.element_size()], count=count).reshape(shape)
+        self._maps.append(buf)
         return torch.from_numpy(arr).view(like.dtype)
+
+    def release_pages(self) -> int:
+        """An empty batch's lazily mapped buffers give their resident pages back (they read as
+        zeros again, as when first mapped); the mappings stay, so the next join writes in place.
+        Returns the bytes of mappings advised (0 when rows are held or nothing is mapped)."""
+        if self.held or not self._maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return 0
+        done = 0
+        for buf in self._maps:
+            buf.madvise(mmap.MADV_DONTNEED)
+            done += len(buf)
+        return done
 
     @property
     def held(self) -> int:
@@ -262,6 +288,7 @@ class SlotBatch:
         return self.n + (self.partial is not None)
 
     def _alloc_small(self) -> None:
+        self._maps: list[mmap.mmap] = []  # the lazy buffers' mappings (release_pages)
         self.slot_cap = self.col_cap = 0
         self.cache = None
         self.mask = None
@@ -329,6 +356,7 @@ class SlotBatch:
             self.slot_cap, self.col_cap = new_slots, new_cols
             self.cache = cache_cls(self, self.num_layers)
         else:
+            self._maps = []  # the old buffers' mappings go with them
             for layer in self.cache.layers:
                 layer.regrow(new_slots, new_cols, n, used)
             self.slot_cap, self.col_cap = new_slots, new_cols
@@ -437,7 +465,13 @@ class SlotBatch:
 
     def drop_partial(self) -> None:
         self.partial, self.partial_done = None, 0
-        if not self.seqs and not self.hold:
+        if not self.seqs:
+            self._emptied()
+
+    def _emptied(self) -> None:
+        """No row is left: a GPU's buffers go back until the next join; held buffers (CUDA
+        graphs) and the CPU's lazy mappings stay (`release_pages` trims the latter)."""
+        if not self.hold and not self.lazy:
             self._alloc_small()
 
     def begin_join(
@@ -571,8 +605,8 @@ class SlotBatch:
                 self.lora[self.n] = self.partial.lora
         self._plan = None
         self._any_lora = None
-        if not self.seqs and self.partial is None and not self.hold:
-            self._alloc_small()  # the memory goes back until the next join
+        if not self.seqs and self.partial is None:
+            self._emptied()
 
     def _move_row(self, src: int, dst: int, used: int) -> None:
         for layer in self.cache.layers:
