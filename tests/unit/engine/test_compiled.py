@@ -37,7 +37,7 @@ def _check_compiled(loaded, sched, names):
         want = run(scheduler(loaded, max_concurrent=16), prompts, order)
         with torch._dynamo.config.patch(error_on_recompile=True):
             assert run(sched, prompts, order) == want, name
-    assert sched.slots is not None and sched.slots.cache is None  # freed as without compile
+    assert sched.slots is not None and not sched.slots.held
 
 
 def test_compiled_decode_traces_equals_eager_and_never_recompiles(loaded):
@@ -49,7 +49,7 @@ def test_compiled_decode_traces_equals_eager_and_never_recompiles(loaded):
     lm.compiled = compiled.CompiledDecode(lm.model, lm.device, lm._cache_kw, backend="eager")
     assert sched.slots is not None
     lm.warm_up(sched.slots)
-    assert len(sched.slots) == 0 and sched.slots.cache is None  # warm-up rows gone
+    assert len(sched.slots) == 0 and not sched.slots.held  # warm-up rows gone
     # The compiled part is whole: no graph break (transformers' cache layer in "graph" mode
     # reads only tensors), and two graphs - one row, and any other count.
     counters = torch._dynamo.utils.counters

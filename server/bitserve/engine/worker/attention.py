@@ -80,8 +80,15 @@ def attention(
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    # A compiled graph never sees the groups (nor guards on them): its step attends over all.
-    groups: Groups | None = None if torch.compiler.is_compiling() else getattr(_active, "groups", None)
+    if torch.compiler.is_compiling():
+        # A compiled graph never sees the groups (nor guards on them). On the CPU its mask is
+        # cut to the step's columns in use (a dynamic size): K/V are cut to match, so the graph
+        # attends over those alone, not over every allocated column.
+        if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
+            w = attention_mask.shape[-1]
+            key, value = key[:, :, :w], value[:, :, :w]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
+    groups: Groups | None = getattr(_active, "groups", None)
     if groups is None or query.shape[2] != 1 or query.shape[0] != groups[-1][1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
     outs = []

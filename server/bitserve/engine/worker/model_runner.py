@@ -82,7 +82,7 @@ class CausalLM:
         reason = self.no_slots_reason or compiled_mod.eligible(self.model, self.device, quantization)
         on, why = compiled_mod.resolve(setting, self.device, reason)
         if self.no_slots_reason is None:
-            attention.use(self.model, not on)  # a compiled graph attends as plain SDPA
+            attention.use(self.model)  # compiled: SDPA over the mask's columns (attention.py)
         self.compiled = compiled_mod.CompiledDecode(self.model, self.device, self._cache_kw) if on else None
         return why
 
@@ -91,10 +91,12 @@ class CausalLM:
         bucket up to the batch's slots) on throwaway rows, so no request pays for it."""
         if self.compiled is None:
             return
-        # The graph attends over every allocated column: no growth to reservations, and no
-        # buffers at the whole budget.
-        batch.grow_to_reserved = False
-        batch.lazy = False
+        if self.compiled.cuda:
+            # A CUDA graph attends over every allocated column: no growth to reservations, and
+            # no buffers at the whole budget. (The CPU's graph attends over the columns in use,
+            # in the lazily mapped buffers at the whole budget: they never move.)
+            batch.grow_to_reserved = False
+            batch.lazy = False
         from bitserve.types import GenerationRequest, SamplingParams
 
         def rows(k: int) -> list[Sequence]:
