@@ -153,7 +153,11 @@ class CompiledDecode:
         # CUDA graphs attend over every column (static shapes); on the CPU the mask is cut to
         # the columns in use and attention (engine/worker/attention.py) cuts K/V to it.
         width = batch.col_cap if self.cuda else batch.width
-        ids, mask, pos = batch.next_ids[:m, None], batch.mask[:m, None, None, :width], batch.positions[:m, None]
+        ids, mask, pos = (
+            batch.next_ids[:m, None],
+            batch.mask[:m, None, None, :width],
+            batch.positions[:m, None],
+        )
         if not self.cuda:
             for t in (ids, mask, pos):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
