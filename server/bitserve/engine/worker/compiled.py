@@ -64,14 +64,19 @@ def resolve(setting: str, device: torch.device, reason: str | None) -> tuple[boo
         return True, "compile_decode is on"
     if device.type in AUTO_ON:
         return True, f"compile_decode auto: on for {device.type}"
-    return False, f"compile_decode auto: off for {device.type} (no measured gain)"
+    why = _AUTO_OFF.get(device.type, "no measured gain")
+    return False, f"compile_decode auto: off for {device.type} ({why})"
 
 
-# Devices where `auto` compiles: those where the committed benchmark shows a gain. None yet:
-# on CPU bench/results/step-compile-cpu.json gains per step in the median (1.09-1.56x) but not
-# in every round on the shared 2-core machine, and a compile costs seconds (cache warm) to
-# minutes (cold) at every engine start; CUDA is unmeasured (docs/generation.md).
+# Devices where `auto` compiles: those where the committed benchmark shows a gain worth its
+# start-up. None yet: on CPU bench/results/step-compile-cpu.json gains per step at every size
+# (1.15-1.76x on the 4-layer benchmark model), but a compile costs seconds (cache warm) to
+# minutes (cold) at every engine start and restart, and the default config's model is
+# unmeasured; CUDA is unmeasured (docs/generation.md).
 AUTO_ON: frozenset[str] = frozenset()
+_AUTO_OFF = {
+    "cpu": "it pays per step but costs every engine start a compile: set it on for long-lived servers"
+}
 
 
 def bucket(n: int, slot_cap: int) -> int:
