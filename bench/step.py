@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_results.column("ratio", "generate() / engine", "{:.2f}"),
     ]
     notes = [
-        "Engine alone, in process: a tiny random GPT-2 (4 layers, 128 wide), rows kept full with "
+        f"Engine alone, in process: {_model_desc(args.model)}, rows kept full with "
         "mixed lengths (prompts 4..40 tokens, 8..64 new tokens), so rows leave and join every few "
         "steps. Phases are exclusive times per decode step (join/prefill spread over all steps).",
         "generate(): transformers on a batch of N equal 20-token prompts, (t(32) - t(1)) / 31 per token.",
@@ -383,6 +383,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {path_out}")
     return 0
+
+
+def _model_desc(model: str | None) -> str:
+    """What the notes say was measured: the built tiny GPT-2, or the checkpoint given."""
+    if not model:
+        return "a tiny random GPT-2 (4 layers, 128 wide)"
+    import json
+
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return f"the checkpoint {Path(model).name}"
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    width = cfg.get("hidden_size", cfg.get("n_embd"))
+    return f"{cfg.get('model_type', 'a model')} from {Path(model).name} ({layers} layers, {width} wide)"
 
 
 def _main_compile(args: argparse.Namespace, argv: list[str] | None, started: float) -> int:
@@ -406,7 +421,7 @@ def _main_compile(args: argparse.Namespace, argv: list[str] | None, started: flo
         bench_results.column("load_max", "load max", "{:.1f}"),
     ]
     notes = [
-        "Engine alone, in process, a tiny random GPT-2 (4 layers, 128 wide), rows kept full with "
+        f"Engine alone, in process, {_model_desc(args.model)}, rows kept full with "
         "mixed lengths (prompts 4..40, 8..64 new tokens): compile_decode off and on, "
         f"{args.rounds} rounds of {args.steps} decode steps per row count, the two engines taking "
         "turns step by step (who goes first alternates). ms/step: median of the rounds, min and max beside it; the ratio is "

@@ -29,6 +29,10 @@ from bitserve.ipc import protocol as P
 log = logging.getLogger("bitserve.engine.core")
 
 IDLE_POLL_MS = 1000  # an idle engine still looks up now and then whether its front is alive
+# Idle this long after work, the engine hands memory back (the empty batch's KV pages,
+# malloc_trim): not at once, so that a client sending one request after another does not pay
+# the pages' faults again on every request.
+RELEASE_AFTER_IDLE_S = 0.5
 
 
 def _die_with_parent() -> None:
@@ -188,16 +192,24 @@ class Core:
     def serve(self, recv: Callable[[int], list[list[Any]]], alive: Callable[[], bool]) -> None:
         sched = self.w.scheduler
         worked = False
+        idle_since: float | None = None
         while True:
             timeout = self.timeout_ms()
             if timeout == IDLE_POLL_MS and worked:
-                # Idle after work: hand the allocator's freed pages (activations, caches of
-                # batches gone) and the empty batch's KV pages back to the system, so RSS
-                # reflects what is really held.
-                if sched is not None and sched.slots is not None:
-                    sched.slots.release_pages()
-                _trim()
-                worked = False
+                # Idle after work, for RELEASE_AFTER_IDLE_S: hand the allocator's freed pages
+                # (activations, caches of batches gone) and the empty batch's KV pages back to
+                # the system, so RSS reflects what is really held.
+                now = time.monotonic()
+                if idle_since is None:
+                    idle_since = now
+                left = idle_since + RELEASE_AFTER_IDLE_S - now
+                if left <= 0:
+                    if sched is not None and sched.slots is not None:
+                        sched.slots.release_pages()
+                    _trim()
+                    worked, idle_since = False, None
+                else:
+                    timeout = int(left * 1000) + 1
             msgs = recv(timeout)
             for msg in msgs:
                 self.handle(msg)
@@ -208,7 +220,7 @@ class Core:
             if self.closing and not busy:
                 return
             if self.jobs or busy:
-                worked = True
+                worked, idle_since = True, None
             if self.jobs:
                 self.run_job(self.jobs.popleft())
             if sched is not None and sched.has_work():

@@ -61,32 +61,55 @@ def test_a_whole_answer_keeps_the_top_logprobs_of_every_token(loaded, tiny_model
     assert len(tops) == 6 and all(len(top) == 3 for top in tops)
 
 
-def test_an_idle_engine_releases_the_empty_batchs_kv_pages_once(loaded, tiny_models):
-    """The persistent batch keeps its CPU buffers between requests; when the loop falls idle
-    after work it hands their pages back, once (not on every idle poll, not while rows run)."""
-    from bitserve.engine.core import IDLE_POLL_MS
+def test_an_idle_engine_releases_the_empty_batchs_kv_pages_once_it_stays_idle(
+    loaded, tiny_models, monkeypatch
+):
+    """The persistent batch keeps its CPU buffers between requests; the loop hands their pages
+    back once it has been idle RELEASE_AFTER_IDLE_S after work - not between two requests of a
+    client that sends one after another, not while rows run, and only once."""
+    import time
 
+    from bitserve.engine import core as core_mod
+
+    monkeypatch.setattr(core_mod, "RELEASE_AFTER_IDLE_S", 0.05)
     settings = ModelSettings(name="lm", task="generate", path=str(tiny_models["lm"]))
     core = Core(workers.workers_for(loaded, [settings]), lambda m: None)
     slots = core.w.scheduler.slots
     assert slots is not None
-    released: list[int] = []
+    released: list[tuple[int, float]] = []
     real = slots.release_pages
-    slots.release_pages = lambda: released.append(len(slots)) or real()  # type: ignore[method-assign]
+    slots.release_pages = lambda: released.append((len(slots), time.monotonic())) or real()  # type: ignore[method-assign]
     prompt = loaded.tokenizer("Hello world")["input_ids"]
-    req = GenerationRequest(1, "lm", prompt, SamplingParams(max_new_tokens=5), 5)
-    inbox = [[[P.GENERATE, 1, P.request_to_wire(req, whole=True)]]]
-    idle_polls = []
+
+    def request(rid: int) -> list:
+        req = GenerationRequest(rid, "lm", prompt, SamplingParams(max_new_tokens=5), 5)
+        return [[P.GENERATE, rid, P.request_to_wire(req, whole=True)]]
+
+    # Request 1 at once; request 2 on the first short wait after it (well within the delay).
+    inbox = [request(1)]
+    log: list[tuple[int, int]] = []  # (timeout, releases so far) per wait
+    finished: list[float] = []
 
     def recv(timeout_ms: int) -> list[list]:
-        if timeout_ms == IDLE_POLL_MS:
-            idle_polls.append(len(released))
-        return inbox.pop(0) if inbox else []
+        log.append((timeout_ms, len(released)))
+        if inbox:
+            return inbox.pop(0)
+        if core.w.scheduler.has_work():
+            return []
+        if len(finished) == 0:
+            finished.append(time.monotonic())
+            return request(2)
+        if timeout_ms < core_mod.IDLE_POLL_MS:
+            time.sleep(timeout_ms / 1000)  # a poll that times out
+        return []
 
     with torch.inference_mode():
-        core.serve(recv, alive=lambda: len(idle_polls) < 3)
-    assert released == [0]  # once, with no row held
-    # The first wait comes before the request (nothing to release); after the work, released
-    # before the next idle wait, then never again.
-    assert idle_polls == [0, 1, 1]
+        core.serve(recv, alive=lambda: sum(t == core_mod.IDLE_POLL_MS for t, _ in log) < 3)
+    assert len(released) == 1 and released[0][0] == 0  # once, with no row held
+    assert released[0][1] - finished[0] >= 0.05  # after request 2 and its idle delay
+    # Every wait before the release was short (the delay) or came before any work; after it,
+    # the idle polls.
+    first_release = next(i for i, (_, n) in enumerate(log) if n == 1)
+    assert all(t < core_mod.IDLE_POLL_MS for t, _ in log[1:first_release])
+    assert all(t == core_mod.IDLE_POLL_MS for t, _ in log[first_release:])
     assert slots.cache is not None  # the buffers themselves stay
