@@ -574,24 +574,32 @@ def test_chunk_size_follows_the_decode_step_time(models):
     assert sched._chunk_size() == S.MIN_CHUNK_TOKENS
 
 
+def _wide_lazy_scheduler(loaded) -> Scheduler:
+    """64 slots over an 8,192-token context: the tiny model's 4 layers reserve 268 MB of lazily
+    mapped K/V address space."""
+    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=8192)
+    sched = Scheduler(lm, max_concurrent=64, prefill_token_budget=4096, max_waiting_ms=0)
+    assert sched.slots is not None and sched.slots.lazy
+    return sched
+
+
+def _rss() -> int:
+    import resource
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def test_the_cpu_buffers_take_the_whole_budget_at_once_but_only_written_pages_are_resident(models):
     """On the CPU the K/V buffers are allocated once at the KV budget (every slot, every column)
     from lazily zeroed memory: short rows in a 64 x 8,193-column batch (the tiny model's 4
     layers: 268 MB of address space) leave the process's resident memory within a few MB of where it was, and
     the buffers never move while rows come and go."""
-    import resource
-
     loaded = models("none")
-    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=8192)
-    sched = Scheduler(lm, max_concurrent=64, prefill_token_budget=4096, max_waiting_ms=0)
-    assert sched.slots is not None and sched.slots.lazy
+    sched = _wide_lazy_scheduler(loaded)
     tok = loaded.tokenizer
 
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    before = rss()
+    before = _rss()
     ptrs = set()
     with torch.inference_mode():
         for i in range(3):
@@ -609,7 +617,7 @@ def test_the_cpu_buffers_take_the_whole_budget_at_once_but_only_written_pages_ar
             for c in sched.slots.cache.layers
         )
         assert layer.keys.shape[0] == 64 and layer.keys.shape[2] == 8193
-        grew = rss() - before
+        grew = _rss() - before
         while sched.has_work():
             assert not sched.step().errors
     assert virtual > 256 * 2**20
@@ -622,17 +630,9 @@ def test_the_cpu_buffers_outlive_an_empty_batch_and_idle_releases_their_pages(mo
     and faulting 64 x 8,193 columns per layer again cost a lone client ~20 ms a request), and
     `release_pages` hands their resident pages back: RSS falls by about what rows wrote, the
     buffers read as zeros again, and the next request still equals solo generate()."""
-    import resource
-
     loaded = models("none")
-    lm = CausalLM(loaded.model, loaded.tokenizer, loaded.device, max_context=8192)
-    sched = Scheduler(lm, max_concurrent=64, prefill_token_budget=4096, max_waiting_ms=0)
-    assert sched.slots is not None and sched.slots.lazy
+    sched = _wide_lazy_scheduler(loaded)
     tok = loaded.tokenizer
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
 
     def serve(rid: int, ids: list[int], n: int) -> list[int]:
         sched.add(GenerationRequest(rid, "lm", ids, SamplingParams(max_new_tokens=n), n, (), None))
@@ -659,9 +659,9 @@ def test_the_cpu_buffers_outlive_an_empty_batch_and_idle_releases_their_pages(mo
         assert sched.slots.cache is cache and cache.layers[0].keys is keys
         per_column = sum(c.keys[0, :, 0].numel() * c.keys.element_size() * 2 for c in cache.layers)
         written = 48 * 260 * per_column
-        full = rss()
+        full = _rss()
         released = sched.slots.release_pages()
-        after = rss()
+        after = _rss()
         assert released > 256 * 2**20  # every buffer's mapping
         assert full - after > written // 2, (full - after, written)
         assert not bool(keys[:48].any()), "released pages read as zeros"
