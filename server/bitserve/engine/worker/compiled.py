@@ -70,12 +70,13 @@ def resolve(setting: str, device: torch.device, reason: str | None) -> tuple[boo
 
 # Devices where `auto` compiles: those where the committed benchmark shows a gain worth its
 # start-up. None yet: on CPU bench/results/step-compile-cpu.json gains per step at every size
-# (1.15-1.76x on the 4-layer benchmark model), but a compile costs seconds (cache warm) to
-# minutes (cold) at every engine start and restart, and the default config's model is
-# unmeasured; CUDA is unmeasured (docs/generation.md).
+# on the 4-layer benchmark model (1.15-1.76x), but step-compile-cpu-smollm2.json loses at 64
+# rows on the default config's model (0.86-0.98x), and a compile costs seconds (cache warm) to
+# minutes (cold) at every engine start and restart; CUDA is unmeasured (docs/generation.md).
 AUTO_ON: frozenset[str] = frozenset()
 _AUTO_OFF = {
-    "cpu": "it pays per step but costs every engine start a compile: set it on for long-lived servers"
+    "cpu": "every engine start pays a compile, and large models gain little or lose: "
+    "measure with bench.step --compare-compile and set it on where it pays"
 }
 
 

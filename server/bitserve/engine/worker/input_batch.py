@@ -23,6 +23,7 @@ run unchanged. `supports(model)` says whether a model can be served this way.
 
 from __future__ import annotations
 
+import math
 import mmap
 from typing import TYPE_CHECKING, Any
 
@@ -257,9 +258,7 @@ class SlotBatch:
         calloc may be served from the heap and cleared byte by byte)."""
         if not self.lazy or like.device.type != "cpu" or like.element_size() not in _NP_BY_SIZE:
             return like.new_zeros(shape)
-        count = 1
-        for k in shape:
-            count *= k
+        count = math.prod(shape)
         nbytes = count * like.element_size()
         if nbytes == 0:
             return like.new_zeros(shape)
